@@ -1,0 +1,36 @@
+"""adakv-local: Ada-KV adaptive per-head KV-cache eviction for llama.cpp, from Python.
+
+Importing this package points llama-cpp-python at adakv-local's patched libllama, so
+import it before ``llama_cpp``.
+"""
+
+from __future__ import annotations
+
+from ._lib import bind_llama_cpp as _bind_llama_cpp
+from .errors import (
+    AdaKVError,
+    LibraryMismatchError,
+    NativeAllocError,
+    NativeBackendError,
+    NativeInvalidArgument,
+    NativeLibraryError,
+)
+
+__version__ = "0.1.0"
+
+try:
+    _bind_llama_cpp()
+except NativeLibraryError:
+    # the CLI's `models` commands and `--help` work without the native library; anything
+    # that needs it raises this error again with the same message when it is used
+    pass
+
+__all__ = [
+    "AdaKVError",
+    "LibraryMismatchError",
+    "NativeAllocError",
+    "NativeBackendError",
+    "NativeInvalidArgument",
+    "NativeLibraryError",
+    "__version__",
+]

@@ -1,0 +1,68 @@
+"""Python face of the op-level attention check in the native library (tests use it).
+
+:func:`flash_attn_cpu` runs ggml's flash attention with per-KV-head start cells on the CPU
+backend, through the fast path (patch 0001) or the portable per-head fallback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._native import native
+
+FA_FAST = 0
+FA_FALLBACK = 1
+
+# ggml_type ids of the KV cache types we support (checked against gguf's table in the tests)
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
+
+
+def flash_attn_cpu(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None,
+    starts: np.ndarray,
+    scale: float,
+    *,
+    kv_type: str = "f16",
+    path: int = FA_FAST,
+    n_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Attention of q [n_head, n_q, d_k] over k [n_head_kv, n_kv, d_k], v [n_head_kv, n_kv, d_v].
+
+    KV head h only sees cells >= starts[h]. Returns (out [n_q, n_head, d_v], K and V as the
+    kernel read them after conversion to kv_type).
+    """
+    if kv_type not in GGML_TYPES:
+        raise ValueError(f"kv_type must be one of {sorted(GGML_TYPES)}, got {kv_type!r}")
+    n = native()
+    ffi = n.ffi
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    starts = np.ascontiguousarray(starts, dtype=np.int32)
+    n_head, n_q, d_k = q.shape
+    n_head_kv, n_kv, d_v = v.shape
+    if k.shape != (n_head_kv, n_kv, d_k):
+        raise ValueError(f"k has shape {k.shape}, expected {(n_head_kv, n_kv, d_k)}")
+    if starts.shape != (n_head_kv,):
+        raise ValueError(f"starts has shape {starts.shape}, expected {(n_head_kv,)}")
+    if mask is not None:
+        mask = np.ascontiguousarray(mask, dtype=np.float32)
+        if mask.shape != (n_q, n_kv):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    out = np.empty((n_q, n_head, d_v), dtype=np.float32)
+    k_used = np.empty_like(k)
+    v_used = np.empty_like(v)
+
+    def fp(a: np.ndarray | None, ctype: str = "float *"):
+        return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
+
+    rc = n.lib.llama_adakv_flash_attn_cpu(
+        fp(q), fp(k), fp(v), fp(mask), fp(starts, "int32_t *"),
+        n_q, n_kv, n_head, n_head_kv, d_k, d_v, GGML_TYPES[kv_type], float(scale), path, n_threads,
+        fp(out), fp(k_used), fp(v_used),
+    )  # fmt: skip
+    n.check(rc)
+    return out, k_used, v_used

@@ -1,0 +1,32 @@
+// adakv-fattn.h - attention with per-KV-head start cells: the portable fallback
+//
+// A KV head h whose kept cells were compacted to [start[h], n_kv) must not see the
+// cells below start[h]. Backends that implement ggml_flash_attn_ext_set_head_start
+// (patch 0001) do it in one op; for every other backend this builds one stock
+// flash-attention call per KV head over the view [start[h], n_kv) and concatenates
+// the results, which is exact and slower.
+
+#pragma once
+
+#include "ggml.h"
+
+#include <cstdint>
+
+// Same contract as ggml_flash_attn_ext + ggml_flash_attn_ext_set_head_start, with the
+// start cells known on the host when the graph is built (one stream: q->ne[3] == 1).
+//   q      : [d_k, n_q,  n_head,    1]  (may be a permuted view)
+//   k      : [d_k, n_kv, n_head_kv, 1]
+//   v      : [d_v, n_kv, n_head_kv, 1]  (not transposed)
+//   mask   : F16 [n_kv, n_q_pad, 1, 1] or NULL
+//   starts : host array [n_head_kv], each in [0, n_kv)
+//   result : F32 [d_v, n_head, n_q, 1]  (permuted, as ggml_flash_attn_ext)
+// No ALiBi (max_bias) and no attention sinks: the callers refuse such models.
+ggml_tensor * llama_adakv_fa_fallback(
+        ggml_context  * ctx,
+        ggml_tensor   * q,
+        ggml_tensor   * k,
+        ggml_tensor   * v,
+        ggml_tensor   * mask,
+        const int32_t * starts,
+        float           scale,
+        float           logit_softcap);

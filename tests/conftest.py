@@ -1,0 +1,23 @@
+"""Shared fixtures: tiny random-weight models, written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer llama GGUF with GQA (4 query / 2 KV heads), f32 random weights."""
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    return write_llama_gguf(tmp_path_factory.mktemp("models") / "tiny-llama.gguf", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> Path:
+    """A small gemma3 GGUF with iSWA (sliding-window and global layers)."""
+    from adakv_local.models.testmodel import write_gemma3_gguf
+
+    return write_gemma3_gguf(tmp_path_factory.mktemp("models") / "tiny-gemma3.gguf", seed=2)
