@@ -66,3 +66,51 @@ def flash_attn_cpu(
     )  # fmt: skip
     n.check(rc)
     return out, k_used, v_used
+
+
+def window_scores_cpu(
+    q: np.ndarray,
+    k: np.ndarray,
+    mask: np.ndarray | None,
+    starts: np.ndarray,
+    scale: float,
+    *,
+    kv_type: str = "f16",
+    gqa_reduce: str = "mean",
+    n_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Window scores (the graph the model uses) of q [n_head, n_q, d] over k [n_head_kv, n_kv, d].
+
+    Returns (scores [n_head_kv, n_kv], K as read after conversion to kv_type).
+    """
+    from .kvcache import GQA_REDUCE
+
+    if kv_type not in GGML_TYPES:
+        raise ValueError(f"kv_type must be one of {sorted(GGML_TYPES)}, got {kv_type!r}")
+    if gqa_reduce not in GQA_REDUCE:
+        raise ValueError(f"gqa_reduce must be one of {sorted(GQA_REDUCE)}, got {gqa_reduce!r}")
+    n = native()
+    ffi = n.ffi
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    k = np.ascontiguousarray(k, dtype=np.float32)
+    starts = np.ascontiguousarray(starts, dtype=np.int32)
+    n_head, n_q, d = q.shape
+    n_head_kv, n_kv, _ = k.shape
+    if k.shape != (n_head_kv, n_kv, d) or starts.shape != (n_head_kv,):
+        raise ValueError("k must be [n_head_kv, n_kv, d] and starts [n_head_kv]")
+    if mask is not None:
+        mask = np.ascontiguousarray(mask, dtype=np.float32)
+        if mask.shape != (n_q, n_kv):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    out = np.empty((n_head_kv, n_kv), dtype=np.float32)
+    k_used = np.empty_like(k)
+
+    def fp(a: np.ndarray | None, ctype: str = "float *"):
+        return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
+
+    rc = n.lib.llama_adakv_window_scores_cpu(
+        fp(q), fp(k), fp(mask), fp(starts, "int32_t *"), n_q, n_kv, n_head, n_head_kv, d,
+        GGML_TYPES[kv_type], GQA_REDUCE[gqa_reduce], float(scale), n_threads, fp(out), fp(k_used),
+    )  # fmt: skip
+    n.check(rc)
+    return out, k_used

@@ -30,3 +30,22 @@ ggml_tensor * llama_adakv_fa_fallback(
         const int32_t * starts,
         float           scale,
         float           logit_softcap);
+
+// Window scores (SnapKV): for every cell c and KV head h,
+//   scores[c, h] = reduce over the query heads j of KV head h (mean or max) of
+//                  sum over window queries i of softmax_c(scale * q_i,j . k_c,h + mask[i, c] + bias[c, h])
+// with bias[c, h] = -inf below the head's start cell (cells invalid for a head score nothing).
+//   q         : [d_k, n_tokens, n_head,    1]  (post-RoPE; may be a permuted view)
+//   k         : [d_k, n_kv,     n_head_kv, 1]
+//   mask      : F16 [n_kv, n_tokens_pad, 1, 1] or NULL
+//   start_f32 : F32 [1, n_head_kv] start cell of each KV head, or NULL for all 0
+//   result    : F32 [n_kv, n_head_kv]
+ggml_tensor * llama_adakv_window_scores(
+        ggml_context * ctx,
+        ggml_tensor  * q,
+        ggml_tensor  * k,
+        ggml_tensor  * mask,
+        ggml_tensor  * start_f32,
+        int32_t        gqa_reduce,
+        float          scale,
+        float          logit_softcap);

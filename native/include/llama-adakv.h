@@ -13,13 +13,15 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 1
+#define LLAMA_ADAKV_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 /* ADAKV_CDEF_BEGIN */
+
+struct llama_context;
 
 // return codes
 enum llama_adakv_status {
@@ -86,6 +88,109 @@ LLAMA_API int32_t llama_adakv_flash_attn_cpu(
         float         * out,
         float         * k_used,
         float         * v_used);
+
+//
+// per-head KV eviction on a context
+//
+// Flow for one prompt (sequence 0, the only one):
+//   llama_adakv_enable(ctx, params)                     once, after the context is created
+//   llama_decode(prompt minus its last w tokens)
+//   llama_adakv_arm_scores(ctx, w); llama_decode(last w tokens, one ubatch)
+//   llama_adakv_read_scores(ctx, scores, n_cells)     scores of every cell, head, layer
+//   ... choose the kept cells of every (layer, KV head) ...
+//   llama_adakv_compact(ctx, counts, cells)            then decode on as usual
+//
+// "Layer" below is an evicted layer: the layers of the (non-SWA) KV cache, in model order.
+// Cells are indices into the cache; sequence 0 always occupies cells [0, n_cells).
+//
+
+// how the scores of the query heads of one KV head are combined
+enum llama_adakv_gqa_reduce {
+    LLAMA_ADAKV_GQA_MEAN = 0,
+    LLAMA_ADAKV_GQA_MAX  = 1,
+};
+
+struct llama_adakv_params {
+    int32_t gqa_reduce;     // enum llama_adakv_gqa_reduce (default: LLAMA_ADAKV_GQA_MEAN)
+    int32_t force_fallback; // 1: per-head fallback attention everywhere, 0: fast path where the
+                            // backend has it, -1 (default): 1 if env ADAKV_FORCE_FALLBACK is set non-zero
+};
+
+LLAMA_API struct llama_adakv_params llama_adakv_default_params(void);
+
+// Enables per-head eviction. Refused (LLAMA_ADAKV_ERR_INVALID, context unchanged) when flash
+// attention is off, n_seq_max > 1, or the model is not supported (recurrent, hybrid, MLA,
+// ALiBi, M-RoPE, encoder-decoder, shared-cell caches); the message says which.
+LLAMA_API int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params params);
+
+// 1 if enabled on ctx, else 0
+LLAMA_API int32_t llama_adakv_is_enabled(const struct llama_context * ctx);
+
+// number of evicted layers (>= 1), or an error code
+LLAMA_API int32_t llama_adakv_n_layer(const struct llama_context * ctx);
+
+// KV heads per evicted layer (the same in every one), or an error code
+LLAMA_API int32_t llama_adakv_n_head_kv(const struct llama_context * ctx);
+
+// out[n_layer]: the model layer index of each evicted layer
+LLAMA_API int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_t * out);
+
+// cells held by sequence 0 (they are [0, n)), or an error code if its cells are not laid out so
+LLAMA_API int32_t llama_adakv_n_cells(const struct llama_context * ctx);
+
+// Arms window scoring for the next llama_decode, whose tokens (one ubatch, 1 <= n_window <=
+// n_ubatch) are the observation window.
+LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window);
+
+// Reads the scores of that decode and disarms:
+//   out: F32 [n_layer][n_head_kv][n_cells]; out[l][h][c] = sum over window queries of the
+//   softmax attention of cell c, reduced over the query heads of KV head h (mean or max);
+//   cells below a head's start score 0.
+// INVALID if scoring was not armed or the decode was not one ubatch of the window.
+LLAMA_API int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells);
+
+// Keeps, for every layer l and KV head h, counts[l*n_head_kv + h] >= 1 cells: the next that
+// many entries of cells (all heads one after the other, layer-major), strictly increasing,
+// each in [start[l][h], n_cells). They are moved (byte copies, in order) to cells
+// [R - count, R) with R = the largest count, start[l][h] = R - count, cells [R, n_cells) are
+// freed and [0, R) get positions P-R+1 .. P (P: last position, unchanged).
+// INVALID: nothing changed. BACKEND: the cache was cleared.
+LLAMA_API int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, const int32_t * cells);
+
+// out[n_layer][n_head_kv]: the start cell of every head (all 0 before a compaction)
+LLAMA_API int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out);
+
+// R, the cells of the compacted block (0 if nothing is compacted), or an error code
+LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
+
+// bytes of one KV head's row of K (is_v = 0) or V (is_v = 1) in evicted layer `layer`, or an error code
+LLAMA_API int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t layer, int32_t is_v);
+
+// copies the raw rows of cells [cell0, cell0 + n_cells) of K or V of an evicted layer into out,
+// [n_cells][n_head_kv][row_size] bytes (out_size must be exactly that), for exactness checks
+LLAMA_API int32_t llama_adakv_read_rows(struct llama_context * ctx, int32_t layer, int32_t is_v, int32_t cell0,
+        int32_t n_cells, void * out, size_t out_size);
+
+// Window scores (see llama_adakv_read_scores) of queries q over keys k on the CPU backend, with
+// the same graph the model uses: q F32 [n_head][n_q][d_k], k F32 [n_head_kv][n_kv][d_k] (converted
+// to kv_type first), mask F32 [n_q][n_kv] or NULL, starts I32 [n_head_kv] (cells below score 0),
+// gqa_reduce an enum llama_adakv_gqa_reduce; out F32 [n_head_kv][n_kv]; k_used as above.
+LLAMA_API int32_t llama_adakv_window_scores_cpu(
+        const float   * q,
+        const float   * k,
+        const float   * mask,
+        const int32_t * starts,
+        int32_t         n_q,
+        int32_t         n_kv,
+        int32_t         n_head,
+        int32_t         n_head_kv,
+        int32_t         d_k,
+        int32_t         kv_type,
+        int32_t         gqa_reduce,
+        float           scale,
+        int32_t         n_threads,
+        float         * out,
+        float         * k_used);
 
 /* ADAKV_CDEF_END */
 

@@ -1,0 +1,137 @@
+"""Low-level handle on a context's per-head KV eviction (the ``llama_adakv_*`` C API).
+
+:class:`KVCache` wraps one ``llama_context`` of llama-cpp-python. It does not decide what to
+keep: it scores the observation window, compacts the cache with the kept cells it is given
+and reports the layout. Policies (:mod:`adakv_local.policies`) decide.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._native import Native, native
+
+GQA_REDUCE = {"mean": 0, "max": 1}
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Shape of the evicted part of the cache."""
+
+    layer_ids: tuple[int, ...]  # model layer of each evicted layer (SWA layers are not evicted)
+    n_head_kv: int
+
+
+class KVCache:
+    """Per-head eviction on one llama.cpp context (sequence 0).
+
+    Enabling is refused with :class:`~adakv_local.errors.NativeInvalidArgument` (message from the
+    C library) when flash attention is off, the context holds more than one sequence, or the
+    model is not supported.
+    """
+
+    def __init__(self, ctx: Any, *, gqa_reduce: str = "mean", force_fallback: bool | None = None) -> None:
+        if gqa_reduce not in GQA_REDUCE:
+            raise ValueError(f"gqa_reduce must be one of {sorted(GQA_REDUCE)}, got {gqa_reduce!r}")
+        self._n: Native = native()
+        ptr = ctx.value if isinstance(ctx, ctypes.c_void_p) else ctx
+        if not ptr:
+            raise ValueError("ctx is a NULL llama_context pointer")
+        self._ctx = self._n.ffi.cast("struct llama_context *", int(ptr))
+        lib = self._n.lib
+        if not lib.llama_adakv_is_enabled(self._ctx):
+            params = lib.llama_adakv_default_params()
+            params.gqa_reduce = GQA_REDUCE[gqa_reduce]
+            params.force_fallback = -1 if force_fallback is None else int(force_fallback)
+            self._n.check(lib.llama_adakv_enable(self._ctx, params))
+        n_layer = self._count(lib.llama_adakv_n_layer(self._ctx))
+        ids = np.zeros(n_layer, dtype=np.int32)
+        self._n.check(lib.llama_adakv_layer_ids(self._ctx, self._ptr(ids, "int32_t *")))
+        self.layout = KVCacheLayout(tuple(int(i) for i in ids), self._count(lib.llama_adakv_n_head_kv(self._ctx)))
+
+    @classmethod
+    def from_llama(cls, llm: Any, **kwargs: Any) -> KVCache:
+        """Handle on the context of a ``llama_cpp.Llama``."""
+        return cls(llm.ctx, **kwargs)
+
+    # helpers
+
+    def _ptr(self, a: np.ndarray, ctype: str) -> Any:
+        if not a.flags.c_contiguous:
+            raise ValueError("array must be C-contiguous")
+        return self._n.ffi.cast(ctype, a.ctypes.data)
+
+    def _count(self, rc: int) -> int:
+        if rc < 0:
+            self._n.check(rc)
+        return int(rc)
+
+    # layout
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layout.layer_ids)
+
+    @property
+    def n_head_kv(self) -> int:
+        return self.layout.n_head_kv
+
+    def n_cells(self) -> int:
+        """Cells held by the sequence; they are ``[0, n_cells)``."""
+        return self._count(self._n.lib.llama_adakv_n_cells(self._ctx))
+
+    def footprint(self) -> int:
+        """R: cells of the compacted block (0 if nothing is compacted)."""
+        return self._count(self._n.lib.llama_adakv_footprint(self._ctx))
+
+    def starts(self) -> np.ndarray:
+        """int32 ``[n_layer, n_head_kv]``: first valid cell of every head."""
+        out = np.zeros((self.n_layer, self.n_head_kv), dtype=np.int32)
+        self._n.check(self._n.lib.llama_adakv_get_starts(self._ctx, self._ptr(out, "int32_t *")))
+        return out
+
+    # scores
+
+    def arm_scores(self, window: int) -> None:
+        """Score the next decode call, whose tokens (one ubatch) are the observation window."""
+        self._n.check(self._n.lib.llama_adakv_arm_scores(self._ctx, int(window)))
+
+    def read_scores(self, n_cells: int | None = None) -> np.ndarray:
+        """float32 ``[n_layer, n_head_kv, n_cells]`` window scores of the armed decode; disarms."""
+        n_cells = self.n_cells() if n_cells is None else n_cells
+        out = np.zeros((self.n_layer, self.n_head_kv, n_cells), dtype=np.float32)
+        self._n.check(self._n.lib.llama_adakv_read_scores(self._ctx, self._ptr(out, "float *"), int(n_cells)))
+        return out
+
+    # compaction
+
+    def compact(self, kept: Sequence[Sequence[np.ndarray]]) -> int:
+        """Keep ``kept[layer][head]`` (increasing cell indices) and compact; returns the footprint R."""
+        if len(kept) != self.n_layer or any(len(k) != self.n_head_kv for k in kept):
+            raise ValueError(f"kept must be [n_layer={self.n_layer}][n_head_kv={self.n_head_kv}] arrays of cells")
+        counts = np.array([[len(c) for c in layer] for layer in kept], dtype=np.int32)
+        cells = np.concatenate([np.asarray(c, dtype=np.int32).ravel() for layer in kept for c in layer])
+        cells = np.ascontiguousarray(cells, dtype=np.int32)
+        self._n.check(
+            self._n.lib.llama_adakv_compact(self._ctx, self._ptr(counts, "int32_t *"), self._ptr(cells, "int32_t *"))
+        )
+        return self.footprint()
+
+    def read_rows(self, layer: int, which: str, cell0: int, n_cells: int) -> np.ndarray:
+        """Raw bytes ``uint8 [n_cells, n_head_kv, row_size]`` of K (``which="k"``) or V rows."""
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+        is_v = int(which == "v")
+        row = self._count(self._n.lib.llama_adakv_row_size(self._ctx, layer, is_v))
+        out = np.zeros((n_cells, self.n_head_kv, row), dtype=np.uint8)
+        self._n.check(
+            self._n.lib.llama_adakv_read_rows(
+                self._ctx, layer, is_v, cell0, n_cells, self._ptr(out, "void *"), out.nbytes
+            )
+        )
+        return out

@@ -1,0 +1,121 @@
+"""SnapKV score pooling: a 1-D pooling of attention scores along the cells.
+
+SnapKV (Li et al., 2024, arXiv 2404.14469, section 4.2) smooths the observation-window
+attention scores with a 1-D pooling (kernel 7 in its reference code) before the top-k,
+so that a kept cell brings its neighbours' information with it.  The pooling here is a
+pure-numpy equivalent of ``torch.nn.functional.max_pool1d`` / ``avg_pool1d`` with
+``stride=1`` and ``padding=kernel // 2`` ("same" length output), vectorized with
+:func:`numpy.lib.stride_tricks.sliding_window_view`.
+
+Conventions (deliberate, documented choices):
+
+* ``-inf`` marks an *invalid* cell (masked for that head: before the head's first valid
+  cell, outside a sliding window, ...).  Invalid cells are treated exactly like the
+  padding: they contribute nothing to their neighbours, and they stay ``-inf`` in the
+  output, so pooling never makes an invalid cell selectable.
+* ``mode="max"``: the padding is ``-inf`` (as in ``max_pool1d``).
+* ``mode="avg"``: the mean over the *in-range, valid* elements of the window only
+  (like ``avg_pool1d(..., count_include_pad=False)``; kvpress/PyramidKV use the default
+  ``count_include_pad=True``, which divides the edge cells by the full kernel).  Dividing
+  by the real count keeps the first and last cells comparable with the others.
+* ``NaN`` is rejected (ValueError).  ``+inf`` is allowed and propagates.
+
+This module imports nothing from the rest of ``adakv_local``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "pool_prefix", "pool_scores"]
+
+POOLING_MODES = ("max", "avg")
+
+
+def check_kernel(kernel: object) -> int:
+    """Return ``kernel`` as an int, or raise: it must be an odd integer >= 1."""
+    if isinstance(kernel, bool) or not isinstance(kernel, (int, np.integer)):
+        raise TypeError(f"kernel must be an odd integer >= 1, got {kernel!r} ({type(kernel).__name__})")
+    kernel = int(kernel)
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"kernel must be an odd integer >= 1, got {kernel}")
+    return kernel
+
+
+def check_pooling(mode: object) -> str:
+    """Return ``mode`` or raise: it must be one of ``"max"``, ``"avg"``."""
+    if not isinstance(mode, str):
+        raise TypeError(f"pooling must be one of {POOLING_MODES}, got {mode!r} ({type(mode).__name__})")
+    if mode not in POOLING_MODES:
+        raise ValueError(f"pooling must be one of {POOLING_MODES}, got {mode!r}")
+    return mode
+
+
+def _window_reduce(view: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    """Reduce a ``sliding_window_view`` over its window axis, one window offset at a time.
+
+    Equivalent to ``ufunc.reduce(view, axis=-1)`` (same left-to-right order), but each step
+    is a contiguous-stride vector op over all cells: ~30x faster than reducing the short,
+    innermost window axis directly (8 x 131040 float32, kernel 7: 3 ms vs 95 ms).
+    """
+    out = np.array(view[..., 0], copy=True)
+    for j in range(1, view.shape[-1]):
+        ufunc(out, view[..., j], out=out)
+    return out
+
+
+def pool_scores(scores: np.ndarray, kernel: int = 7, mode: str = "max") -> np.ndarray:
+    """Pool ``scores`` along its last axis with a centred window of ``kernel`` cells.
+
+    Stride 1, same length as the input (any leading shape; works for fewer cells than
+    ``kernel``, and for zero cells).  Returns float64 for ``"avg"``; ``"max"`` keeps a
+    floating input dtype (it only selects values) and gives float64 for integer input.
+    ``-inf`` inputs are invalid cells: ignored by their neighbours and kept ``-inf``.
+    ``kernel=1`` returns a copy of the input (as float).
+    """
+    kernel = check_kernel(kernel)
+    mode = check_pooling(mode)
+    x = np.asarray(scores)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"scores must be a real numeric array, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("scores must have at least one dimension (the cells)")
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    if mode == "avg":
+        x = x.astype(np.float64, copy=False)
+    if np.isnan(x).any():
+        raise ValueError("scores must not contain NaN (use -inf for invalid cells)")
+    n = x.shape[-1]
+    if kernel == 1 or n == 0:
+        return np.array(x, copy=True)
+    half = kernel // 2
+    invalid = x == -np.inf
+    pad = [(0, 0)] * (x.ndim - 1) + [(half, half)]
+    if mode == "max":
+        padded = np.pad(x, pad, mode="constant", constant_values=-np.inf)
+        out = _window_reduce(sliding_window_view(padded, kernel, axis=-1), np.maximum)
+    else:
+        vals = np.where(invalid, 0.0, x)
+        present = (~invalid).astype(np.float64)
+        sums = _window_reduce(sliding_window_view(np.pad(vals, pad), kernel, axis=-1), np.add)
+        counts = _window_reduce(sliding_window_view(np.pad(present, pad), kernel, axis=-1), np.add)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = sums / counts  # counts >= 1 wherever the cell itself is valid
+    out[invalid] = -np.inf
+    return out
+
+
+def pool_prefix(scores: np.ndarray, n_selectable: int, kernel: int = 7, mode: str = "max") -> np.ndarray:
+    """Pool only the selectable prefix ``scores[..., :n_selectable]`` (the cells before the
+    observation window); the window's own scores never leak into the prefix's pooled values.
+
+    Returns an array of shape ``scores.shape[:-1] + (n_selectable,)``.
+    """
+    x = np.asarray(scores)
+    if isinstance(n_selectable, bool) or not isinstance(n_selectable, (int, np.integer)):
+        raise TypeError(f"n_selectable must be an integer, got {n_selectable!r}")
+    if not 0 <= n_selectable <= x.shape[-1]:
+        raise ValueError(f"n_selectable must be in [0, {x.shape[-1]}], got {n_selectable}")
+    return pool_scores(x[..., : int(n_selectable)], kernel=kernel, mode=mode)

@@ -1,0 +1,59 @@
+// llama-adakv-graph.cpp - the adakv part of the llama.cpp graph: window scores and per-head start cells
+
+#include "adakv-fattn.h"
+#include "llama-adakv-hooks.h"
+#include "llama-adakv-state.h"
+
+#include "ggml-backend.h"
+
+#include <cstring>
+
+uint64_t llama_adakv_graph_epoch(const llama_adakv * ak) {
+    return ak ? ak->epoch : 0;
+}
+
+ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il) {
+    if (ak == nullptr || fa->op != GGML_OP_FLASH_ATTN_EXT || il < 0 || (size_t) il >= ak->layer_of_il.size() ||
+        ak->layer_of_il[il] < 0) {
+        return fa;
+    }
+    auto & l = ak->layers[ak->layer_of_il[il]];
+
+    ggml_tensor * q    = fa->src[0];
+    ggml_tensor * k    = fa->src[1];
+    ggml_tensor * v    = fa->src[2];
+    ggml_tensor * mask = fa->src[3];
+    if (k->view_src != l.k || v->view_src != l.v) {
+        return fa; // attention over something else than this layer's cache (e.g. cross attention)
+    }
+
+    float scale   = 1.0f;
+    float softcap = 0.0f;
+    memcpy(&scale,   (const float *) fa->op_params + 0, sizeof(float));
+    memcpy(&softcap, (const float *) fa->op_params + 2, sizeof(float));
+
+    if (ak->armed_window > 0) {
+        // [n_kv, n_head_kv] into the persistent buffer, cells [0, n_kv) of every head
+        ggml_tensor * s = llama_adakv_window_scores(ctx, q, k, mask, ak->footprint > 0 ? l.start_f32 : nullptr,
+                ak->params.gqa_reduce, scale, softcap);
+        ggml_tensor * dst = ggml_view_2d(ctx, l.scores, s->ne[0], s->ne[1], l.scores->nb[1], 0);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, s, dst));
+        ak->scored_tokens = (int32_t) q->ne[1];
+        ak->scored_n_kv   = (uint32_t) k->ne[1];
+        ak->scored[ak->layer_of_il[il]] = true;
+    }
+
+    if (ak->footprint == 0) {
+        return fa; // nothing compacted: stock attention
+    }
+
+    if (!ak->force_fallback) {
+        ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
+        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
+            return fa;
+        }
+        ggml_flash_attn_ext_set_head_start(fa, nullptr);
+    }
+    GGML_ASSERT(fa->src[4] == nullptr && "adakv: the per-head fallback does not support attention sinks");
+    return llama_adakv_fa_fallback(ctx, q, k, v, mask, l.start.data(), scale, softcap);
+}

@@ -1,0 +1,47 @@
+// llama-adakv-hooks.h - the functions that patch 0002 calls from inside llama.cpp
+//
+// Every hook accepts a null state and then does nothing (or allows everything), so the
+// patched files behave exactly like stock llama.cpp until llama_adakv_enable() is called.
+
+#pragma once
+
+#include "llama.h"
+
+#include <cstdint>
+
+struct ggml_context;
+struct ggml_cgraph;
+struct ggml_tensor;
+struct llama_adakv;
+class llama_io_write_i;
+class llama_io_read_i;
+
+// destroys the state (llama_context's destructor)
+void llama_adakv_free(llama_adakv * ak);
+
+// changes whenever the adakv part of the graph changes (graph reuse check)
+uint64_t llama_adakv_graph_epoch(const llama_adakv * ak);
+
+// called with each flash-attention node right after build_attn_mha built it; returns the
+// node to use instead (the same node with per-head start cells, or the per-head fallback),
+// and adds the window-score nodes to gf when scoring is armed
+ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il);
+
+// llama_kv_cache::seq_rm: false refuses the removal (it would cut into a compacted block)
+bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+// llama_kv_cache::seq_add / seq_div: false refuses the shift of compacted cells
+bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+// llama_kv_cache::clear
+void llama_adakv_on_clear(llama_adakv * ak);
+
+// true while the cache holds a compacted block
+bool llama_adakv_is_compacted(const llama_adakv * ak);
+
+// state save/load of llama_kv_cache: a small header with the start table, written before the
+// cells; read_begin throws std::runtime_error (before anything is changed) when the blob
+// cannot be restored, read_end applies the table once the cells are back
+void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llama_seq_id seq_id);
+void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id);
+void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id);
