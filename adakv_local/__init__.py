@@ -25,7 +25,25 @@ except NativeLibraryError:
     # that needs it raises this error again with the same message when it is used
     pass
 
+
+
+def __getattr__(name: str):
+    # imported on first use: importing llama_cpp takes a while and needs the native library
+    if name in ("Llama", "AdaKVStats"):
+        from . import llama
+
+        return getattr(llama, name)
+    if name == "AdaKVConfig":
+        from .config import AdaKVConfig
+
+        return AdaKVConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AdaKVConfig",
+    "AdaKVStats",
+    "Llama",
     "AdaKVError",
     "LibraryMismatchError",
     "NativeAllocError",

@@ -1,0 +1,168 @@
+"""The one place where adakv-local's eviction options are defined.
+
+:class:`AdaKVConfig` holds the defaults, the help text and the validation of every option.
+``adakv_local.Llama(..., adakv_<name>=...)`` keywords and the CLI's ``--<name>`` flags are
+both built from :data:`OPTIONS`, so that the three never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .policies import METHODS
+
+POOLINGS = ("max", "avg")
+GQA_REDUCTIONS = ("mean", "max")
+
+
+class ConfigError(ValueError):
+    """An option value is out of range. ``option`` is the option's name without prefix."""
+
+    def __init__(self, option: str, message: str) -> None:
+        super().__init__(f"{option} {message}")
+        self.option = option
+        self.reason = message
+
+    def named(self, name: str) -> ConfigError:
+        """The same error, with the option spelled as the caller knows it (``adakv_budget``, ``--budget``)."""
+        err = ConfigError(self.option, self.reason)
+        err.args = (f"{name} {self.reason}",)
+        return err
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    help: str
+    metavar: str
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("budget", "cells kept per KV head on average, window included (the paper's B): an integer >= 1, "
+           "or a fraction of the prompt in (0, 1); prompts shorter than the budget are left alone", "B"),
+    Option("method", f"allocation method: {', '.join(METHODS)}", "NAME"),
+    Option("window", "observation window: the last prompt tokens whose attention scores the cells; "
+           "always kept by every head", "W"),
+    Option("kernel", "width of the 1-D pooling of the scores along the prompt (odd)", "K"),
+    Option("pooling", f"pooling of the scores: {' or '.join(POOLINGS)}", "MODE"),
+    Option("gqa", f"how the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)}", "MODE"),
+    Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
+           "(0 to 1)", "A"),
+    Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1); bounds the cache footprint",
+           "R"),
+    Option("sinks", "first prompt cells always kept (StreamingLLM's sinks; a floor for the other methods)", "N"),
+)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class AdaKVConfig:
+    """Configuration of per-head KV eviction (defaults follow the Ada-KV and SnapKV papers).
+
+    Raises:
+        ConfigError (a ValueError) naming the option and its allowed range, or TypeError.
+    """
+
+    budget: int | float
+    method: str = "ada-snapkv"
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    gqa: str = "mean"
+    alpha: float = 0.2
+    max_ratio: float | None = None
+    sinks: int = 0
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if not _is_real(b) or (_is_int(b) and b < 1) or (not _is_int(b) and not 0.0 < b < 1.0):
+            raise ConfigError("budget", f"must be an integer >= 1 or a fraction in (0, 1), got {b!r}")
+        if self.method not in METHODS:
+            raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not _is_int(self.window) or self.window < 1:
+            raise ConfigError("window", f"must be an integer >= 1, got {self.window!r}")
+        if _is_int(b) and b < self.window and self.method != "full":
+            raise ConfigError("budget", f"must be at least the window ({self.window}) since the window is always "
+                              f"kept, got {b}")
+        if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ConfigError("kernel", f"must be an odd integer >= 1, got {self.kernel!r}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError("pooling", f"must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.gqa not in GQA_REDUCTIONS:
+            raise ConfigError("gqa", f"must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa!r}")
+        if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("alpha", f"must be a number in [0, 1], got {self.alpha!r}")
+        if self.max_ratio is not None and (not _is_real(self.max_ratio) or self.max_ratio < 1.0):
+            raise ConfigError("max_ratio", f"must be None or a number >= 1, got {self.max_ratio!r}")
+        if not _is_int(self.sinks) or self.sinks < 0:
+            raise ConfigError("sinks", f"must be an integer >= 0, got {self.sinks!r}")
+
+    def cells_for(self, n_cells: int) -> int:
+        """The budget in cells for a prompt of n_cells (a fraction is taken of the prompt)."""
+        if _is_int(self.budget):
+            return int(self.budget)
+        return max(self.window + 1, int(round(self.budget * n_cells)))
+
+    # -- the two front doors ------------------------------------------------------------------------
+
+    @classmethod
+    def from_llama_kwargs(cls, kwargs: Mapping[str, Any]) -> AdaKVConfig | None:
+        """From ``adakv_<name>`` keywords; None when ``adakv_budget`` is None (eviction off)."""
+        if kwargs.get("adakv_budget") is None:
+            others = [k for k, v in kwargs.items() if k != "adakv_budget" and v is not None]
+            if others:
+                raise ConfigError("budget", f"is None (eviction off) but {', '.join(sorted(others))} were given; "
+                                  "set adakv_budget to enable eviction").named("adakv_budget")
+            return None
+        values = {k[len("adakv_"):]: v for k, v in kwargs.items() if v is not None}
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise e.named(f"adakv_{e.option}") from None
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser, *, budget_default: Any = None) -> None:
+        """Add ``--budget``, ``--method``, ... to an argparse parser (values checked by from_args)."""
+        defaults = {f.name: f.default for f in fields(AdaKVConfig)}
+        defaults["budget"] = budget_default
+        types = {"budget": _budget_arg, "window": int, "kernel": int, "alpha": float, "max_ratio": float,
+                 "sinks": int}
+        group = parser.add_argument_group("KV-cache eviction")
+        for opt in OPTIONS:
+            default = defaults[opt.name]
+            group.add_argument(f"--{opt.name.replace('_', '-')}", dest=f"adakv_{opt.name}",
+                               type=types.get(opt.name, str), default=default, metavar=opt.metavar,
+                               help=f"{opt.help} (default: {default})")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AdaKVConfig:
+        """From parsed CLI flags; errors name the flag (``--budget``)."""
+        values = {opt.name: getattr(args, f"adakv_{opt.name}") for opt in OPTIONS}
+        values = {k: v for k, v in values.items() if v is not None or k == "budget"}
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise e.named(f"--{e.option.replace('_', '-')}") from None
+
+
+def _budget_arg(text: str) -> int | float:
+    """--budget: an integer number of cells, or a fraction such as 0.1."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None

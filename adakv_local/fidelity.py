@@ -1,0 +1,58 @@
+"""Fidelity of a compressed cache to the full one: teacher-forced next-token distributions.
+
+For a prompt and a fixed continuation, the model's next-token logits at every continuation
+position are computed twice: after the full prompt and after the compressed prompt (the
+continuation itself is never compressed). The distance between the two is the mean
+KL(full || compressed), the largest KL, and the top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    kl_mean: float
+    kl_max: float
+    top1: float  # share of positions whose argmax agrees with the full cache's
+
+
+def compare(full: np.ndarray, compressed: np.ndarray) -> Fidelity:
+    """KL(full || compressed) and top-1 agreement of two [n_positions, n_vocab] logit arrays."""
+    if full.shape != compressed.shape:
+        raise ValueError(f"logit arrays differ in shape: {full.shape} vs {compressed.shape}")
+    lp, lq = log_softmax(full), log_softmax(compressed)
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    top1 = float(np.mean(full.argmax(axis=-1) == compressed.argmax(axis=-1)))
+    return Fidelity(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1=top1)
+
+
+def teacher_forced_logits(llm: Any, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+    """Logits predicting each continuation token: [len(continuation), n_vocab].
+
+    llm must have been created with logits_all=True. The prompt is evaluated from scratch (and
+    compressed if llm is an adakv_local.Llama with a budget); the continuation is not compressed.
+    """
+    if not getattr(llm, "_logits_all", False):
+        raise ValueError("teacher forcing needs a Llama created with logits_all=True")
+    llm.reset()
+    llm.eval(list(prompt))
+    n0 = llm.n_tokens
+    suspended = getattr(llm, "adakv_suspended", None)
+    if suspended is not None:
+        with suspended():
+            llm.eval(list(continuation[:-1]))
+    else:
+        llm.eval(list(continuation[:-1]))
+    return np.array(llm.scores[n0 - 1 : n0 - 1 + len(continuation)], dtype=np.float32)
