@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -151,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "the llama.cpp commit it was built from and the backends compiled in.")
     info.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     info.set_defaults(func=_cmd_info)
+
+    from . import cmd_chat, cmd_eval, cmd_summarize  # here: they import this module
+
+    cmd_summarize.add_parser(sub)
+    cmd_chat.add_parser(sub)
+    cmd_eval.add_parser(sub)
     return p
 
 
@@ -165,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adakv-local: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+"""Speed and memory: prefill and decode tokens/s with the full cache and with eviction, same run.
+
+Every prompt length is run twice in a row, full cache then eviction (same model, threads and
+prompt), and the ratios are printed: the machines are noisy, so only same-run ratios mean
+anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .llama import Llama
+from .texts import documents
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    mode: str  # "full" or the eviction method
+    prompt_tokens: int
+    budget: int | None
+    prefill_tps: float
+    decode_tps: float
+    decode_tokens: int
+    kv_cells_before: int
+    kv_cells_after: int
+    kv_bytes_before: int
+    kv_bytes_after: int
+    seconds: dict[str, float]  # score (extra time of the window's decode), allocate, compact
+    overhead_share: float  # (score + allocate + compact) / prefill time without eviction
+
+
+def prompt_tokens(llm: Any, n: int) -> list[int]:
+    """n tokens of standard-library prose (concatenated module documentation)."""
+    toks: list[int] = []
+    for _, text in documents():
+        toks += llm.tokenize(text.encode(), add_bos=not toks)
+        if len(toks) >= n:
+            return toks[:n]
+    raise ValueError(f"the standard library's documentation gives only {len(toks)} tokens, asked for {n}")
+
+
+def kv_bytes_per_cell(llm: Any) -> int:
+    """Bytes one cell takes in K and V over all layers (f16 cache)."""
+    import llama_cpp
+
+    m = llm.model
+    n_layer = llama_cpp.llama_model_n_layer(m)
+    n_head, n_head_kv = llama_cpp.llama_model_n_head(m), llama_cpp.llama_model_n_head_kv(m)
+    head_dim = llama_cpp.llama_model_n_embd(m) // n_head
+    return 2 * n_layer * n_head_kv * head_dim * 2
+
+
+def greedy_decode(llm: Any, n: int) -> float:
+    """Decode n tokens greedily after what was evaluated; returns the seconds it took."""
+    import llama_cpp
+
+    n_vocab = llm.n_vocab()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+        llm.eval([int(logits.argmax())])
+    return time.perf_counter() - t0
+
+
+def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: int | None, method: str,
+            n_threads: int, n_gpu_layers: int = 0, window: int = 32) -> BenchRecord:
+    """One prompt: prefill, (compress,) decode. With a budget, the compression overhead is measured
+    on the same state: the window is decoded once without and once with scoring + compaction."""
+    n_ctx = ((len(tokens) + n_decode + 64) // 256 + 1) * 256
+    kw: dict[str, Any] = {"adakv_budget": budget, "adakv_method": method, "adakv_window": window} if budget else {}
+    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers, flash_attn=True, verbose=False, **kw)
+    try:
+        seconds: dict[str, float] = {}
+        overhead = 0.0
+        if budget is None:
+            t0 = time.perf_counter()
+            llm.eval(list(tokens))
+            prefill = time.perf_counter() - t0
+        else:
+            cfg = llm.adakv_config
+            t0 = time.perf_counter()
+            with llm.adakv_suspended():
+                llm.eval(list(tokens[:-window]))
+            t_prefix = time.perf_counter() - t0
+            state = llm.save_state()
+            llm.adakv_config = None  # the same window, without scoring or compaction
+            t0 = time.perf_counter()
+            llm.eval(list(tokens[-window:]))
+            t_plain = time.perf_counter() - t0
+            llm.load_state(state)
+            llm.adakv_config = cfg
+            t0 = time.perf_counter()
+            llm.eval(list(tokens[-window:]))
+            t_evict = time.perf_counter() - t0
+            st = llm.adakv_stats
+            assert st is not None
+            seconds = {"score": st.seconds["score"] - t_plain, "allocate": st.seconds["allocate"],
+                       "compact": st.seconds["compact"]}
+            prefill = t_prefix + t_plain
+            overhead = t_evict - t_plain
+        dec = greedy_decode(llm, n_decode)
+        per_cell = kv_bytes_per_cell(llm)
+        st = llm.adakv_stats
+        cells_after = st.cells_after if st is not None else len(tokens)
+        return BenchRecord(
+            mode=method if budget is not None else "full",
+            prompt_tokens=len(tokens),
+            budget=budget,
+            prefill_tps=len(tokens) / prefill,
+            decode_tps=n_decode / dec,
+            decode_tokens=n_decode,
+            kv_cells_before=len(tokens),
+            kv_cells_after=cells_after,
+            kv_bytes_before=len(tokens) * per_cell,
+            kv_bytes_after=cells_after * per_cell,
+            seconds=seconds,
+            overhead_share=overhead / prefill,
+        )
+    finally:
+        llm.close()
+
+
+def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
+        n_threads: int = 2, n_gpu_layers: int = 0,
+        log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows."""
+    vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
+    all_tokens = prompt_tokens(vocab, max(lengths))
+    out: list[dict[str, Any]] = []
+    for n in lengths:
+        toks = all_tokens[:n]
+        full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
+                       n_gpu_layers=n_gpu_layers)
+        ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
+                     n_gpu_layers=n_gpu_layers)
+        rf, re_ = asdict(full), asdict(ev)
+        re_["decode_speedup"] = ev.decode_tps / full.decode_tps
+        re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
+        out += [rf, re_]
+        log(f"{n:>6} tokens: decode {full.decode_tps:7.1f} -> {ev.decode_tps:7.1f} t/s "
+            f"(x{re_['decode_speedup']:.2f}), prefill {full.prefill_tps:7.1f} -> {ev.prefill_tps:7.1f} t/s, "
+            f"overhead {100 * ev.overhead_share:.1f}% of prefill, "
+            f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells")
+    return out
+
+
+def plot_bench(records: Sequence[dict[str, Any]], out: Any, title: str) -> None:
+    """Decode tokens/s against prompt length, full cache vs eviction."""
+    from .evaluate import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for mode in sorted({r["mode"] for r in records}, key=lambda m: m != "full"):
+        rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["prompt_tokens"])
+        label = "full cache" if mode == "full" else f"{mode}, budget {rs[0]['budget']}"
+        ax.plot([r["prompt_tokens"] for r in rs], [r["decode_tps"] for r in rs], marker="o", label=label)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

@@ -1,0 +1,306 @@
+"""What the ``summarize`` and ``chat`` commands share: model options, loading, measuring, stats.
+
+Nothing here imports llama_cpp at import time, so that ``--help`` stays fast and works without
+the native library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .cli import EXIT_FAILURE, EXIT_USAGE, CLIError
+from .config import AdaKVConfig, ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+_MIB = 1 << 20
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def _int_at_least(lowest: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_default: int | None,
+                        max_tokens_help: str) -> None:
+    g = p.add_argument_group("model and generation")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="NAME|PATH",
+                   help=f"a GGUF file, or a name from `adakv-local models list` (pulled on first use; "
+                   f"default: {DEFAULT_MODEL})")
+    g.add_argument("--n-ctx", type=positive_int, default=n_ctx_default, metavar="N", help=n_ctx_help)
+    g.add_argument("--max-tokens", type=positive_int, default=256, metavar="N", help=max_tokens_help)
+    g.add_argument("--threads", "-t", type=positive_int, default=None, metavar="N",
+                   help="CPU threads (default: all cores, os.cpu_count())")
+    g.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N",
+                   help="layers offloaded to a GPU, for a GPU build (default: 0)")
+    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
+                   help="sampling seed (default: random; irrelevant with --temperature 0)")
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 is greedy, deterministic (default: 0)")
+
+
+def config_from_args(args: argparse.Namespace) -> AdaKVConfig:
+    try:
+        return AdaKVConfig.from_args(args)
+    except ConfigError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+
+
+def resolve_model_arg(name: str, quiet: bool = False) -> Path:
+    """--model: an existing file, or a registry name (pulled when missing). Unknown names exit 2."""
+    from .models import MODELS, ModelFetchError, UnknownModelError, model_path, resolve_model
+
+    try:
+        if name in MODELS and not Path(name).expanduser().is_file():
+            return model_path(name, quiet=quiet)
+        return resolve_model(name)
+    except UnknownModelError as e:
+        raise CLIError(f"--model: {e}", EXIT_USAGE) from None
+    except ModelFetchError as e:
+        raise CLIError(str(e).splitlines()[0]) from None
+
+
+def llama_cpp_module() -> Any:
+    """llama_cpp, bound to adakv-local's patched library (a missing library exits 1)."""
+    from .errors import AdaKVError
+
+    try:
+        from . import llama as _llama  # binds the library before llama_cpp is imported
+
+        return _llama.llama_cpp
+    except (AdaKVError, OSError) as e:
+        raise CLIError(str(e).splitlines()[0] if str(e) else repr(e)) from None
+
+
+# -- the model, measured -----------------------------------------------------------------------------
+
+
+class Meter:
+    """Times of one request: the first ``eval`` is the prompt, every ``sample`` a generated token."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t_start = time.perf_counter()
+        self.prefill_done = False
+        self.prefill_tokens = 0  # tokens evaluated for the prompt (the rest came from the prefix cache)
+        self.prefill_s = 0.0
+        self.t_prefill_end = self.t_start
+        self.prompt_tokens = 0  # the whole prompt, cached part included
+        self.cells_after = 0  # cells per evicted layer right after the prompt
+        self.kept_mean = 0.0  # valid cells per KV head right after the prompt, averaged
+        self.generated = 0
+        self.t_last = self.t_start
+        self.on_prefill_done: Any = None
+
+    @property
+    def decode_s(self) -> float:
+        return max(0.0, self.t_last - self.t_prefill_end) if self.generated else 0.0
+
+
+_METERED: Any = None
+
+
+def _metered_class() -> Any:
+    global _METERED
+    if _METERED is None:
+        from .llama import Llama
+
+        class MeteredLlama(Llama):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                self.meter = Meter()
+                super().__init__(*args, **kwargs)
+
+            def eval(self, tokens: Any) -> None:
+                m = self.meter
+                if m.prefill_done:
+                    return super().eval(tokens)
+                t0 = time.perf_counter()
+                super().eval(tokens)
+                m.t_prefill_end = time.perf_counter()
+                m.prefill_s = m.t_prefill_end - t0
+                m.prefill_tokens = len(tokens)
+                m.prompt_tokens = self.n_tokens
+                m.cells_after, m.kept_mean = _cache_cells(self)
+                m.prefill_done = True
+                if m.on_prefill_done is not None:
+                    m.on_prefill_done()
+                return None
+
+            def sample(self, *args: Any, **kwargs: Any) -> int:
+                token = super().sample(*args, **kwargs)
+                self.meter.generated += 1
+                self.meter.t_last = time.perf_counter()
+                return token
+
+        _METERED = MeteredLlama
+    return _METERED
+
+
+def _cache_cells(llm: Any) -> tuple[int, float]:
+    kv = getattr(llm, "_adakv", None)
+    if kv is None:
+        return llm.n_tokens, float(llm.n_tokens)
+    n = int(kv.n_cells())
+    return n, float(n - kv.starts().mean())
+
+
+def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int) -> Any:
+    """The eviction-enabled Llama, measured (``llm.meter``). Load failures exit 1, bad options 2."""
+    llama_cpp_module()
+    cls = _metered_class()
+    n_batch = max(512, cfg.window)
+    kwargs: dict[str, Any] = dict(
+        model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
+        n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=False,
+        adakv_budget=cfg.budget, adakv_method=cfg.method, adakv_window=cfg.window, adakv_kernel=cfg.kernel,
+        adakv_pooling=cfg.pooling, adakv_gqa=cfg.gqa, adakv_alpha=cfg.alpha, adakv_max_ratio=cfg.max_ratio,
+        adakv_sinks=cfg.sinks,
+    )  # fmt: skip
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    try:
+        llm = cls(**kwargs)
+    except ConfigError as e:
+        raise CLIError(str(e).replace("adakv_", "--"), EXIT_USAGE) from None
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CLIError(f"cannot load model {model}: {e}", EXIT_FAILURE) from None
+    return llm
+
+
+def n_ctx_train(llm: Any) -> int:
+    return int(llama_cpp_module().llama_model_n_ctx_train(llm.model))
+
+
+# -- stats -------------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_cell(llm: Any) -> tuple[int, int, int]:
+    """(bytes per cell summed over the evicted layers, same over the other layers, n_swa).
+
+    f16 K and V for each KV head; the head sizes come from the GGUF (key_length / value_length),
+    else n_embd / n_head. The non-evicted layers are the sliding-window layers of iSWA models.
+    """
+    lc = llama_cpp_module()
+    n_layer = int(lc.llama_model_n_layer(llm.model))
+    n_head_kv = int(lc.llama_model_n_head_kv(llm.model))
+    n_head = max(1, int(lc.llama_model_n_head(llm.model)))
+    arch = llm.metadata.get("general.architecture", "")
+    head = int(lc.llama_model_n_embd(llm.model)) // n_head
+    k_dim = int(llm.metadata.get(f"{arch}.attention.key_length", head))
+    v_dim = int(llm.metadata.get(f"{arch}.attention.value_length", head))
+    per_layer = n_head_kv * (k_dim + v_dim) * 2
+    kv = getattr(llm, "_adakv", None)
+    evicted = len(kv.layout.layer_ids) if kv is not None else n_layer
+    return evicted * per_layer, (n_layer - evicted) * per_layer, int(lc.llama_model_n_swa(llm.model))
+
+
+def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
+    """The stats of the last request (see the module docs of cmd_summarize for their meaning)."""
+    m: Meter = llm.meter
+    st = llm.adakv_stats
+    compressed = st is not None and st is not previous
+    p = m.prompt_tokens
+    ev_bytes, other_bytes, n_swa = kv_bytes_per_cell(llm)
+    other_cells = min(p, n_swa) if n_swa > 0 else p
+    seconds = dict(st.seconds) if compressed else {"score": 0.0, "allocate": 0.0, "compact": 0.0}
+    return {
+        "prompt_tokens": p,
+        "prefill_tokens": m.prefill_tokens,
+        "completion_tokens": m.generated,
+        "compressed": compressed,
+        "method": cfg.method,
+        "budget": int(st.budget) if compressed else cfg.cells_for(p),
+        "window": cfg.window,
+        "kv_cells_before": p,
+        "kv_cells_after": m.cells_after,
+        "kv_cells_kept_mean": round(m.kept_mean, 1),
+        "kv_bytes_before": p * ev_bytes + other_cells * other_bytes,
+        "kv_bytes_after": m.cells_after * ev_bytes + other_cells * other_bytes,
+        "prefill_seconds": round(m.prefill_s, 4),
+        "prefill_tps": round(m.prefill_tokens / m.prefill_s, 2) if m.prefill_s > 0 else None,
+        "decode_seconds": round(m.decode_s, 4),
+        "decode_tps": round(m.generated / m.decode_s, 2) if m.decode_s > 0 else None,
+        "seconds": {k: round(float(v), 4) for k, v in seconds.items()},
+    }
+
+
+def format_stats(s: dict[str, Any]) -> list[str]:
+    """A few human lines for stderr."""
+    pre = f"{s['prefill_tps']:.1f} tok/s" if s["prefill_tps"] else "-"
+    dec = f"{s['decode_tps']:.1f} tok/s" if s["decode_tps"] else "-"
+    cached = s["prompt_tokens"] - s["prefill_tokens"]
+    lines = [
+        f"prompt: {s['prompt_tokens']} tokens" + (f" ({cached} from the prefix cache)" if cached > 0 else "")
+        + f", {s['prefill_seconds']:.2f} s ({pre}); reply: {s['completion_tokens']} tokens, "
+        f"{s['decode_seconds']:.2f} s ({dec})",
+    ]
+    before, after = s["kv_bytes_before"] / _MIB, s["kv_bytes_after"] / _MIB
+    if s["compressed"]:
+        t = s["seconds"]
+        lines.append(
+            f"KV cache: {s['kv_cells_before']} -> {s['kv_cells_after']} cells per layer "
+            f"({s['kv_cells_kept_mean']:.0f} valid per head on average), {before:.1f} -> {after:.1f} MiB; "
+            f"{s['method']}, budget {s['budget']}, window {s['window']}"
+        )
+        lines.append(f"eviction: score {t['score']:.3f} s, allocate {t['allocate']:.3f} s, "
+                     f"compact {t['compact']:.3f} s")
+    else:
+        lines.append(
+            f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; nothing evicted this time "
+            f"(within the budget of {s['budget']} cells per head, {s['method']})"
+        )
+    return lines
+
+
+def short_stats(s: dict[str, Any]) -> str:
+    """One line: the cache after the turn and the reply's speed (chat, on a terminal)."""
+    dec = f", reply {s['decode_tps']:.1f} tok/s" if s["decode_tps"] else ""
+    evicted = f"{s['kv_cells_before']} -> {s['kv_cells_after']}" if s["compressed"] else f"{s['kv_cells_after']}"
+    return f"KV cache {evicted} cells per layer ({s['kv_bytes_after'] / _MIB:.1f} MiB){dec}"
+
+
+def describe_adakv_stats(st: Any, llm: Any = None) -> list[str]:
+    """The last AdaKVStats, in words (chat's /stats); kept cells over the evicted layers of llm."""
+    if st is None:
+        return ["no eviction yet (since the start or the last /reset): the conversation fits in the budget"]
+    kv = getattr(llm, "_adakv", None)
+    kept = st.kept[list(kv.layout.layer_ids)] if kv is not None and len(kv.layout.layer_ids) else st.kept
+    t = st.seconds
+    return [
+        f"last eviction: {st.method}, budget {st.budget} cells per head, window {st.window}, "
+        f"after a {st.prompt_tokens}-token prompt",
+        f"  cells per layer {st.cells_before} -> {st.cells_after} ({st.freed} freed); cells kept per KV head: "
+        f"min {int(kept.min())}, mean {float(kept.mean()):.1f}, max {int(kept.max())}",
+        f"  time: score {t.get('score', 0.0):.3f} s, allocate {t.get('allocate', 0.0):.3f} s, "
+        f"compact {t.get('compact', 0.0):.3f} s",
+    ]

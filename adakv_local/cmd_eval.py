@@ -1,0 +1,180 @@
+"""``adakv-local eval fidelity|tasks`` and ``adakv-local bench``: the commands behind docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import EXIT_OK, EXIT_USAGE, CLIError
+from .cmd_common import non_negative_int, positive_int, resolve_model_arg
+from .policies import METHODS
+
+_EPILOG_FIDELITY = """examples:
+  adakv-local eval fidelity --model smollm2-135m --methods ada-snapkv,snapkv --budgets 64,128,256 \\
+      --json fidelity.json --plot fidelity.png
+  adakv-local eval fidelity --prompts my-docs/ --budgets 128 --json out.json
+"""
+
+_EPILOG_TASKS = """examples:
+  adakv-local eval tasks --model smollm2-135m --tasks passkey --lengths 3000 --budgets 128 --json tasks.json
+  adakv-local eval tasks --model gemma3-270m --mode raw --tasks passkey,needle --lengths 4000,7000
+"""
+
+_EPILOG_BENCH = """examples:
+  adakv-local bench --model smollm2-135m --lengths 1000,4000,8000 --budget 256 --json bench.json --plot bench.png
+"""
+
+
+def _csv(kind: Any, name: str):
+    def parse(text: str) -> list[Any]:
+        try:
+            items = [kind(x) for x in text.split(",") if x.strip()]
+        except (ValueError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(f"{name}: not a comma-separated list of numbers: {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"{name}: empty list")
+        return items
+
+    return parse
+
+
+def _methods(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [m for m in items if m not in METHODS or m == "full"]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from "
+                                         f"{', '.join(m for m in METHODS if m != 'full')}")
+    return items
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="smollm2-135m", metavar="NAME|PATH",
+                   help="a GGUF file or a registry name (default: smollm2-135m)")
+    p.add_argument("--threads", "-t", type=positive_int, default=os.cpu_count() or 1, metavar="N",
+                   help="CPU threads (default: all cores)")
+    p.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N", help="layers on a GPU (default 0)")
+    p.add_argument("--json", dest="json_out", type=Path, default=None, metavar="OUT",
+                   help="write all records as JSON to OUT ('-' for stdout)")
+    p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="draw a plot (needs matplotlib)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def add_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="measure fidelity to the full cache and accuracy on long-context tasks",
+                        description="Evaluations behind docs/RESULTS.md.")
+    esub = ev.add_subparsers(dest="eval_command", metavar="KIND")
+    esub.required = True
+
+    f = esub.add_parser(
+        "fidelity", help="teacher-forced KL and top-1 agreement against the full cache",
+        description="For every prompt, the full cache's greedy continuation is teacher-forced after the "
+        "compressed prompt of every (method, budget); records KL(full || compressed) per position (mean, max) "
+        "and top-1 agreement. Default prompts: standard-library documentation (prose shipped with Python).",
+        epilog=_EPILOG_FIDELITY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(f)
+    f.add_argument("--methods", type=_methods, default=["ada-snapkv", "snapkv", "ada-pyramid", "pyramidkv"],
+                   help="comma-separated methods (default: ada-snapkv,snapkv,ada-pyramid,pyramidkv)")
+    f.add_argument("--budgets", type=_csv(positive_int, "--budgets"), default=[64, 128, 256],
+                   help="comma-separated budgets in cells per KV head (default: 64,128,256)")
+    f.add_argument("--prompts", type=Path, default=None, metavar="FILE|DIR",
+                   help="a text file, or a folder of .txt/.md files, one prompt each (default: built-in)")
+    f.add_argument("--n-prompts", type=positive_int, default=10, metavar="N",
+                   help="built-in prompts to use (default: 10)")
+    f.add_argument("--prompt-tokens", type=positive_int, default=2000, metavar="N",
+                   help="prompt length in tokens (built-in prompts; files are cut there) (default: 2000)")
+    f.add_argument("--continuation", type=positive_int, default=64, metavar="N",
+                   help="teacher-forced tokens after the prompt (default: 64)")
+    f.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
+    f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
+    f.set_defaults(func=_cmd_fidelity)
+
+    b = sub.add_parser(
+        "bench", help="prefill and decode speed, full cache vs eviction, in the same run",
+        description="At every prompt length: full cache, then eviction, same model and threads; prints the "
+        "ratios. Compression overhead is the eviction run's score + allocate + compact time over its prefill time.",
+        epilog=_EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(b)
+    b.add_argument("--lengths", type=_csv(positive_int, "--lengths"), default=[1000, 4000, 8000],
+                   help="prompt lengths in tokens (default: 1000,4000,8000)")
+    b.add_argument("--budget", type=positive_int, default=256, metavar="B", help="eviction budget (default: 256)")
+    b.add_argument("--method", default="ada-snapkv", choices=[m for m in METHODS if m != "full"],
+                   help="eviction method (default: ada-snapkv)")
+    b.add_argument("--decode-tokens", type=positive_int, default=64, metavar="N",
+                   help="greedy tokens decoded after the prompt (default: 64)")
+    b.set_defaults(func=_cmd_bench)
+
+
+def _log(args: argparse.Namespace):
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    return log
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    text = json.dumps(payload, indent=1)
+    if str(path) == "-":
+        print(text)
+    else:
+        path.write_text(text + "\n")
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from .evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
+    from .llama import Llama
+
+    if args.window >= min(args.budgets):
+        raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
+    model = resolve_model_arg(args.model, quiet=args.quiet)
+    vocab = Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        if args.prompts is not None:
+            if not args.prompts.exists():
+                raise CLIError(f"--prompts: {args.prompts} does not exist")
+            prompts = file_prompts(vocab, args.prompts, args.prompt_tokens)
+        else:
+            prompts = builtin_prompts(vocab, args.n_prompts, args.prompt_tokens)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    log = _log(args)
+    log(f"fidelity: {len(prompts)} prompts x {len(args.methods)} methods x {len(args.budgets)} budgets on {model.name}")
+    records = run_fidelity(str(model), prompts, args.methods, args.budgets, window=args.window, kernel=args.kernel,
+                           n_continuation=args.continuation, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"))
+    summary, pairs = summarize(records), compare_pairs(records)
+    for r in summary:
+        log(f"{r['method']:>12} @ {r['budget']:>5}: KL {r['kl_mean']:.4f} +- {r['kl_mean_ci95']:.4f}, "
+            f"top-1 {100 * r['top1']:.1f}%")
+    for r in pairs:
+        log(f"{r['ada']} vs {r['baseline']} @ {r['budget']}: KL ratio {r['ratio']:.3f}, "
+            f"Ada wins {r['ada_wins']}/{r['n']}")
+    config = {"model": str(model), "methods": args.methods, "budgets": args.budgets, "window": args.window,
+              "kernel": args.kernel, "continuation": args.continuation, "prompt_tokens": args.prompt_tokens,
+              "prompts": [name for name, _ in prompts], "threads": args.threads}
+    _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "config": config})
+    if args.plot:
+        plot_fidelity(records, args.plot, f"{model.name}: fidelity to the full cache")
+    return EXIT_OK
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import plot_bench, run
+
+    model = resolve_model_arg(args.model, quiet=args.quiet)
+    if args.budget >= min(args.lengths):
+        raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
+    records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
+                  n_threads=args.threads, n_gpu_layers=args.gpu_layers, log=_log(args))
+    config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
+              "decode_tokens": args.decode_tokens, "threads": args.threads}
+    _write_json(args.json_out, {"records": records, "config": config})
+    if args.plot:
+        plot_bench(records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
+    return EXIT_OK

@@ -1,0 +1,239 @@
+"""``adakv-local summarize``: summarize a document with a compressed KV cache.
+
+The document goes into the model's chat template, followed by a short instruction. While the prompt is
+read, a progress bar runs on stderr; once it is read, the cache is compressed to the budget
+(Ada-KV per-head eviction) and the summary is generated from the compressed cache, streamed to
+stdout. A short stats block follows on stderr (``--json``: one JSON object on stdout instead).
+
+Stats (also the keys of ``--json``'s ``stats``), measured right after the prompt was processed,
+before the summary was generated:
+
+- ``prompt_tokens``: tokens of the whole chat prompt (instruction + document + template).
+- ``kv_cells_before``: cells per layer a cache without eviction would hold (= prompt_tokens).
+- ``kv_cells_after``: cells per layer the cache holds after eviction. A cell stores one token for
+  every KV head; heads keep different numbers of tokens (Ada-KV), so this is the footprint of the
+  compacted block, i.e. what the head with the most kept tokens needs. ``kv_cells_kept_mean`` is
+  the average number of tokens a KV head actually kept.
+- ``kv_bytes_before`` / ``kv_bytes_after``: those cells in bytes (f16 K and V of every KV head of
+  every layer). Sliding-window layers (iSWA models) are never evicted; they count the min(prompt,
+  n_swa) cells their attention reaches, in both (llama.cpp's SWA cache, full-size by default,
+  leaves older cells in place until it reuses them).
+- ``prefill_tps``: prompt tokens per second of the prompt processing, eviction included;
+  ``decode_tps``: generated tokens per second of wall time after the prompt.
+- ``seconds``: the eviction's steps: score (extra graph work of the observation window), allocate,
+  compact. ``compressed``: whether the prompt exceeded the budget (else nothing was evicted).
+- also: ``prefill_tokens`` (prompt tokens evaluated, = prompt_tokens here), ``completion_tokens``,
+  ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells), ``window``, ``n_ctx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import EXIT_FAILURE, EXIT_OK, CLIError
+from .config import AdaKVConfig
+from .progress import PrefillProgress
+
+DEFAULT_BUDGET = 256
+SYSTEM = "You summarize documents accurately and briefly."
+# after the document: the observation window (the prompt's last tokens) then holds the instruction,
+# so the attention that scores the cells is the attention of "summarize", as in SnapKV's setting
+INSTRUCTION = "Summarize the document above in a few sentences."
+_CTX_MARGIN = 16  # tokens left free beyond prompt + max tokens (llama-cpp-python wants a strict <)
+_CTX_ROUND = 256
+
+EPILOG = f"""examples:
+  adakv-local summarize examples/ada-kv.md
+  cat notes.txt | adakv-local summarize --max-tokens 128
+  adakv-local summarize report.md --budget 0.1 --method snapkv
+  adakv-local summarize report.md --json --quiet | jq .stats
+  adakv-local summarize report.md --model ./my-model.gguf --gpu-layers 99
+
+The default budget, {DEFAULT_BUDGET} cells per KV head, is of the order the Ada-KV paper evaluates
+(128-2048 per head on long-document tasks, quality falling off gradually as the budget
+shrinks): the cache of a 1k-4k-token document shrinks several times. Small models are more
+fragile: with SmolLM2-135M, examples/ada-kv.md (2.6k tokens) still gives an on-topic summary
+at 256 and 128; raise the budget (e.g. 512, or a fraction such as 0.2) if a summary degrades.
+A prompt shorter than the budget is not evicted at all; --method full keeps every cell.
+
+The instruction comes after the document, so that the observation window (the prompt's last
+--window tokens, whose attention decides what is kept) is the request to summarize.
+Chunked prefill is not implemented yet: the whole document must fit in the context (--n-ctx,
+at most the model's trained context) before it is compressed.
+"""
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "summarize", help="summarize a document, with the KV cache compressed after the prompt",
+        description="Summarize a text or markdown document with the model's chat template. The KV cache is "
+        "compressed with Ada-KV per-head eviction after the document is read; the summary is streamed to "
+        "stdout, progress and stats go to stderr.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("file", nargs="?", default="-", metavar="FILE",
+                   help="text or markdown file; - (the default) reads stdin")
+    from .cmd_common import add_model_arguments
+
+    add_model_arguments(
+        p, n_ctx_default=None,
+        n_ctx_help="context size in tokens (default: what the document needs: prompt + --max-tokens + a "
+        f"margin, rounded up to a multiple of {_CTX_ROUND}, at most the model's trained context)",
+        max_tokens_help="longest summary, in tokens (default: 256)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true",
+                     help='print one JSON object {"summary": ..., "stats": {...}} on stdout instead of streaming')
+    out.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no stats on stderr")
+    AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
+    p.set_defaults(func=run)
+    return p
+
+
+def read_document(name: str) -> str:
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(name).expanduser().read_bytes()
+    except OSError as e:
+        raise CLIError(f"cannot read {name}: {e.strerror or e}") from None
+    text = data.decode("utf-8", errors="replace").strip()
+    if not text:
+        raise CLIError(f"{'stdin' if name == '-' else name} is empty: nothing to summarize")
+    return text
+
+
+def messages_for(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{text}\n\n{INSTRUCTION}"}]
+
+
+def count_prompt(model: Path, messages: list[dict[str, str]], threads: int | None
+                 ) -> tuple[int, int, list[dict[str, str]]]:
+    """(prompt tokens, trained context, messages), from a small-context load of the model (memory-mapped).
+
+    The prompt is rendered with the GGUF's chat template as llama-cpp-python renders it; without a
+    template (llama-cpp-python then falls back to another format) it is estimated generously. A
+    template that refuses a system message gets the messages without it.
+    """
+    from .cmd_common import llama_cpp_module
+
+    lc = llama_cpp_module()
+    from llama_cpp import llama_chat_format
+
+    try:
+        tok = lc.Llama(model_path=str(model), n_ctx=256, n_batch=32, n_ubatch=32, n_gpu_layers=0, verbose=False,
+                       n_threads=threads)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CLIError(f"cannot load model {model}: {e}") from None
+    try:
+        n_train = int(lc.llama_model_n_ctx_train(tok.model))
+        template = tok.metadata.get("tokenizer.chat_template")
+        if template:
+            eos, bos = tok.token_eos(), tok.token_bos()
+            fmt = llama_chat_format.Jinja2ChatFormatter(
+                template=template, eos_token=tok._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=tok._model.token_get_text(bos) if bos != -1 else "",
+            )
+            try:
+                prompt = fmt(messages=messages).prompt
+            except Exception:  # e.g. "roles must alternate user/assistant"
+                messages = messages[1:]
+                try:
+                    prompt = fmt(messages=messages).prompt
+                except Exception as e:
+                    raise CLIError(f"the chat template of {model.name} fails on a plain user message: {e}") from None
+            n = len(tok.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+        else:
+            n = sum(len(tok.tokenize(m["content"].encode("utf-8"), add_bos=False)) for m in messages) + 64
+    finally:
+        tok.close()
+    return n, n_train, messages
+
+
+def _too_long(prompt: int, max_tokens: int, limit: int, what: str) -> CLIError:
+    return CLIError(
+        f"the document is too long: its prompt is {prompt} tokens, + {max_tokens} for the summary = "
+        f"{prompt + max_tokens}, which does not fit in the {limit}-token {what}; use a smaller --max-tokens"
+        + (", a larger --n-ctx" if what.startswith("--n-ctx") else "")
+        + " or split the document (chunked prefill is not implemented yet)"
+    )
+
+
+def choose_n_ctx(prompt: int, max_tokens: int, n_train: int, n_ctx: int | None) -> int:
+    need = prompt + max_tokens  # llama-cpp-python wants need < n_ctx
+    if n_ctx is not None:
+        if need >= n_ctx:
+            raise _too_long(prompt, max_tokens, n_ctx,
+                            "--n-ctx" + (f" (the model was trained for up to {n_train})" if n_train else ""))
+        return n_ctx
+    if n_train and need >= n_train:
+        raise _too_long(prompt, max_tokens, n_train, "context the model was trained for")
+    size = -(-(need + _CTX_MARGIN) // _CTX_ROUND) * _CTX_ROUND
+    return min(size, n_train) if n_train else size
+
+
+def run(args: argparse.Namespace) -> int:
+    from .cmd_common import config_from_args, format_stats, load_llama, request_stats, resolve_model_arg
+
+    cfg = config_from_args(args)
+    text = read_document(args.file)
+    model = resolve_model_arg(args.model, quiet=args.quiet)
+    messages = messages_for(text)
+    prompt_tokens, n_train, messages = count_prompt(model, messages, args.threads)
+    n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx)
+    llm = load_llama(model, cfg, args, n_ctx)
+    try:
+        progress = PrefillProgress("reading the document", enabled=not args.quiet)
+        llm.progress_callback = progress
+        llm.meter.on_prefill_done = progress.finish
+        summary = _generate(llm, messages, args, progress)
+        stats = request_stats(llm, cfg, None)
+        stats["n_ctx"] = n_ctx
+    finally:
+        llm.close()
+    if args.json:
+        print(json.dumps({"summary": summary, "stats": stats}, indent=2))
+    elif not args.quiet:
+        for line in format_stats(stats):
+            print(f"[adakv-local] {line}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _generate(llm: Any, messages: list[dict[str, str]], args: argparse.Namespace, progress: PrefillProgress) -> str:
+    parts: list[str] = []
+    llm.meter.reset()
+    progress.start()
+    try:
+        chunks = llm.create_chat_completion(messages=messages, max_tokens=args.max_tokens,
+                                            temperature=args.temperature, stream=True)
+        for chunk in chunks:
+            piece = chunk["choices"][0]["delta"].get("content") or ""
+            if not piece:
+                continue
+            if not parts:  # the reply's leading whitespace
+                progress.finish()
+                piece = piece.lstrip()
+                if not piece:
+                    continue
+            parts.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except ValueError as e:
+        if "exceed context window" in str(e):  # our count was off (a chat format without a template)
+            raise CLIError(f"the document is too long for the {llm.n_ctx()}-token context: {e}; use a larger "
+                           "--n-ctx, a smaller --max-tokens or split the document", EXIT_FAILURE) from None
+        raise CLIError(f"generation failed: {e}") from None  # e.g. the chat template's checks
+    except RuntimeError as e:
+        raise CLIError(f"generation failed: {e}") from None
+    finally:
+        progress.finish()
+    if not args.json:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(parts)

@@ -1,0 +1,197 @@
+"""``adakv-local eval fidelity``: how close each method's compressed cache stays to the full cache.
+
+For every prompt the prefix before the observation window is evaluated once and saved; then,
+for the full cache and for every (method, budget), the state is restored, the window is
+evaluated (and the cache compressed), and a fixed continuation is teacher-forced. All runs
+therefore share the same batches and kernels: the differences come from the eviction only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fidelity import compare
+from .llama import Llama
+from .texts import documents
+
+
+def builtin_prompts(llm: Any, n_prompts: int, n_tokens: int) -> list[tuple[str, list[int]]]:
+    """n_prompts prompts of n_tokens tokens from the standard library's documentation."""
+    out = []
+    for name, text in documents(min_chars=n_tokens * 3):
+        toks = llm.tokenize(text.encode())
+        if len(toks) >= n_tokens:
+            out.append((f"stdlib:{name}", toks[:n_tokens]))
+        if len(out) == n_prompts:
+            return out
+    if not out:
+        raise ValueError(f"no built-in prompt reaches {n_tokens} tokens; lower --prompt-tokens")
+    return out
+
+
+def file_prompts(llm: Any, path: Path, n_tokens: int | None) -> list[tuple[str, list[int]]]:
+    """One prompt per file: a file, or every *.txt / *.md file of a folder (sorted)."""
+    files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{path}: no .txt or .md files")
+    out = []
+    for f in files:
+        toks = llm.tokenize(f.read_text(errors="replace").encode())
+        out.append((str(f), toks[:n_tokens] if n_tokens else toks))
+    return out
+
+
+def _mean_ci(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% normal confidence interval."""
+    a = np.asarray(xs, dtype=np.float64)
+    if len(a) < 2:
+        return float(a.mean()), float("nan")
+    return float(a.mean()), float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
+
+
+def _continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config: Any) -> np.ndarray:
+    """Restore the prefix, evaluate the window under config (None: full cache); the last logits."""
+    llm.load_state(prefix_state)
+    llm.adakv_config = config
+    llm.eval(window_tokens)
+    return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+
+
+def run_fidelity(
+    model_path: str,
+    prompts: Sequence[tuple[str, list[int]]],
+    methods: Sequence[str],
+    budgets: Sequence[int],
+    *,
+    window: int = 32,
+    kernel: int = 7,
+    n_continuation: int = 64,
+    n_threads: int = 2,
+    n_gpu_layers: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Records {prompt, method, budget, kl_mean, kl_max, top1, prompt_tokens, footprint}."""
+    longest = max(len(t) for _, t in prompts)
+    n_ctx = ((longest + n_continuation + 64) // 256 + 1) * 256
+    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers, logits_all=True, adakv_budget=max(window, min(budgets)),
+                adakv_window=window, adakv_kernel=kernel, verbose=False)
+    base = llm.adakv_config
+    assert base is not None
+    total = len(prompts) * (1 + len(methods) * len(budgets))
+    done = 0
+    records: list[dict[str, Any]] = []
+    try:
+        for name, toks in prompts:
+            if len(toks) <= window:
+                raise ValueError(f"prompt {name} has {len(toks)} tokens, not more than the window ({window})")
+            llm.reset()
+            with llm.adakv_suspended():
+                llm.eval(toks[:-window])
+            prefix_state = llm.save_state()
+
+            # the full cache: its greedy continuation is the one every method is forced along
+            last = _continue_from(llm, prefix_state, toks[-window:], None)
+            cont: list[int] = []
+            for _ in range(n_continuation):
+                cont.append(int(last.argmax()))
+                llm.eval([cont[-1]])
+                last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            full = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
+            done += 1
+            if progress:
+                progress(done, total, f"{name}: full cache")
+
+            for method in methods:
+                for budget in budgets:
+                    cfg = dataclasses.replace(base, method=method, budget=budget)
+                    _continue_from(llm, prefix_state, toks[-window:], cfg)
+                    footprint = llm.adakv_stats.footprint if llm.adakv_stats else len(toks)
+                    with llm.adakv_suspended():
+                        llm.eval(cont[:-1])
+                    got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
+                    f = compare(full, got)
+                    records.append({
+                        "prompt": name, "method": method, "budget": budget, "prompt_tokens": len(toks),
+                        "kl_mean": f.kl_mean, "kl_max": f.kl_max, "top1": f.top1, "footprint": footprint,
+                    })  # fmt: skip
+                    done += 1
+                    if progress:
+                        progress(done, total, f"{name}: {method} @ {budget}: KL {f.kl_mean:.4f}")
+    finally:
+        llm.close()
+    return records
+
+
+def summarize(records: Iterable[dict[str, Any]], key: str = "kl_mean") -> list[dict[str, Any]]:
+    """Mean and 95% CI of a metric per (method, budget), plus Ada-vs-baseline wins on shared prompts."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["method"], r["budget"]), []).append(r)
+    out = []
+    for (method, budget), rs in sorted(groups.items()):
+        mean, ci = _mean_ci([r[key] for r in rs])
+        out.append({"method": method, "budget": budget, "n": len(rs), key: mean, f"{key}_ci95": ci,
+                    "top1": float(np.mean([r["top1"] for r in rs]))})
+    return out
+
+
+PAIRS = (("ada-snapkv", "snapkv"), ("ada-pyramid", "pyramidkv"))
+
+
+def compare_pairs(records: Iterable[dict[str, Any]], key: str = "kl_mean") -> list[dict[str, Any]]:
+    """Per budget: how often and by how much each Ada method beats its baseline on the same prompts."""
+    by = {(r["method"], r["budget"], r["prompt"]): r[key] for r in records}
+    out = []
+    for ada, base in PAIRS:
+        budgets = sorted({b for (m, b, _) in by if m == ada})
+        for b in budgets:
+            prompts = [p for (m, bb, p) in by if m == ada and bb == b and (base, b, p) in by]
+            if not prompts:
+                continue
+            a = np.array([by[(ada, b, p)] for p in prompts])
+            s = np.array([by[(base, b, p)] for p in prompts])
+            out.append({"ada": ada, "baseline": base, "budget": b, "n": len(prompts),
+                        "ada_mean": float(a.mean()), "baseline_mean": float(s.mean()),
+                        "ada_wins": int((a < s).sum()), "ratio": float(a.mean() / s.mean()) if s.mean() > 0 else 1.0})
+    return out
+
+
+def plot_fidelity(records: Sequence[dict[str, Any]], out: Path, title: str) -> None:
+    """KL (mean with 95% CI) against budget, one line per method."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    rows = summarize(records)
+    for method in sorted({r["method"] for r in rows}):
+        rs = [r for r in rows if r["method"] == method]
+        x = [r["budget"] for r in rs]
+        y = [r["kl_mean"] for r in rs]
+        ci = [0.0 if math.isnan(r["kl_mean_ci95"]) else r["kl_mean_ci95"] for r in rs]
+        ax.errorbar(x, y, yerr=ci, marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("budget (cells per KV head)")
+    ax.set_ylabel("mean KL(full || compressed)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'adakv-local[plot]'") from None
+    return plt

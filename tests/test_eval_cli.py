@@ -1,0 +1,62 @@
+"""`adakv-local eval fidelity` and `adakv-local bench` on a tiny random model (subprocess, as a user runs them)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli_run import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=2, n_embd=256, n_head=4,
+                                n_head_kv=2, n_ff=256, seed=31))
+
+
+def test_eval_fidelity_json(tiny, tmp_path):
+    out = tmp_path / "fid.json"
+    proc = cli("eval", "fidelity", "--model", tiny, "--methods", "ada-snapkv,snapkv", "--budgets", "48,96",
+               "--window", "16", "--n-prompts", "2", "--prompt-tokens", "300", "--continuation", "8",
+               "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert len(data["records"]) == 2 * 2 * 2
+    for r in data["records"]:
+        assert r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and r["kl_max"] >= r["kl_mean"]
+        assert r["footprint"] < r["prompt_tokens"]
+    assert {(p["ada"], p["budget"]) for p in data["pairs"]} == {("ada-snapkv", 48), ("ada-snapkv", 96)}
+    assert "KL" in proc.stderr
+
+
+def test_eval_fidelity_own_prompts(tiny, tmp_path):
+    (tmp_path / "a.txt").write_text("One prompt about boats and the sea, with some words. " * 12)
+    proc = cli("eval", "fidelity", "--model", tiny, "--prompts", str(tmp_path), "--methods", "snapkv",
+               "--budgets", "40", "--window", "16", "--continuation", "4", "--threads", "1", "--json", "-",
+               "--quiet", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["config"]["prompts"] == [str(tmp_path / "a.txt")]
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--budgets", "8"], "must exceed the window"),
+    (["--methods", "h2o"], "unknown method"),
+    (["--budgets", "x"], "not a comma-separated list"),
+])
+def test_eval_fidelity_usage_errors(tiny, args, text):
+    proc = cli("eval", "fidelity", "--model", tiny, *args)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_json(tiny, tmp_path):
+    proc = cli("bench", "--model", tiny, "--lengths", "200,400", "--budget", "48", "--decode-tokens", "4",
+               "--threads", "1", "--json", "-", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(proc.stdout)["records"]
+    assert [r["mode"] for r in recs] == ["full", "ada-snapkv", "full", "ada-snapkv"]
+    for full, ev in zip(recs[::2], recs[1::2]):
+        assert ev["kv_cells_after"] < full["kv_cells_before"] == full["kv_cells_after"]
+        assert ev["kv_bytes_after"] < full["kv_bytes_before"]
+        assert ev["decode_speedup"] > 0 and set(ev["seconds"]) == {"score", "allocate", "compact"}
