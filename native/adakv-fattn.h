@@ -22,14 +22,14 @@
 //   result : F32 [d_v, n_head, n_q, 1]  (permuted, as ggml_flash_attn_ext)
 // No ALiBi (max_bias) and no attention sinks: the callers refuse such models.
 ggml_tensor * llama_adakv_fa_fallback(
-        ggml_context  * ctx,
-        ggml_tensor   * q,
-        ggml_tensor   * k,
-        ggml_tensor   * v,
-        ggml_tensor   * mask,
+        ggml_context * ctx,
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * v,
+        ggml_tensor * mask,
         const int32_t * starts,
-        float           scale,
-        float           logit_softcap);
+        float scale,
+        float logit_softcap);
 
 // Window scores (SnapKV): for every cell c and KV head h,
 //   scores[c, h] = reduce over the query heads j of KV head h (mean or max) of
@@ -42,10 +42,10 @@ ggml_tensor * llama_adakv_fa_fallback(
 //   result    : F32 [n_kv, n_head_kv]
 ggml_tensor * llama_adakv_window_scores(
         ggml_context * ctx,
-        ggml_tensor  * q,
-        ggml_tensor  * k,
-        ggml_tensor  * mask,
-        ggml_tensor  * start_f32,
-        int32_t        gqa_reduce,
-        float          scale,
-        float          logit_softcap);
+        ggml_tensor * q,
+        ggml_tensor * k,
+        ggml_tensor * mask,
+        ggml_tensor * start_f32,
+        int32_t gqa_reduce,
+        float scale,
+        float logit_softcap);

@@ -7,9 +7,9 @@
 // records the message returned by llama_adakv_last_error() on this thread; returns code
 int32_t llama_adakv_set_error(int32_t code, const char * fmt, ...)
 #ifdef __GNUC__
-    __attribute__((format(printf, 2, 3)))
+        __attribute__((format(printf, 2, 3)))
 #endif
-    ;
+        ;
 
 // clears the last error of this thread
 void llama_adakv_clear_error();

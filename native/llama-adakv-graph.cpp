@@ -29,17 +29,17 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
 
     float scale   = 1.0f;
     float softcap = 0.0f;
-    memcpy(&scale,   (const float *) fa->op_params + 0, sizeof(float));
+    memcpy(&scale, (const float *) fa->op_params + 0, sizeof(float));
     memcpy(&softcap, (const float *) fa->op_params + 2, sizeof(float));
 
     if (ak->armed_window > 0) {
         // [n_kv, n_head_kv] into the persistent buffer, cells [0, n_kv) of every head
-        ggml_tensor * s = llama_adakv_window_scores(ctx, q, k, mask, ak->footprint > 0 ? l.start_f32 : nullptr,
-                ak->params.gqa_reduce, scale, softcap);
+        ggml_tensor * s = llama_adakv_window_scores(
+                ctx, q, k, mask, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale, softcap);
         ggml_tensor * dst = ggml_view_2d(ctx, l.scores, s->ne[0], s->ne[1], l.scores->nb[1], 0);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, s, dst));
-        ak->scored_tokens = (int32_t) q->ne[1];
-        ak->scored_n_kv   = (uint32_t) k->ne[1];
+        ak->scored_tokens               = (int32_t) q->ne[1];
+        ak->scored_n_kv                 = (uint32_t) k->ne[1];
         ak->scored[ak->layer_of_il[il]] = true;
     }
 

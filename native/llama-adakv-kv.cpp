@@ -74,9 +74,9 @@ void llama_adakv_reset_table(llama_adakv & ak) {
 void llama_adakv_upload_starts(llama_adakv & ak) {
     std::vector<float> f;
     for (auto & l : ak.layers) {
-        ggml_backend_tensor_set(l.start_i32, l.start.data(), 0, l.start.size()*sizeof(int32_t));
+        ggml_backend_tensor_set(l.start_i32, l.start.data(), 0, l.start.size() * sizeof(int32_t));
         f.assign(l.start.begin(), l.start.end());
-        ggml_backend_tensor_set(l.start_f32, f.data(), 0, f.size()*sizeof(float));
+        ggml_backend_tensor_set(l.start_f32, f.data(), 0, f.size() * sizeof(float));
     }
 }
 
@@ -116,8 +116,10 @@ bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, 
         llama_adakv_reset_table(*ak); // the whole sequence goes
         return true;
     }
-    LLAMA_LOG_WARN("%s: refusing to remove positions [%d, %d) of sequence %d: they cut into the compacted "
-            "block [%d, %d]; remove the whole sequence instead\n", __func__, p0, p1, seq_id, ak->pos_lo, ak->pos_hi + 1);
+    LLAMA_LOG_WARN(
+            "%s: refusing to remove positions [%d, %d) of sequence %d: they cut into the compacted "
+            "block [%d, %d]; remove the whole sequence instead\n",
+            __func__, p0, p1, seq_id, ak->pos_lo, ak->pos_hi + 1);
     return false;
 }
 
@@ -132,7 +134,8 @@ bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p
     if (p1 <= ak->pos_lo || p0 > ak->pos_hi) {
         return true;
     }
-    LLAMA_LOG_ERROR("%s: refusing to shift positions [%d, %d) of sequence %d: the compacted block [%d, %d] "
+    LLAMA_LOG_ERROR(
+            "%s: refusing to shift positions [%d, %d) of sequence %d: the compacted block [%d, %d] "
             "cannot be shifted (its K carries the RoPE of the original positions)\n",
             __func__, p0, p1, seq_id, ak->pos_lo, ak->pos_hi + 1);
     return false;
@@ -144,12 +147,13 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
         return;
     }
     GGML_UNUSED(seq_id);
-    const uint32_t hdr[4] = { ADAKV_STATE_MAGIC, ADAKV_STATE_VERSION, (uint32_t) ak->layers.size(), (uint32_t) ak->n_head_kv };
+    const uint32_t hdr[4] = { ADAKV_STATE_MAGIC, ADAKV_STATE_VERSION, (uint32_t) ak->layers.size(),
+                              (uint32_t) ak->n_head_kv };
     io.write(hdr, sizeof(hdr));
     const int32_t blk[3] = { ak->footprint, ak->pos_lo, ak->pos_hi };
     io.write(blk, sizeof(blk));
     for (const auto & l : ak->layers) {
-        io.write(l.start.data(), l.start.size()*sizeof(int32_t));
+        io.write(l.start.data(), l.start.size() * sizeof(int32_t));
     }
 }
 
@@ -167,11 +171,12 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     }
     int32_t blk[3];
     io.read(blk, sizeof(blk));
-    std::vector<int32_t> starts(ak->layers.size()*ak->n_head_kv);
-    io.read(starts.data(), starts.size()*sizeof(int32_t));
+    std::vector<int32_t> starts(ak->layers.size() * ak->n_head_kv);
+    io.read(starts.data(), starts.size() * sizeof(int32_t));
 
     if (seq_id != -1 && blk[0] > 0) {
-        throw std::runtime_error("adakv: refusing to restore a compacted sequence: its per-head layout only "
+        throw std::runtime_error(
+                "adakv: refusing to restore a compacted sequence: its per-head layout only "
                 "holds in the context it was saved from (save and load the whole context instead)");
     }
     if (seq_id != -1 && ak->footprint > 0) {
@@ -210,11 +215,14 @@ static llama_adakv * adakv_of(const llama_context * ctx) {
     return ctx ? ctx->adakv : nullptr;
 }
 
-#define ADAKV_REQUIRE_ENABLED(ctx, ak)                                                                   \
-    llama_adakv * ak = adakv_of(ctx);                                                                   \
-    if (ak == nullptr) {                                                                                \
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: eviction is not enabled on this "    \
-                "context (call llama_adakv_enable first)", __func__);                                   \
+#define ADAKV_REQUIRE_ENABLED(ctx, ak)                                                                                 \
+    llama_adakv * ak = adakv_of(ctx);                                                                                  \
+    if (ak == nullptr) {                                                                                               \
+        return llama_adakv_set_error(                                                                                  \
+                LLAMA_ADAKV_ERR_INVALID,                                                                               \
+                "%s: eviction is not enabled on this "                                                                 \
+                "context (call llama_adakv_enable first)",                                                             \
+                __func__);                                                                                             \
     }
 
 struct llama_adakv_params llama_adakv_default_params(void) {
@@ -250,56 +258,74 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: ctx is NULL", __func__);
     }
     if (ctx->adakv != nullptr) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: eviction is already enabled on this context", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: eviction is already enabled on this context", __func__);
     }
     if (params.gqa_reduce != LLAMA_ADAKV_GQA_MEAN && params.gqa_reduce != LLAMA_ADAKV_GQA_MAX) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: gqa_reduce must be 0 (mean) or 1 (max), got %d",
-                __func__, params.gqa_reduce);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: gqa_reduce must be 0 (mean) or 1 (max), got %d", __func__,
+                params.gqa_reduce);
     }
     const auto & model   = ctx->get_model();
     const auto & cparams = ctx->get_cparams();
     const auto & hp      = model.hparams;
 
     if (const char * why = adakv_unsupported_model(model)) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: unsupported model architecture '%s': %s",
-                __func__, llm_arch_name(model.arch), why);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: unsupported model architecture '%s': %s", __func__,
+                llm_arch_name(model.arch), why);
     }
     if (!cparams.flash_attn) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: flash attention is off on this context; per-head "
-                "eviction needs it (create the context with flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED)", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: flash attention is off on this context; per-head "
+                "eviction needs it (create the context with flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED)",
+                __func__);
     }
     if (cparams.n_seq_max != 1) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: the context has n_seq_max = %u; eviction supports one "
-                "sequence per context", __func__, cparams.n_seq_max);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: the context has n_seq_max = %u; eviction supports one "
+                "sequence per context",
+                __func__, cparams.n_seq_max);
     }
 
-    llama_memory_t mem = ctx->get_memory();
+    llama_memory_t mem  = ctx->get_memory();
     llama_kv_cache * kv = nullptr;
     if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache)) {
         kv = static_cast<llama_kv_cache *>(mem);
         if (hp.is_swa_any()) {
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: sliding-window layers in a single cache "
-                    "(swa_full) are not supported; create the context with swa_full = false", __func__);
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID,
+                    "%s: sliding-window layers in a single cache "
+                    "(swa_full) are not supported; create the context with swa_full = false",
+                    __func__);
         }
     } else if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache_iswa)) {
         kv = static_cast<llama_kv_cache_iswa *>(mem)->get_base();
     } else {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: unsupported model architecture '%s': its memory is "
-                "not a plain (or interleaved-SWA) KV cache", __func__, llm_arch_name(model.arch));
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: unsupported model architecture '%s': its memory is "
+                "not a plain (or interleaved-SWA) KV cache",
+                __func__, llm_arch_name(model.arch));
     }
     if (llama_adakv_access::shares_cells(*kv) || llama_adakv_access::v_trans(*kv) ||
         llama_adakv_access::n_stream(*kv) != 1) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: this KV cache layout (shared cells, transposed V "
-                "or several streams) is not supported", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: this KV cache layout (shared cells, transposed V "
+                "or several streams) is not supported",
+                __func__);
     }
 
-    auto ak = std::make_unique<llama_adakv>();
+    auto ak     = std::make_unique<llama_adakv>();
     ak->lctx    = ctx;
     ak->kv      = kv;
     ak->params  = params;
     ak->kv_size = kv->get_size();
     if (params.force_fallback < 0) {
-        const char * env = getenv("ADAKV_FORCE_FALLBACK");
+        const char * env   = getenv("ADAKV_FORCE_FALLBACK");
         ak->force_fallback = env != nullptr && atoi(env) != 0;
     } else {
         ak->force_fallback = params.force_fallback != 0;
@@ -313,22 +339,30 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     ak->n_head    = (int32_t) hp.n_head(ak->layers[0].il);
     ak->layer_of_il.assign(hp.n_layer(), -1);
     for (size_t i = 0; i < ak->layers.size(); ++i) {
-        auto & l = ak->layers[i];
+        auto & l         = ak->layers[i];
         const int64_t dk = hp.n_embd_head_k(l.il);
         const int64_t dv = hp.n_embd_head_v(l.il);
         if ((int32_t) hp.n_head_kv(l.il) != ak->n_head_kv || (int32_t) hp.n_head(l.il) != ak->n_head) {
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layers with different head counts are not "
-                    "supported (layer %d)", __func__, l.il);
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID,
+                    "%s: layers with different head counts are not "
+                    "supported (layer %d)",
+                    __func__, l.il);
         }
         if (l.k->type == GGML_TYPE_F32 || l.v->type == GGML_TYPE_F32) {
             // flash attention reads an f32 cache through a cast, which the hooks would not see
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: an f32 KV cache is not supported; use f16, "
-                    "q8_0 or q4_0 (type_k / type_v)", __func__);
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID,
+                    "%s: an f32 KV cache is not supported; use f16, "
+                    "q8_0 or q4_0 (type_k / type_v)",
+                    __func__);
         }
         if (ggml_row_size(l.k->type, dk) % 4 != 0 || ggml_row_size(l.v->type, dv) % 4 != 0) {
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: a head's row of the %s/%s cache is not a "
-                    "multiple of 4 bytes; use an f16 or q8_0 cache", __func__, ggml_type_name(l.k->type),
-                    ggml_type_name(l.v->type));
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID,
+                    "%s: a head's row of the %s/%s cache is not a "
+                    "multiple of 4 bytes; use an f16 or q8_0 cache",
+                    __func__, ggml_type_name(l.k->type), ggml_type_name(l.v->type));
         }
         ak->layer_of_il[l.il] = (int32_t) i;
         l.start.assign(ak->n_head_kv, 0);
@@ -340,14 +374,14 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         by_buft[ggml_backend_buffer_get_type(ak->layers[i].k->buffer)].push_back(i);
     }
     for (auto & [buft, ids] : by_buft) {
-        ggml_init_params ip = { 3*ids.size()*ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params ip = { 3 * ids.size() * ggml_tensor_overhead(), nullptr, true };
         ggml_context * tctx = ggml_init(ip);
         if (!tctx) {
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
         }
         ak->ctxs.push_back(tctx);
         for (size_t i : ids) {
-            auto & l = ak->layers[i];
+            auto & l    = ak->layers[i];
             l.start_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
             l.start_f32 = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
             l.scores    = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->kv_size, ak->n_head_kv);
@@ -355,8 +389,9 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
         if (!buf) {
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the score buffers (%s)",
-                    __func__, ggml_backend_buft_name(buft));
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the score buffers (%s)", __func__,
+                    ggml_backend_buft_name(buft));
         }
         ggml_backend_buffer_clear(buf, 0);
         ak->bufs.push_back(buf);
@@ -392,7 +427,7 @@ int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_t * out) {
 
 // number of cells of sequence 0 if they are exactly [0, n), else -1
 static int32_t adakv_seq_cells(llama_adakv & ak) {
-    auto & cells = llama_adakv_access::cells(*ak.kv);
+    auto & cells     = llama_adakv_access::cells(*ak.kv);
     const uint32_t n = cells.used_max_p1();
     if (cells.get_used() != n) {
         return -1;
@@ -409,8 +444,11 @@ int32_t llama_adakv_n_cells(const struct llama_context * ctx) {
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     const int32_t n = adakv_seq_cells(*ak);
     if (n < 0) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: sequence 0 does not occupy a contiguous range "
-                "of cells from cell 0", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: sequence 0 does not occupy a contiguous range "
+                "of cells from cell 0",
+                __func__);
     }
     return n;
 }
@@ -418,7 +456,7 @@ int32_t llama_adakv_n_cells(const struct llama_context * ctx) {
 int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out) {
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     for (size_t i = 0; i < ak->layers.size(); ++i) {
-        memcpy(out + i*ak->n_head_kv, ak->layers[i].start.data(), ak->n_head_kv*sizeof(int32_t));
+        memcpy(out + i * ak->n_head_kv, ak->layers[i].start.data(), ak->n_head_kv * sizeof(int32_t));
     }
     return LLAMA_ADAKV_OK;
 }
@@ -433,8 +471,9 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     const uint32_t n_ubatch = ctx->get_cparams().n_ubatch;
     if (n_window < 1 || (uint32_t) n_window > n_ubatch) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: n_window must be in [1, n_ubatch = %u], got %d",
-                __func__, n_ubatch, n_window);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: n_window must be in [1, n_ubatch = %u], got %d", __func__, n_ubatch,
+                n_window);
     }
     ak->armed_window  = n_window;
     ak->scored_tokens = 0;
@@ -447,26 +486,29 @@ int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     const int32_t window = ak->armed_window;
-    ak->armed_window = 0;
+    ak->armed_window     = 0;
     ak->epoch++;
     if (window == 0) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: scoring was not armed", __func__);
     }
     const bool all_scored = std::find(ak->scored.begin(), ak->scored.end(), false) == ak->scored.end();
     if (ak->scored_tokens != window || !all_scored) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: the decode call after arming had %d tokens in its "
-                "last ubatch; it must be one ubatch of exactly the %d window tokens", __func__, ak->scored_tokens, window);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: the decode call after arming had %d tokens in its "
+                "last ubatch; it must be one ubatch of exactly the %d window tokens",
+                __func__, ak->scored_tokens, window);
     }
     if (n_cells < 1 || (uint32_t) n_cells > ak->scored_n_kv) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: n_cells must be in [1, %u], got %d",
-                __func__, ak->scored_n_kv, n_cells);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: n_cells must be in [1, %u], got %d", __func__, ak->scored_n_kv, n_cells);
     }
     ctx->synchronize();
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         const auto & l = ak->layers[i];
         for (int32_t h = 0; h < ak->n_head_kv; ++h) {
-            float * dst = out + ((size_t) i*ak->n_head_kv + h)*n_cells;
-            ggml_backend_tensor_get(l.scores, dst, (size_t) h*l.scores->nb[1], (size_t) n_cells*sizeof(float));
+            float * dst = out + ((size_t) i * ak->n_head_kv + h) * n_cells;
+            ggml_backend_tensor_get(l.scores, dst, (size_t) h * l.scores->nb[1], (size_t) n_cells * sizeof(float));
         }
     }
     return LLAMA_ADAKV_OK;
@@ -474,7 +516,7 @@ int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t
 
 static ggml_backend_t adakv_backend_for(llama_adakv & ak, ggml_tensor * t) {
     ggml_backend_dev_t dev = llama_adakv_dev_of(t);
-    auto it = ak.backends.find(dev);
+    auto it                = ak.backends.find(dev);
     if (it != ak.backends.end()) {
         return it->second;
     }
@@ -487,23 +529,29 @@ static ggml_backend_t adakv_backend_for(llama_adakv & ak, ggml_tensor * t) {
 
 // I32 alias of a cache tensor (the same bytes), for byte-exact row moves
 static ggml_tensor * adakv_alias_i32(ggml_context * ctx, ggml_tensor * t) {
-    ggml_tensor * a = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ggml_nbytes(t)/4);
-    a->data   = t->data;
-    a->buffer = t->buffer;
+    ggml_tensor * a = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, ggml_nbytes(t) / 4);
+    a->data         = t->data;
+    a->buffer       = t->buffer;
     return a;
 }
 
 // moves, for every KV head h, rows src[h][0..L) of the cache tensor t to cells [0, R) (see the layout in
 // llama-adakv-state.h); idx holds, per head, the source cell of every destination cell
-static ggml_tensor * adakv_build_move(ggml_context * ctx, ggml_tensor * t, int64_t head_bytes, int64_t n_head_kv,
-        int64_t kv_size, int64_t R, ggml_tensor * idx) {
-    ggml_tensor * a = adakv_alias_i32(ctx, t);
+static ggml_tensor * adakv_build_move(
+        ggml_context * ctx,
+        ggml_tensor * t,
+        int64_t head_bytes,
+        int64_t n_head_kv,
+        int64_t kv_size,
+        int64_t R,
+        ggml_tensor * idx) {
+    ggml_tensor * a        = adakv_alias_i32(ctx, t);
     const size_t row_bytes = t->nb[1];
     // [head_bytes/4, kv_size, n_head_kv]: a head's row of a cell
-    ggml_tensor * src = ggml_view_3d(ctx, a, head_bytes/4, kv_size, n_head_kv, row_bytes, head_bytes, 0);
+    ggml_tensor * src = ggml_view_3d(ctx, a, head_bytes / 4, kv_size, n_head_kv, row_bytes, head_bytes, 0);
     // [head_bytes/4, R, n_head_kv]
     ggml_tensor * moved = ggml_get_rows(ctx, src, idx);
-    ggml_tensor * dst = ggml_view_3d(ctx, a, head_bytes/4, R, n_head_kv, row_bytes, head_bytes, 0);
+    ggml_tensor * dst   = ggml_view_3d(ctx, a, head_bytes / 4, R, n_head_kv, row_bytes, head_bytes, 0);
     return ggml_cpy(ctx, moved, dst);
 }
 
@@ -515,28 +563,37 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     }
     const int32_t N = adakv_seq_cells(*ak);
     if (N <= 0) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: sequence 0 must occupy cells [0, n) and nothing "
-                "else (n >= 1)", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: sequence 0 must occupy cells [0, n) and nothing "
+                "else (n >= 1)",
+                __func__);
     }
-    const int32_t H  = ak->n_head_kv;
-    const size_t  NL = ak->layers.size();
+    const int32_t H = ak->n_head_kv;
+    const size_t NL = ak->layers.size();
 
     // validate everything before anything changes
-    int32_t R = 0;
+    int32_t R  = 0;
     size_t off = 0;
     for (size_t i = 0; i < NL; ++i) {
         for (int32_t h = 0; h < H; ++h) {
-            const int32_t L = counts[i*H + h];
+            const int32_t L = counts[i * H + h];
             const int32_t s = ak->layers[i].start[h];
             if (L < 1 || L > N - s) {
-                return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer %d head %d keeps %d cells; it must "
-                        "keep between 1 and %d", __func__, ak->layers[i].il, h, L, N - s);
+                return llama_adakv_set_error(
+                        LLAMA_ADAKV_ERR_INVALID,
+                        "%s: layer %d head %d keeps %d cells; it must "
+                        "keep between 1 and %d",
+                        __func__, ak->layers[i].il, h, L, N - s);
             }
             for (int32_t j = 0; j < L; ++j) {
                 const int32_t c = kept[off + j];
                 if (c < s || c >= N || (j > 0 && c <= kept[off + j - 1])) {
-                    return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer %d head %d: kept cell #%d = %d "
-                            "is not increasing inside [%d, %d)", __func__, ak->layers[i].il, h, j, c, s, N);
+                    return llama_adakv_set_error(
+                            LLAMA_ADAKV_ERR_INVALID,
+                            "%s: layer %d head %d: kept cell #%d = %d "
+                            "is not increasing inside [%d, %d)",
+                            __func__, ak->layers[i].il, h, j, c, s, N);
                 }
             }
             R = std::max(R, L);
@@ -545,16 +602,16 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     }
 
     // index table of every layer: [R, H], destination cell -> source cell
-    std::vector<std::vector<int32_t>> idx(NL, std::vector<int32_t>((size_t) R*H));
+    std::vector<std::vector<int32_t>> idx(NL, std::vector<int32_t>((size_t) R * H));
     off = 0;
     for (size_t i = 0; i < NL; ++i) {
         for (int32_t h = 0; h < H; ++h) {
-            const int32_t L = counts[i*H + h];
-            int32_t * col = idx[i].data() + (size_t) h*R;
+            const int32_t L = counts[i * H + h];
+            int32_t * col   = idx[i].data() + (size_t) h * R;
             for (int32_t c = 0; c < R - L; ++c) {
                 col[c] = c; // below the start: left as it is
             }
-            memcpy(col + (R - L), kept + off, L*sizeof(int32_t));
+            memcpy(col + (R - L), kept + off, L * sizeof(int32_t));
             off += L;
         }
     }
@@ -564,35 +621,41 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     for (size_t i = 0; i < NL; ++i) {
         ggml_backend_t be = adakv_backend_for(*ak, ak->layers[i].k);
         if (!be) {
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_BACKEND, "%s: could not start a backend for the cache of "
-                    "layer %d", __func__, ak->layers[i].il);
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_BACKEND,
+                    "%s: could not start a backend for the cache of "
+                    "layer %d",
+                    __func__, ak->layers[i].il);
         }
         by_backend[be].push_back(i);
     }
     ctx->synchronize();
     for (auto & [be, ids] : by_backend) {
         // per layer: the index tensor, and for K and V an alias, two views, get_rows and cpy
-        const size_t n_nodes = 16*ids.size() + 16;
-        ggml_init_params ip = { n_nodes*ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr, true };
-        ggml_context * gctx = ggml_init(ip);
-        ggml_cgraph * gf = ggml_new_graph_custom(gctx, n_nodes, false);
+        const size_t n_nodes = 16 * ids.size() + 16;
+        ggml_init_params ip  = { n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr,
+                                 true };
+        ggml_context * gctx  = ggml_init(ip);
+        ggml_cgraph * gf     = ggml_new_graph_custom(gctx, n_nodes, false);
         std::vector<ggml_tensor *> idx_t;
         for (size_t i : ids) {
-            const auto & l = ak->layers[i];
-            const auto & hp = ctx->get_model().hparams;
+            const auto & l      = ak->layers[i];
+            const auto & hp     = ctx->get_model().hparams;
             ggml_tensor * t_idx = ggml_new_tensor_2d(gctx, GGML_TYPE_I32, R, H);
             ggml_set_input(t_idx);
             idx_t.push_back(t_idx);
-            ggml_build_forward_expand(gf, adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)),
-                    H, ak->kv_size, R, t_idx));
-            ggml_build_forward_expand(gf, adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)),
-                    H, ak->kv_size, R, t_idx));
+            ggml_build_forward_expand(
+                    gf, adakv_build_move(
+                                gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), H, ak->kv_size, R, t_idx));
+            ggml_build_forward_expand(
+                    gf, adakv_build_move(
+                                gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), H, ak->kv_size, R, t_idx));
         }
         ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-        bool ok = ggml_gallocr_alloc_graph(galloc, gf);
+        bool ok               = ggml_gallocr_alloc_graph(galloc, gf);
         if (ok) {
             for (size_t j = 0; j < ids.size(); ++j) {
-                ggml_backend_tensor_set(idx_t[j], idx[ids[j]].data(), 0, idx[ids[j]].size()*sizeof(int32_t));
+                ggml_backend_tensor_set(idx_t[j], idx[ids[j]].data(), 0, idx[ids[j]].size() * sizeof(int32_t));
             }
             ok = ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS;
         }
@@ -601,13 +664,16 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         if (!ok) {
             // the rows of some layers may have moved already: the cache content is undefined now
             llama_memory_clear(ctx->get_memory(), true);
-            return llama_adakv_set_error(LLAMA_ADAKV_ERR_BACKEND, "%s: the compaction graph failed on %s; the KV cache "
-                    "was cleared", __func__, ggml_backend_name(be));
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_BACKEND,
+                    "%s: the compaction graph failed on %s; the KV cache "
+                    "was cleared",
+                    __func__, ggml_backend_name(be));
         }
     }
 
     // cells: [0, R) relabelled P - R + 1 .. P, [R, N) freed
-    auto & cells = llama_adakv_access::cells(*ak->kv);
+    auto & cells      = llama_adakv_access::cells(*ak->kv);
     const llama_pos P = cells.seq_pos_max(0);
     for (int32_t c = 0; c < N; ++c) {
         cells.rm(c);
@@ -620,7 +686,7 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
 
     for (size_t i = 0; i < NL; ++i) {
         for (int32_t h = 0; h < H; ++h) {
-            ak->layers[i].start[h] = R - counts[i*H + h];
+            ak->layers[i].start[h] = R - counts[i * H + h];
         }
     }
     ak->footprint = R;
@@ -634,16 +700,23 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
 int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t layer, int32_t is_v) {
     llama_adakv * ak = adakv_of(ctx);
     if (ak == nullptr || layer < 0 || (size_t) layer >= ak->layers.size()) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: eviction not enabled or layer out of range", __func__);
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: eviction not enabled or layer out of range", __func__);
     }
-    const auto & l = ak->layers[layer];
+    const auto & l  = ak->layers[layer];
     const auto & hp = ctx->get_model().hparams;
     return is_v ? (int64_t) ggml_row_size(l.v->type, hp.n_embd_head_v(l.il))
                 : (int64_t) ggml_row_size(l.k->type, hp.n_embd_head_k(l.il));
 }
 
-int32_t llama_adakv_read_rows(struct llama_context * ctx, int32_t layer, int32_t is_v, int32_t cell0, int32_t n_cells,
-        void * out, size_t out_size) {
+int32_t llama_adakv_read_rows(
+        struct llama_context * ctx,
+        int32_t layer,
+        int32_t is_v,
+        int32_t cell0,
+        int32_t n_cells,
+        void * out,
+        size_t out_size) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (layer < 0 || (size_t) layer >= ak->layers.size() || cell0 < 0 || n_cells < 1 ||
@@ -651,16 +724,17 @@ int32_t llama_adakv_read_rows(struct llama_context * ctx, int32_t layer, int32_t
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer or cell range out of bounds", __func__);
     }
     const int64_t hb = llama_adakv_row_size(ctx, layer, is_v);
-    if (out == nullptr || out_size != (size_t) n_cells*ak->n_head_kv*hb) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out must hold n_cells * n_head_kv * %lld bytes",
-                __func__, (long long) hb);
+    if (out == nullptr || out_size != (size_t) n_cells * ak->n_head_kv * hb) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out must hold n_cells * n_head_kv * %lld bytes", __func__,
+                (long long) hb);
     }
     ctx->synchronize();
     ggml_tensor * t = is_v ? ak->layers[layer].v : ak->layers[layer].k;
-    char * dst = (char *) out;
+    char * dst      = (char *) out;
     for (int32_t c = 0; c < n_cells; ++c) {
-        ggml_backend_tensor_get(t, dst, (size_t) (cell0 + c)*t->nb[1], (size_t) ak->n_head_kv*hb);
-        dst += ak->n_head_kv*hb;
+        ggml_backend_tensor_get(t, dst, (size_t) (cell0 + c) * t->nb[1], (size_t) ak->n_head_kv * hb);
+        dst += ak->n_head_kv * hb;
     }
     return LLAMA_ADAKV_OK;
 }

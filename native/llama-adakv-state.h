@@ -43,43 +43,43 @@ struct llama_adakv_layer {
 };
 
 struct llama_adakv {
-    llama_context  * lctx = nullptr;
-    llama_kv_cache * kv   = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
+    llama_context * lctx = nullptr;
+    llama_kv_cache * kv  = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
 
     llama_adakv_params params = {};
-    bool force_fallback = false;
+    bool force_fallback       = false;
 
-    uint32_t kv_size   = 0;
-    int32_t  n_head_kv = 0;
-    int32_t  n_head    = 0;
+    uint32_t kv_size  = 0;
+    int32_t n_head_kv = 0;
+    int32_t n_head    = 0;
 
     std::vector<llama_adakv_layer> layers; // evicted layers, in model order
     std::vector<int32_t> layer_of_il;      // model layer -> index in layers, or -1
 
     // persistent tensors, one context + buffer per buffer type
-    std::vector<ggml_context *>         ctxs;
-    std::vector<ggml_backend_buffer_t>  bufs;
+    std::vector<ggml_context *> ctxs;
+    std::vector<ggml_backend_buffer_t> bufs;
     // backends used for compaction, one per device
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;
 
     // compacted block: cells [0, footprint) of sequence 0, positions [pos_lo, pos_hi]
-    int32_t   footprint = 0;
-    llama_pos pos_lo    = -1;
-    llama_pos pos_hi    = -1;
+    int32_t footprint = 0;
+    llama_pos pos_lo  = -1;
+    llama_pos pos_hi  = -1;
 
     // scoring: armed for the next decode call with n_window tokens
-    int32_t  armed_window  = 0;
-    int32_t  scored_tokens = 0; // tokens of the ubatch whose scores were added to the graph
-    uint32_t scored_n_kv   = 0; // cells those scores cover
-    std::vector<bool> scored;   // [layers] the layer added its scores to the graph since arming
+    int32_t armed_window  = 0;
+    int32_t scored_tokens = 0; // tokens of the ubatch whose scores were added to the graph
+    uint32_t scored_n_kv  = 0; // cells those scores cover
+    std::vector<bool> scored;  // [layers] the layer added its scores to the graph since arming
 
     uint64_t epoch = 1;
 
     // a state blob read by state_read_begin, applied by state_read_end
-    bool                 pending        = false;
-    int32_t              pending_fp     = 0;
-    llama_pos            pending_pos_lo = -1;
-    llama_pos            pending_pos_hi = -1;
+    bool pending             = false;
+    int32_t pending_fp       = 0;
+    llama_pos pending_pos_lo = -1;
+    llama_pos pending_pos_hi = -1;
     std::vector<int32_t> pending_starts;
 
     ~llama_adakv();

@@ -9,10 +9,10 @@
 #include <string>
 
 #ifndef LLAMA_ADAKV_VERSION
-#    error "LLAMA_ADAKV_VERSION must be defined by the build"
+#error "LLAMA_ADAKV_VERSION must be defined by the build"
 #endif
 #ifndef LLAMA_ADAKV_LLAMA_CPP_COMMIT
-#    define LLAMA_ADAKV_LLAMA_CPP_COMMIT "unknown"
+#define LLAMA_ADAKV_LLAMA_CPP_COMMIT "unknown"
 #endif
 
 static thread_local std::string g_last_error;

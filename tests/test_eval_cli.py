@@ -60,3 +60,18 @@ def test_bench_json(tiny, tmp_path):
         assert ev["kv_cells_after"] < full["kv_cells_before"] == full["kv_cells_after"]
         assert ev["kv_bytes_after"] < full["kv_bytes_before"]
         assert ev["decode_speedup"] > 0 and set(ev["seconds"]) == {"score", "allocate", "compact"}
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
+    from adakv_local.bench import plot_bench
+    from adakv_local.evaluate import plot_fidelity
+
+    recs = [{"prompt": p, "method": m, "budget": b, "kl_mean": k * (1 + p), "kl_max": 1.0, "top1": 0.9}
+            for p in (0, 1) for m, k in (("ada-snapkv", 0.1), ("snapkv", 0.2)) for b in (64, 128)]
+    plot_fidelity(recs, tmp_path / "f.png", "test")
+    bench = [{"mode": mode, "prompt_tokens": n, "decode_tps": tps, "budget": 64}
+             for mode, tps in (("full", 10.0), ("ada-snapkv", 30.0)) for n in (1000, 2000)]
+    plot_bench(bench, tmp_path / "b.png", "test")
+    for f in ("f.png", "b.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

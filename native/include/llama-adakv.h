@@ -25,10 +25,10 @@ struct llama_context;
 
 // return codes
 enum llama_adakv_status {
-    LLAMA_ADAKV_OK            =  0,
-    LLAMA_ADAKV_ERR_INVALID   = -1, // an argument is out of range; nothing was changed
-    LLAMA_ADAKV_ERR_ALLOC     = -2, // out of memory; nothing was changed
-    LLAMA_ADAKV_ERR_BACKEND   = -3, // a ggml backend failed to compute; outputs are undefined
+    LLAMA_ADAKV_OK          = 0,
+    LLAMA_ADAKV_ERR_INVALID = -1, // an argument is out of range; nothing was changed
+    LLAMA_ADAKV_ERR_ALLOC   = -2, // out of memory; nothing was changed
+    LLAMA_ADAKV_ERR_BACKEND = -3, // a ggml backend failed to compute; outputs are undefined
 };
 
 //
@@ -70,24 +70,24 @@ enum llama_adakv_fa_path {
 //   k_used, v_used: if not NULL, receive K and V as the kernel read them (after conversion)
 // Returns LLAMA_ADAKV_OK or an error code (out untouched on INVALID / ALLOC).
 LLAMA_API int32_t llama_adakv_flash_attn_cpu(
-        const float   * q,
-        const float   * k,
-        const float   * v,
-        const float   * mask,
+        const float * q,
+        const float * k,
+        const float * v,
+        const float * mask,
         const int32_t * starts,
-        int32_t         n_q,
-        int32_t         n_kv,
-        int32_t         n_head,
-        int32_t         n_head_kv,
-        int32_t         d_k,
-        int32_t         d_v,
-        int32_t         kv_type,
-        float           scale,
-        int32_t         path,
-        int32_t         n_threads,
-        float         * out,
-        float         * k_used,
-        float         * v_used);
+        int32_t n_q,
+        int32_t n_kv,
+        int32_t n_head,
+        int32_t n_head_kv,
+        int32_t d_k,
+        int32_t d_v,
+        int32_t kv_type,
+        float scale,
+        int32_t path,
+        int32_t n_threads,
+        float * out,
+        float * k_used,
+        float * v_used);
 
 //
 // per-head KV eviction on a context
@@ -168,29 +168,35 @@ LLAMA_API int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t
 
 // copies the raw rows of cells [cell0, cell0 + n_cells) of K or V of an evicted layer into out,
 // [n_cells][n_head_kv][row_size] bytes (out_size must be exactly that), for exactness checks
-LLAMA_API int32_t llama_adakv_read_rows(struct llama_context * ctx, int32_t layer, int32_t is_v, int32_t cell0,
-        int32_t n_cells, void * out, size_t out_size);
+LLAMA_API int32_t llama_adakv_read_rows(
+        struct llama_context * ctx,
+        int32_t layer,
+        int32_t is_v,
+        int32_t cell0,
+        int32_t n_cells,
+        void * out,
+        size_t out_size);
 
 // Window scores (see llama_adakv_read_scores) of queries q over keys k on the CPU backend, with
 // the same graph the model uses: q F32 [n_head][n_q][d_k], k F32 [n_head_kv][n_kv][d_k] (converted
 // to kv_type first), mask F32 [n_q][n_kv] or NULL, starts I32 [n_head_kv] (cells below score 0),
 // gqa_reduce an enum llama_adakv_gqa_reduce; out F32 [n_head_kv][n_kv]; k_used as above.
 LLAMA_API int32_t llama_adakv_window_scores_cpu(
-        const float   * q,
-        const float   * k,
-        const float   * mask,
+        const float * q,
+        const float * k,
+        const float * mask,
         const int32_t * starts,
-        int32_t         n_q,
-        int32_t         n_kv,
-        int32_t         n_head,
-        int32_t         n_head_kv,
-        int32_t         d_k,
-        int32_t         kv_type,
-        int32_t         gqa_reduce,
-        float           scale,
-        int32_t         n_threads,
-        float         * out,
-        float         * k_used);
+        int32_t n_q,
+        int32_t n_kv,
+        int32_t n_head,
+        int32_t n_head_kv,
+        int32_t d_k,
+        int32_t kv_type,
+        int32_t gqa_reduce,
+        float scale,
+        int32_t n_threads,
+        float * out,
+        float * k_used);
 
 /* ADAKV_CDEF_END */
 
