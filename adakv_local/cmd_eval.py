@@ -92,6 +92,33 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
     f.set_defaults(func=_cmd_fidelity)
 
+    t = esub.add_parser(
+        "tasks", help="synthetic long-context tasks: passkey, needle, multi-key needle, variable tracking",
+        description="Generates seeded synthetic tasks locally and answers each with the full cache and with every "
+        "(method, budget); accuracy per setting. Chat mode uses the model's chat template (instruct models), raw "
+        "mode a completion prompt (base models such as gemma3-270m).",
+        epilog=_EPILOG_TASKS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(t)
+    t.add_argument("--tasks", default="passkey", metavar="LIST",
+                   help="comma-separated: passkey, needle, multikey, vartrack (default: passkey)")
+    t.add_argument("--lengths", type=_csv(positive_int, "--lengths"), default=[3000],
+                   help="prompt lengths in tokens (default: 3000)")
+    t.add_argument("--depths", type=_csv(float, "--depths"), default=[0.1, 0.3, 0.5, 0.7, 0.9],
+                   help="needle depths, fractions of the prompt (default: 0.1,0.3,0.5,0.7,0.9)")
+    t.add_argument("--methods", type=_methods, default=["ada-snapkv", "snapkv"],
+                   help="comma-separated methods (default: ada-snapkv,snapkv)")
+    t.add_argument("--budgets", type=_csv(positive_int, "--budgets"), default=[128],
+                   help="comma-separated budgets (default: 128)")
+    t.add_argument("--mode", choices=["chat", "raw"], default="chat", help="prompt format (default: chat)")
+    t.add_argument("--samples", type=positive_int, default=1, metavar="N",
+                   help="samples per (task, length, depth), seeds seed..seed+N-1 (default: 1)")
+    t.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="first seed (default: 0)")
+    t.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
+    t.add_argument("--kernel", type=positive_int, default=7, metavar="K",
+                   help="score pooling width (odd; default: 7). Numbers split into one token per digit need a "
+                   "wider kernel to be kept whole (see docs/RESULTS.md)")
+    t.set_defaults(func=_cmd_tasks)
+
     b = sub.add_parser(
         "bench", help="prefill and decode speed, full cache vs eviction, in the same run",
         description="At every prompt length: full cache, then eviction, same model and threads; prints the "
@@ -161,6 +188,48 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "config": config})
     if args.plot:
         plot_fidelity(records, args.plot, f"{model.name}: fidelity to the full cache")
+    return EXIT_OK
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS, run_tasks, summarize
+
+    tasks = [x.strip() for x in args.tasks.split(",") if x.strip()]
+    bad = [x for x in tasks if x not in TASKS]
+    if bad or not tasks:
+        raise CLIError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}",
+                       EXIT_USAGE)
+    if any(not 0.0 <= d <= 1.0 for d in args.depths):
+        raise CLIError("--depths: every depth must be in [0, 1]", EXIT_USAGE)
+    model = resolve_model_arg(args.model, quiet=args.quiet)
+    settings: list[tuple[str, int | None]] = [("full", None)]
+    settings += [(m, b) for m in args.methods for b in args.budgets]
+    log = _log(args)
+
+    def progress(done: int, total: int, rec: dict[str, Any]) -> None:
+        mark = "ok " if rec["correct"] else "MISS"
+        log(f"[{done}/{total}] {mark} {rec['task']} {rec['method']}@{rec['budget']} len {rec['length']} "
+            f"depth {rec['depth']:.2f}: {rec['output'].strip()[:40]!r}")
+
+    try:
+        records = run_tasks(str(model), tasks=tasks, lengths=args.lengths, depths=args.depths,
+                            methods_budgets=settings, mode=args.mode, n_samples=args.samples, seed=args.seed,
+                            n_threads=args.threads, n_gpu_layers=args.gpu_layers, window=args.window,
+                            kernel=args.kernel, progress=progress)
+    except ValueError as e:  # e.g. a length too short for a task: names the parameter
+        raise CLIError(str(e), EXIT_USAGE) from None
+    summary = summarize(records)
+    for r in summary:
+        log(f"{r['task']:>9} {r['method']:>12} @ {str(r['budget']):>5} len {r['length']}: "
+            f"{r['correct']}/{r['n']} ({100 * r['accuracy']:.0f}%)")
+    config = {"model": str(model), "tasks": tasks, "lengths": args.lengths, "depths": args.depths,
+              "settings": settings, "mode": args.mode, "samples": args.samples, "seed": args.seed,
+              "window": args.window, "kernel": args.kernel}
+    _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
+    if args.plot:
+        from .evaluate import plot_tasks
+
+        plot_tasks(summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
     return EXIT_OK
 
 

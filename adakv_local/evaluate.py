@@ -195,3 +195,27 @@ def _pyplot() -> Any:
     except ImportError:
         raise RuntimeError("plots need matplotlib: pip install 'adakv-local[plot]'") from None
     return plt
+
+
+def plot_tasks(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
+    """Accuracy against budget, one line per method; the full cache as a dashed line per task."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for task in sorted({r["task"] for r in summary}):
+        rows = [r for r in summary if r["task"] == task]
+        full = [r["accuracy"] for r in rows if r["budget"] is None]
+        if full:
+            ax.axhline(float(np.mean(full)), linestyle="--", color="gray", label=f"{task}: full cache")
+        for method in sorted({r["method"] for r in rows if r["budget"] is not None}):
+            rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget"])
+            ax.plot([r["budget"] for r in rs], [r["accuracy"] for r in rs], marker="o", label=f"{task}: {method}")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("budget (cells per KV head)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

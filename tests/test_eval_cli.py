@@ -75,3 +75,18 @@ def test_plots_are_written(tmp_path):
     plot_bench(bench, tmp_path / "b.png", "test")
     for f in ("f.png", "b.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_tasks_json(tiny):
+    proc = cli("eval", "tasks", "--model", tiny, "--tasks", "passkey,vartrack", "--lengths", "700",
+               "--depths", "0.5", "--methods", "ada-snapkv", "--budgets", "64", "--threads", "1", "--json", "-",
+               timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert {(r["task"], r["method"]) for r in data["records"]} == {
+        ("passkey", "full"), ("passkey", "ada-snapkv"), ("vartrack", "full"), ("vartrack", "ada-snapkv")}
+    assert all(0 <= r["accuracy"] <= 1 for r in data["summary"])
+    bad = cli("eval", "tasks", "--model", tiny, "--tasks", "sudoku")
+    assert bad.returncode == 2 and "unknown task" in bad.stderr
+    short = cli("eval", "tasks", "--model", tiny, "--tasks", "vartrack", "--lengths", "50", "--threads", "1")
+    assert short.returncode == 2 and "too short" in short.stderr and "Traceback" not in short.stderr
