@@ -6,6 +6,8 @@ backend, through the fast path (patch 0001) or the portable per-head fallback.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ._native import native
@@ -15,6 +17,11 @@ FA_FALLBACK = 1
 
 # ggml_type ids of the KV cache types we support (checked against gguf's table in the tests)
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
+
+
+def _pointer(ffi: Any, a: np.ndarray | None, ctype: str) -> Any:
+    """cffi pointer to a C-contiguous array's data, or NULL."""
+    return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
 
 
 def flash_attn_cpu(
@@ -57,7 +64,7 @@ def flash_attn_cpu(
     v_used = np.empty_like(v)
 
     def fp(a: np.ndarray | None, ctype: str = "float *"):
-        return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
+        return _pointer(ffi, a, ctype)
 
     rc = n.lib.llama_adakv_flash_attn_cpu(
         fp(q), fp(k), fp(v), fp(mask), fp(starts, "int32_t *"),
@@ -106,7 +113,7 @@ def window_scores_cpu(
     k_used = np.empty_like(k)
 
     def fp(a: np.ndarray | None, ctype: str = "float *"):
-        return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
+        return _pointer(ffi, a, ctype)
 
     rc = n.lib.llama_adakv_window_scores_cpu(
         fp(q), fp(k), fp(mask), fp(starts, "int32_t *"), n_q, n_kv, n_head, n_head_kv, d,

@@ -209,6 +209,14 @@ def test_chat_smollm2():
     assert "last eviction" in proc.stdout or "no eviction yet" in proc.stdout
 
 
+@pytest.mark.slow
+def test_readme_quickstart_command():
+    """`adakv-local summarize examples/ada-kv.md`, as the README's quickstart runs it (defaults only)."""
+    proc = cli("summarize", str(EXAMPLE), timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split()) >= 10 and "Traceback" not in proc.stderr
+
+
 def test_example_document_is_a_real_article():
     words = EXAMPLE.read_text().split()
     assert 1500 <= len(words) <= 2500

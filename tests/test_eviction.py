@@ -381,3 +381,40 @@ def test_iswa_model_evicts_its_global_layers_only(tmp_path):
         kv.compact(random_kept(kv, kv.n_cells(), WINDOW, seed=2))
         results.append(continuation_logits(llm))
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-3 * np.abs(results[1]).max())
+
+
+@pytest.mark.slow
+def test_smollm2_retrieves_a_passkey_from_hand_picked_cells():
+    """The machinery, separate from the selection: 151 hand-picked cells per head keep the pass key."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from adakv_local.llama import Llama
+    from adakv_local.models import model_path
+    from adakv_local.tasks import passkey, score
+
+    path = str(model_path("smollm2-135m", quiet=True))
+    llm = Llama(model_path=path, n_ctx=3584, n_threads=2, adakv_budget=8000, verbose=False)  # no compression
+    sample = passkey(llm, 3000, 0.5, 0, mode="chat")
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
+                              bos_token="<|im_start|>", add_generation_prompt=True)
+    toks = llm.tokenize(fmt(messages=sample.messages()).prompt.encode(), add_bos=False, special=True)
+    pieces = [llm.detokenize([t]).decode(errors="ignore") for t in toks]
+    where = "".join(pieces).index(sample.answer)
+    first = next(i for i in range(len(pieces)) if len("".join(pieces[: i + 1])) > where)
+    llm.eval(toks)
+    kv = llm._adakv
+    n = kv.n_cells()
+    rng = np.random.default_rng(0)
+    kept = [[np.unique(np.concatenate([
+        np.arange(4), np.arange(first - 10, first + 15), rng.choice(np.arange(4, n - 32), 90, replace=False),
+        np.arange(n - 32, n)])).astype(np.int32) for _ in range(kv.n_head_kv)] for _ in range(kv.n_layer)]
+    assert kv.compact(kept) <= 151
+    import llama_cpp
+
+    out = []
+    for _ in range(10):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        out.append(int(logits.argmax()))
+        llm.eval([out[-1]])
+    text = llm.detokenize(out).decode(errors="ignore")
+    assert score(sample, text), text
