@@ -62,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from numbers import Integral, Real
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -442,40 +442,43 @@ def _schedule_for(layers: list[np.ndarray], cfg: AllocationConfig, beta: float) 
 
 
 @dataclass(frozen=True)
-class PyramidKV(_ScoreRanked):
+class _PyramidScheduled(_ScoreRanked):
+    """The PyramidKV layer schedule (:func:`pyramid_schedule`, ``beta``), shared by both pyramid methods."""
+
+    beta: float = 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "beta", _check_real("beta", self.beta, 1.0, None, "a finite float >= 1"))
+
+    def _layers_and_schedule(self, pooled: list[np.ndarray], cfg: AllocationConfig) -> tuple[list[np.ndarray], Any]:
+        _check_cfg(cfg)
+        layers = _check_layers("pooled", pooled)
+        return layers, _schedule_for(layers, cfg, self.beta)
+
+
+@dataclass(frozen=True)
+class PyramidKV(_PyramidScheduled):
     """PyramidKV (Cai et al., 2024, arXiv 2406.02069): layer ``l`` of ``L`` gets the selectable
     budget ``max - l*(max-min)/(L-1)`` with ``min = B'/beta``, ``max = 2B' - min``
     (:func:`pyramid_schedule`); uniform across the heads of a layer."""
 
     name: ClassVar[str] = "pyramidkv"
-    beta: float = 20
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _check_real("beta", self.beta, 1.0, None, "a finite float >= 1"))
 
     def allocate(self, pooled: list[np.ndarray], cfg: AllocationConfig) -> list[np.ndarray]:
-        _check_cfg(cfg)
-        layers = _check_layers("pooled", pooled)
-        sched = _schedule_for(layers, cfg, self.beta)
+        layers, sched = self._layers_and_schedule(pooled, cfg)
         return [uniform_allocate(p, int(c)) for p, c in zip(layers, sched)]
 
 
 @dataclass(frozen=True)
-class AdaPyramid(_ScoreRanked):
+class AdaPyramid(_PyramidScheduled):
     """Ada-Pyramid (Feng et al., 2024, arXiv 2407.11550, Ada-KV applied to PyramidKV): the
     PyramidKV layer schedule (:func:`pyramid_schedule`), then Ada-KV allocation inside each
     layer with that layer's ``B'_l`` (floor ``floor(alpha*B'_l)``, cap ``floor(max_ratio*B'_l)``)."""
 
     name: ClassVar[str] = "ada-pyramid"
-    beta: float = 20
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "beta", _check_real("beta", self.beta, 1.0, None, "a finite float >= 1"))
 
     def allocate(self, pooled: list[np.ndarray], cfg: AllocationConfig) -> list[np.ndarray]:
-        _check_cfg(cfg)
-        layers = _check_layers("pooled", pooled)
-        sched = _schedule_for(layers, cfg, self.beta)
+        layers, sched = self._layers_and_schedule(pooled, cfg)
         return [ada_allocate(p, int(c), cfg.alpha, cfg.max_ratio) for p, c in zip(layers, sched)]
 
 
