@@ -6,6 +6,7 @@ backend, through the fast path (patch 0001) or the portable per-head fallback.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ FA_FALLBACK = 1
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
 
 
-def _pointer(ffi: Any, a: np.ndarray | None, ctype: str) -> Any:
+def _pointer(ffi: Any, a: np.ndarray | None, ctype: str = "float *") -> Any:
     """cffi pointer to a C-contiguous array's data, or NULL."""
     return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
 
@@ -63,9 +64,7 @@ def flash_attn_cpu(
     k_used = np.empty_like(k)
     v_used = np.empty_like(v)
 
-    def fp(a: np.ndarray | None, ctype: str = "float *"):
-        return _pointer(ffi, a, ctype)
-
+    fp = functools.partial(_pointer, ffi)
     rc = n.lib.llama_adakv_flash_attn_cpu(
         fp(q), fp(k), fp(v), fp(mask), fp(starts, "int32_t *"),
         n_q, n_kv, n_head, n_head_kv, d_k, d_v, GGML_TYPES[kv_type], float(scale), path, n_threads,
@@ -112,9 +111,7 @@ def window_scores_cpu(
     out = np.empty((n_head_kv, n_kv), dtype=np.float32)
     k_used = np.empty_like(k)
 
-    def fp(a: np.ndarray | None, ctype: str = "float *"):
-        return _pointer(ffi, a, ctype)
-
+    fp = functools.partial(_pointer, ffi)
     rc = n.lib.llama_adakv_window_scores_cpu(
         fp(q), fp(k), fp(mask), fp(starts, "int32_t *"), n_q, n_kv, n_head, n_head_kv, d,
         GGML_TYPES[kv_type], GQA_REDUCE[gqa_reduce], float(scale), n_threads, fp(out), fp(k_used),

@@ -241,8 +241,9 @@ class Llama(llama_cpp.Llama):
         """
         kv = self._adakv
         assert kv is not None
-        block = self._adakv_block if kv.footprint() > 0 else None
-        r = kv.footprint() if block is not None else 0
+        footprint = kv.footprint()
+        block = self._adakv_block if footprint > 0 else None
+        r = footprint if block is not None else 0
         tail = np.arange(self.n_tokens - (n_cells - r), self.n_tokens, dtype=np.int64)
         if block is None:
             return [[tail] * kv.n_head_kv for _ in range(kv.n_layer)]
@@ -252,7 +253,7 @@ class Llama(llama_cpp.Llama):
         kv = self._adakv
         assert kv is not None
         kept = np.full((self._n_layer(), kv.n_head_kv), self.n_tokens, dtype=np.int64)
-        n = kv.n_cells()
+        n, starts = kv.n_cells(), kv.starts()
         for i, il in enumerate(kv.layout.layer_ids):
-            kept[il] = n - kv.starts()[i]
+            kept[il] = n - starts[i]
         return kept
