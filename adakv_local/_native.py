@@ -22,7 +22,7 @@ from .errors import (
     NativeLibraryError,
 )
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # return codes of llama-adakv.h (enum llama_adakv_status)
 OK = 0

@@ -20,7 +20,7 @@ from .texts import documents
 
 @dataclass(frozen=True)
 class BenchRecord:
-    mode: str  # "full" or the eviction method
+    mode: str  # "full", "full-nofa" (no flash attention) or the eviction method
     prompt_tokens: int
     budget: int | None
     prefill_tps: float
@@ -68,13 +68,16 @@ def greedy_decode(llm: Any, n: int) -> float:
 
 
 def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: int | None, method: str,
-            n_threads: int, n_gpu_layers: int = 0, window: int = 32) -> BenchRecord:
+            n_threads: int, n_gpu_layers: int = 0, window: int = 32, flash_attn: bool = True) -> BenchRecord:
     """One prompt: prefill, (compress,) decode. With a budget, the compression overhead is measured
-    on the same state: the window is decoded once without and once with scoring + compaction."""
+    on the same state: the window is decoded once without and once with scoring + compaction.
+    ``flash_attn=False`` (full cache only) measures llama.cpp's other attention path."""
+    if budget is not None and not flash_attn:
+        raise ValueError("eviction needs flash attention")
     n_ctx = ((len(tokens) + n_decode + 64) // 256 + 1) * 256
     kw: dict[str, Any] = {"adakv_budget": budget, "adakv_method": method, "adakv_window": window} if budget else {}
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
-                n_gpu_layers=n_gpu_layers, flash_attn=True, verbose=False, **kw)
+                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False, **kw)
     try:
         seconds: dict[str, float] = {}
         overhead = 0.0
@@ -109,7 +112,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         st = llm.adakv_stats
         cells_after = st.cells_after if st is not None else len(tokens)
         return BenchRecord(
-            mode=method if budget is not None else "full",
+            mode=method if budget is not None else "full" if flash_attn else "full-nofa",
             prompt_tokens=len(tokens),
             budget=budget,
             prefill_tps=len(tokens) / prefill,
@@ -127,14 +130,23 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
 
 
 def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
-        n_threads: int = 2, n_gpu_layers: int = 0,
+        n_threads: int = 2, n_gpu_layers: int = 0, nofa_baseline: bool = False,
         log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
-    """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows."""
+    """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows.
+
+    ``nofa_baseline``: also run the full cache without flash attention ("full-nofa", first), and
+    give the eviction rows ``decode_speedup_nofa``, their decode speed over that baseline's.
+    """
     vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
     all_tokens = prompt_tokens(vocab, max(lengths))
     out: list[dict[str, Any]] = []
     for n in lengths:
         toks = all_tokens[:n]
+        nofa = None
+        if nofa_baseline:
+            nofa = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
+                           n_gpu_layers=n_gpu_layers, flash_attn=False)
+            out.append(asdict(nofa))
         full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers)
         ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
@@ -142,11 +154,15 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
         rf, re_ = asdict(full), asdict(ev)
         re_["decode_speedup"] = ev.decode_tps / full.decode_tps
         re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
+        if nofa is not None:
+            re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
         out += [rf, re_]
         log(f"{n:>6} tokens: decode {full.decode_tps:7.1f} -> {ev.decode_tps:7.1f} t/s "
             f"(x{re_['decode_speedup']:.2f}), prefill {full.prefill_tps:7.1f} -> {ev.prefill_tps:7.1f} t/s, "
             f"overhead {100 * ev.overhead_share:.1f}% of prefill, "
-            f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells")
+            f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"
+            + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
+               f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
     return out
 
 
@@ -156,9 +172,10 @@ def plot_bench(records: Sequence[dict[str, Any]], out: Any, title: str) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for mode in sorted({r["mode"] for r in records}, key=lambda m: m != "full"):
+    labels = {"full": "full cache", "full-nofa": "full cache, no flash attention"}
+    for mode in sorted({r["mode"] for r in records}, key=lambda m: (m not in labels, m)):
         rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["prompt_tokens"])
-        label = "full cache" if mode == "full" else f"{mode}, budget {rs[0]['budget']}"
+        label = labels.get(mode, f"{mode}, budget {rs[0]['budget']}")
         ax.plot([r["prompt_tokens"] for r in rs], [r["decode_tps"] for r in rs], marker="o", label=label)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("decode tokens/s")

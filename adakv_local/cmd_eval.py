@@ -132,6 +132,9 @@ def add_parser(sub: Any) -> None:
                    help="eviction method (default: ada-snapkv)")
     b.add_argument("--decode-tokens", type=positive_int, default=64, metavar="N",
                    help="greedy tokens decoded after the prompt (default: 64)")
+    b.add_argument("--nofa-baseline", action="store_true",
+                   help="also time the full cache without flash attention (llama.cpp's other attention path; "
+                   "eviction always uses flash attention)")
     b.set_defaults(func=_cmd_bench)
 
 
@@ -176,16 +179,19 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
                            n_continuation=args.continuation, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
                            progress=lambda d, t, m: log(f"[{d}/{t}] {m}"))
     summary, pairs = summarize(records), compare_pairs(records)
-    for r in summary:
+    summary_l1, pairs_l1 = summarize(records, "l1_attn"), compare_pairs(records, "l1_attn")
+    for r, r1 in zip(summary, summary_l1):
         log(f"{r['method']:>12} @ {r['budget']:>5}: KL {r['kl_mean']:.4f} +- {r['kl_mean_ci95']:.4f}, "
-            f"top-1 {100 * r['top1']:.1f}%")
-    for r in pairs:
+            f"top-1 {100 * r['top1']:.1f}%, attention L1 {r1['l1_attn']:.4f}")
+    for r, r1 in zip(pairs, pairs_l1):
         log(f"{r['ada']} vs {r['baseline']} @ {r['budget']}: KL ratio {r['ratio']:.3f}, "
-            f"Ada wins {r['ada_wins']}/{r['n']}")
+            f"Ada wins {r['ada_wins']}/{r['n']}; attention L1 ratio {r1['ratio']:.3f}, "
+            f"Ada wins {r1['ada_wins']}/{r1['n']}")
     config = {"model": str(model), "methods": args.methods, "budgets": args.budgets, "window": args.window,
               "kernel": args.kernel, "continuation": args.continuation, "prompt_tokens": args.prompt_tokens,
               "prompts": [name for name, _ in prompts], "threads": args.threads}
-    _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "config": config})
+    _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "summary_l1_attn": summary_l1,
+                                "pairs_l1_attn": pairs_l1, "config": config})
     if args.plot:
         plot_fidelity(records, args.plot, f"{model.name}: fidelity to the full cache")
     return EXIT_OK
@@ -240,9 +246,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
-                  n_threads=args.threads, n_gpu_layers=args.gpu_layers, log=_log(args))
+                  n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
+                  log=_log(args))
     config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
-              "decode_tokens": args.decode_tokens, "threads": args.threads}
+              "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
+              "nofa_baseline": args.nofa_baseline}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         plot_bench(records, args.plot, f"{model.name}: decode speed, {args.threads} threads")

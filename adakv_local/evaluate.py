@@ -16,20 +16,30 @@ from typing import Any
 
 import numpy as np
 
-from .fidelity import compare
+from .fidelity import attention_l1, compare
 from .llama import Llama
 from .texts import documents
 
 
 def builtin_prompts(llm: Any, n_prompts: int, n_tokens: int) -> list[tuple[str, list[int]]]:
-    """n_prompts prompts of n_tokens tokens from the standard library's documentation."""
-    out = []
+    """n_prompts prompts of n_tokens tokens from the standard library's documentation.
+
+    First the opening n_tokens of every module that has them (``stdlib:NAME``), then, while
+    more are asked for, every module's next n_tokens (``stdlib:NAME#2``, ``#3``, ...; the BOS
+    token, if the model adds one, starts these too). Fewer come back if the texts run out.
+    """
+    bos = llm.tokenize(b"")  # [BOS] or []
+    bodies = []
     for name, text in documents(min_chars=n_tokens * 3):
         toks = llm.tokenize(text.encode())
-        if len(toks) >= n_tokens:
-            out.append((f"stdlib:{name}", toks[:n_tokens]))
-        if len(out) == n_prompts:
-            return out
+        bodies.append((name, toks[len(bos) :]))
+    step = n_tokens - len(bos)
+    out: list[tuple[str, list[int]]] = []
+    for k in range(max((len(b) // step for _, b in bodies), default=0)):
+        for name, body in bodies:
+            piece = body[k * step : (k + 1) * step]
+            if len(piece) == step and len(out) < n_prompts:
+                out.append((f"stdlib:{name}" + (f"#{k + 1}" if k else ""), bos + piece))
     if not out:
         raise ValueError(f"no built-in prompt reaches {n_tokens} tokens; lower --prompt-tokens")
     return out
@@ -63,6 +73,19 @@ def _continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config
     return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
 
 
+def _teacher_force(llm: Any, tokens: list[int]) -> np.ndarray:
+    """Evaluate tokens (one ubatch, not compressed) and capture every evicted layer's attention
+    outputs for them: [n_layer, len(tokens), width]."""
+    kv = llm.adakv_kvcache
+    kv.arm_capture(len(tokens))
+    try:
+        with llm.adakv_suspended():
+            llm.eval(tokens)
+        return kv.read_capture(len(tokens))
+    finally:
+        kv.arm_capture(0)
+
+
 def run_fidelity(
     model_path: str,
     prompts: Sequence[tuple[str, list[int]]],
@@ -76,7 +99,14 @@ def run_fidelity(
     n_gpu_layers: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Records {prompt, method, budget, kl_mean, kl_max, top1, prompt_tokens, footprint}."""
+    """Records {prompt, method, budget, kl_mean, kl_max, top1, l1_attn, prompt_tokens, footprint}.
+
+    ``l1_attn`` (:func:`~adakv_local.fidelity.attention_l1`) compares the attention outputs of
+    every evicted layer on the teacher-forced continuation with the full cache's.
+    """
+    if not 2 <= n_continuation <= 513:
+        raise ValueError(f"n_continuation must be in [2, 513] (the continuation is teacher-forced in one "
+                         f"512-token ubatch), got {n_continuation}")
     longest = max(len(t) for _, t in prompts)
     n_ctx = ((longest + n_continuation + 64) // 256 + 1) * 256
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
@@ -104,6 +134,8 @@ def run_fidelity(
                 llm.eval([cont[-1]])
                 last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             full = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
+            _continue_from(llm, prefix_state, toks[-window:], None)
+            full_attn = _teacher_force(llm, cont[:-1])
             done += 1
             if progress:
                 progress(done, total, f"{name}: full cache")
@@ -113,13 +145,13 @@ def run_fidelity(
                     cfg = dataclasses.replace(base, method=method, budget=budget)
                     _continue_from(llm, prefix_state, toks[-window:], cfg)
                     footprint = llm.adakv_stats.footprint if llm.adakv_stats else len(toks)
-                    with llm.adakv_suspended():
-                        llm.eval(cont[:-1])
+                    got_attn = _teacher_force(llm, cont[:-1])
                     got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
                     f = compare(full, got)
                     records.append({
                         "prompt": name, "method": method, "budget": budget, "prompt_tokens": len(toks),
-                        "kl_mean": f.kl_mean, "kl_max": f.kl_max, "top1": f.top1, "footprint": footprint,
+                        "kl_mean": f.kl_mean, "kl_max": f.kl_max, "top1": f.top1,
+                        "l1_attn": attention_l1(full_attn, got_attn), "footprint": footprint,
                     })  # fmt: skip
                     done += 1
                     if progress:
@@ -164,23 +196,25 @@ def compare_pairs(records: Iterable[dict[str, Any]], key: str = "kl_mean") -> li
 
 
 def plot_fidelity(records: Sequence[dict[str, Any]], out: Path, title: str) -> None:
-    """KL (mean with 95% CI) against budget, one line per method."""
+    """KL and, where recorded, attention L1 (means with 95% CIs) against budget, one line per method."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    rows = summarize(records)
-    for method in sorted({r["method"] for r in rows}):
-        rs = [r for r in rows if r["method"] == method]
-        x = [r["budget"] for r in rs]
-        y = [r["kl_mean"] for r in rs]
-        ci = [0.0 if math.isnan(r["kl_mean_ci95"]) else r["kl_mean_ci95"] for r in rs]
-        ax.errorbar(x, y, yerr=ci, marker="o", capsize=3, label=method)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("budget (cells per KV head)")
-    ax.set_ylabel("mean KL(full || compressed)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    keys = [("kl_mean", "mean KL(full || compressed)")]
+    if all("l1_attn" in r for r in records):
+        keys.append(("l1_attn", "attention-output L1 (relative)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.2), dpi=120, squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        rows = summarize(records, key)
+        for method in sorted({r["method"] for r in rows}):
+            rs = [r for r in rows if r["method"] == method]
+            ci = [0.0 if math.isnan(r[f"{key}_ci95"]) else r[f"{key}_ci95"] for r in rs]
+            ax.errorbar([r["budget"] for r in rs], [r[key] for r in rs], yerr=ci, marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("budget (cells per KV head)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

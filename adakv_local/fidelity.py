@@ -3,7 +3,8 @@
 For a prompt and a fixed continuation, the model's next-token logits at every continuation
 position are computed twice: after the full prompt and after the compressed prompt (the
 continuation itself is never compressed). The distance between the two is the mean
-KL(full || compressed), the largest KL, and the top-1 agreement.
+KL(full || compressed), the largest KL, and the top-1 agreement. The paper's own objective,
+the L1 distance of the attention outputs, is measured on the same continuation.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def compare(full: np.ndarray, compressed: np.ndarray) -> Fidelity:
     kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     top1 = float(np.mean(full.argmax(axis=-1) == compressed.argmax(axis=-1)))
     return Fidelity(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1=top1)
+
+
+def attention_l1(full: np.ndarray, compressed: np.ndarray) -> float:
+    """Relative L1 distance of attention outputs, ``[n_layer, n_tokens, width]`` each:
+    ``||full - compressed||_1 / ||full||_1`` per layer and token, averaged over both."""
+    if full.shape != compressed.shape or full.ndim != 3:
+        raise ValueError(f"attention outputs must be two equal [n_layer, n_tokens, width] arrays, "
+                         f"got {full.shape} and {compressed.shape}")
+    a, b = full.astype(np.float64), compressed.astype(np.float64)
+    norm = np.maximum(np.abs(a).sum(axis=-1), np.finfo(np.float64).tiny)
+    return float((np.abs(a - b).sum(axis=-1) / norm).mean())
 
 
 def teacher_forced_logits(llm: Any, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:

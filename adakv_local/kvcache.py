@@ -135,3 +135,18 @@ class KVCache:
             )
         )
         return out
+
+    # attention-output capture (evaluation)
+
+    def arm_capture(self, n_tokens: int) -> None:
+        """Copy every evicted layer's attention output of each later ubatch of at most ``n_tokens``
+        tokens (0 disarms and frees the buffers)."""
+        self._n.check(self._n.lib.llama_adakv_arm_capture(self._ctx, int(n_tokens)))
+
+    def read_capture(self, n_tokens: int) -> np.ndarray:
+        """float32 ``[n_layer, n_tokens, n_head * d_v]``: the attention outputs (before the output
+        projection) of the last captured ubatch, which must have had ``n_tokens`` tokens."""
+        width = self._count(self._n.lib.llama_adakv_capture_width(self._ctx))
+        out = np.zeros((self.n_layer, n_tokens, width), dtype=np.float32)
+        self._n.check(self._n.lib.llama_adakv_read_capture(self._ctx, self._ptr(out, "float *"), int(n_tokens)))
+        return out

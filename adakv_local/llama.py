@@ -215,6 +215,11 @@ class Llama(llama_cpp.Llama):
 
     # -- inspection --------------------------------------------------------------------------------
 
+    @property
+    def adakv_kvcache(self) -> KVCache | None:
+        """The low-level handle on this context's eviction (scores, compaction, capture), or None."""
+        return self._adakv
+
     def adakv_kept_positions(self) -> list[list[np.ndarray]]:
         """Per model layer, per KV head: the sorted original token positions the cache holds now.
 

@@ -17,7 +17,8 @@ MODULES = (
     "textwrap", "unittest", "datetime", "shutil", "tarfile", "zipfile", "email.message", "http.client",
     "sqlite3", "decimal", "fractions", "statistics", "random", "heapq", "bisect", "difflib", "csv",
     "configparser", "string", "threading", "asyncio.tasks", "socket", "tempfile", "inspect", "typing",
-    "dataclasses", "enum", "contextlib", "pickle", "os", "re", "codecs",
+    "dataclasses", "enum", "contextlib", "pickle", "os", "re", "codecs", "doctest", "pdb", "unittest.mock",
+    "http.cookiejar", "ast", "turtle",
 )  # fmt: skip
 
 

@@ -12,6 +12,24 @@ uint64_t llama_adakv_graph_epoch(const llama_adakv * ak) {
     return ak ? ak->epoch : 0;
 }
 
+// the attention of one layer with the start cells applied: the stock node (nothing compacted),
+// the same node with per-head starts (backend supports it), or the per-head fallback
+static ggml_tensor * llama_adakv_graph_heads(
+        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap) {
+    if (ak->footprint == 0) {
+        return fa; // nothing compacted: stock attention
+    }
+    if (!ak->force_fallback) {
+        ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
+        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
+            return fa;
+        }
+        ggml_flash_attn_ext_set_head_start(fa, nullptr);
+    }
+    GGML_ASSERT(fa->src[4] == nullptr && "adakv: the per-head fallback does not support attention sinks");
+    return llama_adakv_fa_fallback(ctx, fa->src[0], fa->src[1], fa->src[2], fa->src[3], l.start.data(), scale, softcap);
+}
+
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il) {
     if (ak == nullptr || fa->op != GGML_OP_FLASH_ATTN_EXT || il < 0 || (size_t) il >= ak->layer_of_il.size() ||
         ak->layer_of_il[il] < 0) {
@@ -43,17 +61,7 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
         ak->scored[ak->layer_of_il[il]] = true;
     }
 
-    if (ak->footprint == 0) {
-        return fa; // nothing compacted: stock attention
-    }
-
-    if (!ak->force_fallback) {
-        ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
-        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
-            return fa;
-        }
-        ggml_flash_attn_ext_set_head_start(fa, nullptr);
-    }
-    GGML_ASSERT(fa->src[4] == nullptr && "adakv: the per-head fallback does not support attention sinks");
-    return llama_adakv_fa_fallback(ctx, q, k, v, mask, l.start.data(), scale, softcap);
+    ggml_tensor * out = llama_adakv_graph_heads(ak, ctx, l, fa, scale, softcap);
+    llama_adakv_graph_capture(ak, ctx, gf, out, (size_t) ak->layer_of_il[il]);
+    return out;
 }

@@ -49,6 +49,7 @@ static const uint32_t ADAKV_STATE_MAGIC   = 0x564b4441; // "ADKV"
 static const uint32_t ADAKV_STATE_VERSION = 1;
 
 llama_adakv::~llama_adakv() {
+    llama_adakv_free_capture(*this);
     for (auto & it : backends) {
         ggml_backend_free(it.second);
     }
@@ -211,19 +212,9 @@ void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
 // C API
 //
 
-static llama_adakv * adakv_of(const llama_context * ctx) {
+llama_adakv * llama_adakv_of(const llama_context * ctx) {
     return ctx ? ctx->adakv : nullptr;
 }
-
-#define ADAKV_REQUIRE_ENABLED(ctx, ak)                                                                                 \
-    llama_adakv * ak = adakv_of(ctx);                                                                                  \
-    if (ak == nullptr) {                                                                                               \
-        return llama_adakv_set_error(                                                                                  \
-                LLAMA_ADAKV_ERR_INVALID,                                                                               \
-                "%s: eviction is not enabled on this "                                                                 \
-                "context (call llama_adakv_enable first)",                                                             \
-                __func__);                                                                                             \
-    }
 
 struct llama_adakv_params llama_adakv_default_params(void) {
     llama_adakv_params p;
@@ -404,7 +395,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
 }
 
 int32_t llama_adakv_is_enabled(const struct llama_context * ctx) {
-    return adakv_of(ctx) != nullptr ? 1 : 0;
+    return llama_adakv_of(ctx) != nullptr ? 1 : 0;
 }
 
 int32_t llama_adakv_n_layer(const struct llama_context * ctx) {
@@ -698,7 +689,7 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
 }
 
 int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t layer, int32_t is_v) {
-    llama_adakv * ak = adakv_of(ctx);
+    llama_adakv * ak = llama_adakv_of(ctx);
     if (ak == nullptr || layer < 0 || (size_t) layer >= ak->layers.size()) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID, "%s: eviction not enabled or layer out of range", __func__);

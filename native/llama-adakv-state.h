@@ -15,6 +15,7 @@
 
 #pragma once
 
+#include "adakv-impl.h"
 #include "llama-adakv.h"
 
 #include "ggml-backend.h"
@@ -67,6 +68,14 @@ struct llama_adakv {
     llama_pos pos_lo  = -1;
     llama_pos pos_hi  = -1;
 
+    // attention-output capture (evaluation): armed with room for capture_tokens tokens
+    int32_t capture_tokens  = 0;
+    int32_t captured_tokens = 0;        // tokens of the last ubatch whose outputs were captured
+    std::vector<bool> captured;         // [layers] the layer added its capture to the graph since arming
+    std::vector<ggml_tensor *> capture; // [layers] F32 [n_head * d_v, capture_tokens]
+    std::vector<ggml_context *> capture_ctxs;
+    std::vector<ggml_backend_buffer_t> capture_bufs;
+
     // scoring: armed for the next decode call with n_window tokens
     int32_t armed_window  = 0;
     int32_t scored_tokens = 0; // tokens of the ubatch whose scores were added to the graph
@@ -87,6 +96,27 @@ struct llama_adakv {
 
 // access to llama_kv_cache internals (friend of llama_kv_cache, patch 0002)
 struct llama_adakv_access;
+
+// the state of ctx, or null when eviction is not enabled on it
+llama_adakv * llama_adakv_of(const llama_context * ctx);
+
+// the start of a C API function that needs eviction enabled: declares ak or returns INVALID
+#define ADAKV_REQUIRE_ENABLED(ctx, ak)                                                                                 \
+    llama_adakv * ak = llama_adakv_of(ctx);                                                                            \
+    if (ak == nullptr) {                                                                                               \
+        return llama_adakv_set_error(                                                                                  \
+                LLAMA_ADAKV_ERR_INVALID,                                                                               \
+                "%s: eviction is not enabled on this "                                                                 \
+                "context (call llama_adakv_enable first)",                                                             \
+                __func__);                                                                                             \
+    }
+
+// frees the capture buffers (disarms the capture)
+void llama_adakv_free_capture(llama_adakv & ak);
+
+// adds the copy of layer i's attention output `out` to gf when the capture is armed and the
+// ubatch fits (llama-adakv-capture.cpp)
+void llama_adakv_graph_capture(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * out, size_t i);
 
 // resets the start table to zeros and forgets the compacted block
 void llama_adakv_reset_table(llama_adakv & ak);

@@ -12,15 +12,22 @@ from pathlib import Path
 
 
 def fidelity(data: dict) -> str:
-    lines = ["| method | budget | prompts | mean KL (95% CI) | top-1 agreement |", "|---|---:|---:|---:|---:|"]
+    l1 = {(r["method"], r["budget"]): r for r in data.get("summary_l1_attn", [])}
+    lines = ["| method | budget | prompts | mean KL (95% CI) | top-1 agreement | attention L1 (95% CI) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in data["summary"]:
+        a = l1.get((r["method"], r["budget"]))
+        a_txt = f"{a['l1_attn']:.4f} ± {a['l1_attn_ci95']:.4f}" if a else "n/a"
         lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {r['kl_mean']:.4f} ± {r['kl_mean_ci95']:.4f} "
-                     f"| {100 * r['top1']:.1f}% |")
-    lines += ["", "| Ada method vs baseline | budget | mean KL Ada / baseline | Ada lower on |",
-              "|---|---:|---:|---:|"]
+                     f"| {100 * r['top1']:.1f}% | {a_txt} |")
+    l1p = {(p["ada"], p["budget"]): p for p in data.get("pairs_l1_attn", [])}
+    lines += ["", "| Ada method vs baseline | budget | mean KL Ada / baseline | Ada lower on | "
+              "attention L1 Ada / baseline | Ada lower on |", "|---|---:|---:|---:|---:|---:|"]
     for p in data["pairs"]:
+        q = l1p.get((p["ada"], p["budget"]))
+        q_txt = f"{q['ratio']:.3f} | {q['ada_wins']} of {q['n']}" if q else "n/a | n/a"
         lines.append(f"| {p['ada']} vs {p['baseline']} | {p['budget']} | {p['ratio']:.3f} | "
-                     f"{p['ada_wins']} of {p['n']} prompts |")
+                     f"{p['ada_wins']} of {p['n']} prompts | {q_txt} |")
     return "\n".join(lines)
 
 
@@ -29,7 +36,9 @@ def bench(data: dict) -> str:
              "overhead (share of prefill) |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in data["records"]:
         speed = f"x{r['decode_speedup']:.2f}" if "decode_speedup" in r else ""
-        over = f"{100 * r['overhead_share']:.1f}%" if r["mode"] != "full" else ""
+        if "decode_speedup_nofa" in r:
+            speed += f" (x{r['decode_speedup_nofa']:.2f} vs no flash attention)"
+        over = f"{100 * r['overhead_share']:.1f}%" if r["budget"] is not None else ""
         lines.append(f"| {r['prompt_tokens']} | {r['mode']}{'' if r['budget'] is None else ' @ ' + str(r['budget'])} "
                      f"| {r['prefill_tps']:.1f} | {r['decode_tps']:.1f} | {speed} | {r['kv_cells_after']} | "
                      f"{r['kv_bytes_after'] / 2**20:.1f} | {over} |")

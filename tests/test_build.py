@@ -43,7 +43,7 @@ def test_native_version_and_commit():
     info = version_info()
     assert info["adakv_native"] == __version__
     assert info["llama_cpp_commit"] == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-    assert native().lib.llama_adakv_abi_version() == 2
+    assert native().lib.llama_adakv_abi_version() == 3
 
 
 def test_importing_llama_cpp_first_with_another_library_is_refused(tmp_path):

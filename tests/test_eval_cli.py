@@ -27,8 +27,11 @@ def test_eval_fidelity_json(tiny, tmp_path):
     for r in data["records"]:
         assert r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and r["kl_max"] >= r["kl_mean"]
         assert r["footprint"] < r["prompt_tokens"]
+        assert 0 < r["l1_attn"] < 10  # eviction changes the attention outputs, by a bounded amount
     assert {(p["ada"], p["budget"]) for p in data["pairs"]} == {("ada-snapkv", 48), ("ada-snapkv", 96)}
-    assert "KL" in proc.stderr
+    assert {(p["ada"], p["budget"]) for p in data["pairs_l1_attn"]} == {("ada-snapkv", 48), ("ada-snapkv", 96)}
+    assert [r["method"] for r in data["summary_l1_attn"]] == ["ada-snapkv", "ada-snapkv", "snapkv", "snapkv"]
+    assert "KL" in proc.stderr and "attention L1" in proc.stderr
 
 
 def test_eval_fidelity_own_prompts(tiny, tmp_path):
@@ -62,12 +65,23 @@ def test_bench_json(tiny, tmp_path):
         assert ev["decode_speedup"] > 0 and set(ev["seconds"]) == {"score", "allocate", "compact"}
 
 
+def test_bench_nofa_baseline(tiny):
+    proc = cli("bench", "--model", tiny, "--lengths", "200", "--budget", "48", "--decode-tokens", "4",
+               "--threads", "1", "--nofa-baseline", "--json", "-", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(proc.stdout)["records"]
+    assert [r["mode"] for r in recs] == ["full-nofa", "full", "ada-snapkv"]
+    assert recs[2]["decode_speedup_nofa"] == pytest.approx(recs[2]["decode_tps"] / recs[0]["decode_tps"])
+    assert "without flash attention" in proc.stderr
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
     from adakv_local.bench import plot_bench
     from adakv_local.evaluate import plot_fidelity
 
-    recs = [{"prompt": p, "method": m, "budget": b, "kl_mean": k * (1 + p), "kl_max": 1.0, "top1": 0.9}
+    recs = [{"prompt": p, "method": m, "budget": b, "kl_mean": k * (1 + p), "kl_max": 1.0, "top1": 0.9,
+             "l1_attn": k / 2}
             for p in (0, 1) for m, k in (("ada-snapkv", 0.1), ("snapkv", 0.2)) for b in (64, 128)]
     plot_fidelity(recs, tmp_path / "f.png", "test")
     bench = [{"mode": mode, "prompt_tokens": n, "decode_tps": tps, "budget": 64}

@@ -33,12 +33,16 @@ def tiny64(tmp_path_factory):
     return write_llama_gguf(path, n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, seed=11)
 
 
-def make(path, *, type_kv: str = "f16", force_fallback: bool | None = None, n_ctx: int = 512, enable: bool = True):
+def make(
+    path, *, type_kv: str = "f16", force_fallback: bool | None = None, n_ctx: int = 512, enable: bool = True,
+    n_gpu_layers: int = 0,
+):
     import llama_cpp
 
     llm = llama_cpp.Llama(
         model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, flash_attn=True, logits_all=True,
         type_k=GGML_TYPES[type_kv], type_v=GGML_TYPES[type_kv], n_threads=2, seed=0, verbose=False,
+        n_gpu_layers=n_gpu_layers,
     )  # fmt: skip
     kv = KVCache.from_llama(llm, force_fallback=force_fallback) if enable else None
     return llm, kv
@@ -254,6 +258,68 @@ def test_fast_path_equals_fallback_on_arbitrary_kept_sets(model_path):
     ref_llm.eval(ref_llm.tokenize(PROMPT))
     full = continuation_logits(ref_llm, CONT * 2)
     assert np.abs(full - fast[: len(full)]).max() > 1e-2
+
+
+# --- attention-output capture (evaluation) -------------------------------------------------------
+
+
+def captured_continuation(llm, kv, text=CONT):
+    toks = llm.tokenize(text, add_bos=False)
+    kv.arm_capture(len(toks))
+    llm.eval(toks)
+    out = kv.read_capture(len(toks))
+    kv.arm_capture(0)
+    return out
+
+
+@pytest.mark.exactness
+def test_capture_after_keeping_every_cell_equals_no_eviction(tiny64):
+    ref_llm, ref_kv = make(tiny64)  # enabled, never compacted: stock attention
+    toks = ref_llm.tokenize(PROMPT)
+    prefill(ref_llm, ref_kv, toks)
+    ref = captured_continuation(ref_llm, ref_kv)
+    n_cont = len(ref_llm.tokenize(CONT, add_bos=False))
+    assert ref.shape == (ref_kv.n_layer, n_cont, 4 * 64)  # n_head * d_v of every token
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 0
+
+    llm, kv = make(tiny64)
+    prefill(llm, kv, toks)
+    n = kv.n_cells()
+    kv.compact([[np.arange(n, dtype=np.int32)] * kv.n_head_kv for _ in range(kv.n_layer)])
+    np.testing.assert_array_equal(captured_continuation(llm, kv), ref)
+
+
+@pytest.mark.exactness
+def test_capture_fast_path_equals_fallback_and_sees_the_eviction(tiny64):
+    out = []
+    for fallback in (False, True):
+        llm, kv = make(tiny64, force_fallback=fallback)
+        prefill(llm, kv, llm.tokenize(PROMPT))
+        kv.compact(random_kept(kv, kv.n_cells(), WINDOW, seed=5))
+        out.append(captured_continuation(llm, kv))
+    fast, fallback = out
+    scale = np.abs(fallback).max()
+    assert np.abs(fast - fallback).max() <= 1e-3 * scale
+    full_llm, full_kv = make(tiny64)
+    prefill(full_llm, full_kv, full_llm.tokenize(PROMPT))
+    full = captured_continuation(full_llm, full_kv)
+    assert np.abs(full - fast).max() > 1e-2 * scale
+
+
+def test_capture_errors_and_ubatch_rule(tiny64):
+    llm, kv = make(tiny64)
+    with pytest.raises(NativeInvalidArgument, match="not armed"):
+        kv.read_capture(3)
+    with pytest.raises(NativeInvalidArgument, match="n_tokens must be in"):
+        kv.arm_capture(513)
+    kv.arm_capture(4)
+    llm.eval(llm.tokenize(PROMPT))  # one ubatch of more than 4 tokens: not captured
+    with pytest.raises(NativeInvalidArgument, match="captured 0"):
+        kv.read_capture(4)
+    llm.eval(llm.tokenize(b" a b", add_bos=False)[:3])  # 3 tokens: captured
+    with pytest.raises(NativeInvalidArgument, match="asked for 4 tokens, but the last ubatch captured 3"):
+        kv.read_capture(4)
+    assert kv.read_capture(3).shape == (kv.n_layer, 3, 4 * 64)
 
 
 # --- guards, state -------------------------------------------------------------------------------

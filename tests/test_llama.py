@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import adakv_local
-from adakv_local.fidelity import compare, teacher_forced_logits
+from adakv_local.fidelity import attention_l1, compare, teacher_forced_logits
 from adakv_local.llama import Llama
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 6
@@ -41,6 +41,16 @@ def test_budget_none_is_exactly_llama_cpp(tiny):
     a = ours.create_completion(PROMPT, max_tokens=12, temperature=0)["choices"][0]["text"]
     b = ref.create_completion(PROMPT, max_tokens=12, temperature=0)["choices"][0]["text"]
     assert a == b
+
+
+def test_attention_l1_by_hand():
+    full = np.array([[[1.0, -1.0], [2.0, 2.0]]])  # 1 layer, 2 tokens, width 2
+    comp = np.array([[[1.5, -1.0], [2.0, 1.0]]])
+    # token 0: 0.5 / 2, token 1: 1 / 4
+    assert attention_l1(full, comp) == pytest.approx(0.25)
+    assert attention_l1(full, full) == 0
+    with pytest.raises(ValueError, match="equal"):
+        attention_l1(full, comp[:, :1])
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 2
+#define LLAMA_ADAKV_ABI_VERSION 3
 
 #ifdef __cplusplus
 extern "C" {
@@ -176,6 +176,19 @@ LLAMA_API int32_t llama_adakv_read_rows(
         int32_t n_cells,
         void * out,
         size_t out_size);
+
+// Attention-output capture, for evaluation (the paper's objective is the L1 distance of these
+// outputs to the full cache's): after arming with room for n_tokens (0 disarms and frees),
+// every ubatch of at most n_tokens tokens copies each evicted layer's attention output (flash
+// attention's result with the start cells applied, before the output projection) into a buffer
+// on the layer's device; a later such ubatch overwrites it. Stays armed until disarmed.
+LLAMA_API int32_t llama_adakv_arm_capture(struct llama_context * ctx, int32_t n_tokens);
+
+// width of one token's captured output: n_head * d_v (or an error code)
+LLAMA_API int64_t llama_adakv_capture_width(const struct llama_context * ctx);
+
+// out: F32 [n_layer][n_tokens][width], the last captured ubatch, which must have had n_tokens tokens
+LLAMA_API int32_t llama_adakv_read_capture(struct llama_context * ctx, float * out, int32_t n_tokens);
 
 // Window scores (see llama_adakv_read_scores) of queries q over keys k on the CPU backend, with
 // the same graph the model uses: q F32 [n_head][n_q][d_k], k F32 [n_head_kv][n_kv][d_k] (converted
