@@ -21,7 +21,7 @@ from .texts import documents
 @dataclass(frozen=True)
 class BenchRecord:
     mode: str  # "full", "full-nofa" (no flash attention) or the eviction method
-    prompt_tokens: int
+    prompt_tokens: int  # kv_cells_*: cells of the evicted layers; kv_bytes_*: all layers
     budget: int | None
     prefill_tps: float
     decode_tps: float
@@ -44,15 +44,26 @@ def prompt_tokens(llm: Any, n: int) -> list[int]:
     raise ValueError(f"the standard library's documentation gives only {len(toks)} tokens, asked for {n}")
 
 
-def kv_bytes_per_cell(llm: Any) -> int:
-    """Bytes one cell takes in K and V over all layers (f16 cache)."""
+def kv_bytes_per_layer_cell(llm: Any) -> int:
+    """Bytes one cell takes in K and V of one layer (f16 cache)."""
     import llama_cpp
 
     m = llm.model
-    n_layer = llama_cpp.llama_model_n_layer(m)
     n_head, n_head_kv = llama_cpp.llama_model_n_head(m), llama_cpp.llama_model_n_head_kv(m)
     head_dim = llama_cpp.llama_model_n_embd(m) // n_head
-    return 2 * n_layer * n_head_kv * head_dim * 2
+    return 2 * n_head_kv * head_dim * 2
+
+
+def kv_bytes(llm: Any, n_tokens: int) -> int:
+    """K and V bytes the sequence holds now: evicted layers hold their cells, the others (the
+    sliding-window layers of an iSWA model, whose cache llama-cpp-python keeps full-size) every token."""
+    import llama_cpp
+
+    n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+    kv = llm.adakv_kvcache if llm.adakv_config is not None else None
+    evicted = len(kv.layout.layer_ids) if kv is not None else 0
+    cells = kv.n_cells() if kv is not None else n_tokens
+    return kv_bytes_per_layer_cell(llm) * (evicted * cells + (n_layer - evicted) * n_tokens)
 
 
 def greedy_decode(llm: Any, n: int) -> float:
@@ -72,6 +83,8 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
     """One prompt: prefill, (compress,) decode. With a budget, the compression overhead is measured
     on the same state: the window is decoded once without and once with scoring + compaction.
     ``flash_attn=False`` (full cache only) measures llama.cpp's other attention path."""
+    import llama_cpp
+
     if budget is not None and not flash_attn:
         raise ValueError("eviction needs flash attention")
     n_ctx = ((len(tokens) + n_decode + 64) // 256 + 1) * 256
@@ -107,8 +120,10 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
                        "compact": st.seconds["compact"]}
             prefill = t_prefix + t_plain
             overhead = t_evict - t_plain
+        per_layer_cell = kv_bytes_per_layer_cell(llm)
+        n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+        bytes_after = kv_bytes(llm, len(tokens))
         dec = greedy_decode(llm, n_decode)
-        per_cell = kv_bytes_per_cell(llm)
         st = llm.adakv_stats
         cells_after = st.cells_after if st is not None else len(tokens)
         return BenchRecord(
@@ -120,8 +135,8 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
             decode_tokens=n_decode,
             kv_cells_before=len(tokens),
             kv_cells_after=cells_after,
-            kv_bytes_before=len(tokens) * per_cell,
-            kv_bytes_after=cells_after * per_cell,
+            kv_bytes_before=len(tokens) * per_layer_cell * n_layer,
+            kv_bytes_after=bytes_after,
             seconds=seconds,
             overhead_share=overhead / prefill,
         )

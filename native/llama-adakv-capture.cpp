@@ -56,6 +56,13 @@ int32_t llama_adakv_arm_capture(struct llama_context * ctx, int32_t n_tokens) {
                 LLAMA_ADAKV_ERR_INVALID, "%s: n_tokens must be in [0, n_ubatch = %u], got %d", __func__, n_ubatch,
                 n_tokens);
     }
+    for (const auto & l : ak->layers) {
+        if (adakv_capture_width(*ak, l) != adakv_capture_width(*ak, ak->layers[0])) {
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID, "%s: the evicted layers differ in attention width; not supported",
+                    __func__);
+        }
+    }
     llama_adakv_free_capture(*ak);
     ak->epoch++;
     if (n_tokens == 0) {

@@ -2,6 +2,7 @@
 """Markdown tables for docs/RESULTS.md from the JSON files the eval/bench commands write.
 
     python scripts/results_tables.py docs/results/*.json
+    python scripts/results_tables.py --paired A.json B.json   # two fidelity runs, prompt by prompt
 """
 
 from __future__ import annotations
@@ -54,7 +55,34 @@ def tasks(data: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(a: dict, b: dict) -> str:
+    """Fidelity run b against run a on the (method, budget, prompt) records both have."""
+    ra = {(r["method"], r["budget"], r["prompt"]): r for r in a["records"]}
+    groups: dict[tuple[str, int], list[tuple[dict, dict]]] = {}
+    for r in b["records"]:
+        key = (r["method"], r["budget"], r["prompt"])
+        if key in ra:
+            groups.setdefault(key[:2], []).append((ra[key], r))
+    ka, kb = a["config"].get("kernel"), b["config"].get("kernel")
+    lines = [f"| method | budget | prompts | mean KL, kernel {ka} | mean KL, kernel {kb} | ratio | lower with "
+             f"{kb} on | attention L1, {ka} → {kb} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (m, bud), pairs in sorted(groups.items()):
+        n = len(pairs)
+        kl_a = sum(x["kl_mean"] for x, _ in pairs) / n
+        kl_b = sum(y["kl_mean"] for _, y in pairs) / n
+        wins = sum(y["kl_mean"] < x["kl_mean"] for x, y in pairs)
+        l1_a = sum(x["l1_attn"] for x, _ in pairs) / n
+        l1_b = sum(y["l1_attn"] for _, y in pairs) / n
+        lines.append(f"| {m} | {bud} | {n} | {kl_a:.4f} | {kl_b:.4f} | {kl_b / kl_a:.3f} | {wins} of {n} | "
+                     f"{l1_a:.4f} → {l1_b:.4f} |")
+    return "\n".join(lines)
+
+
 def main(paths: list[str]) -> None:
+    if paths[:1] == ["--paired"]:
+        a, b = (json.loads(Path(p).read_text()) for p in paths[1:3])
+        print(paired(a, b))
+        return
     for p in paths:
         data = json.loads(Path(p).read_text())
         kind = "bench" if "lengths" in data["config"] and "budget" in data["config"] else (

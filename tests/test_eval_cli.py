@@ -104,3 +104,22 @@ def test_eval_tasks_json(tiny):
     assert bad.returncode == 2 and "unknown task" in bad.stderr
     short = cli("eval", "tasks", "--model", tiny, "--tasks", "vartrack", "--lengths", "50", "--threads", "1")
     assert short.returncode == 2 and "too short" in short.stderr and "Traceback" not in short.stderr
+
+
+def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
+    import llama_cpp
+
+    from adakv_local.bench import kv_bytes_per_layer_cell, run_one
+    from adakv_local.llama import Llama
+
+    path = str(tiny_gemma3)
+    llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
+    n_layer, n_evicted = llama_cpp.llama_model_n_layer(llm.model), llm.adakv_kvcache.n_layer
+    per_cell = kv_bytes_per_layer_cell(llm)
+    toks = llm.tokenize(b"Some words about boats and the sea. " * 8)
+    llm.close()
+    assert 0 < n_evicted < n_layer  # iSWA: the sliding-window layers are not evicted
+    rec = run_one(path, toks, 2, budget=48, method="snapkv", n_threads=1, window=16)
+    assert rec.kv_cells_after < len(toks)
+    assert rec.kv_bytes_before == per_cell * n_layer * len(toks)
+    assert rec.kv_bytes_after == per_cell * (n_evicted * rec.kv_cells_after + (n_layer - n_evicted) * len(toks))
