@@ -8,8 +8,24 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test over the prompts that are not tied: the chance of a split at
+    least this uneven if either side wins a prompt with probability 1/2."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else float("nan")
+
+
+def _sign_test(data: dict, ada: str, base: str, budget: int) -> str:
+    by = {(r["method"], r["budget"], r["prompt"]): r["kl_mean"] for r in data["records"]}
+    prompts = [p for (m, b, p) in by if m == ada and b == budget and (base, budget, p) in by]
+    wins = sum(by[(ada, budget, p)] < by[(base, budget, p)] for p in prompts)
+    losses = sum(by[(ada, budget, p)] > by[(base, budget, p)] for p in prompts)
+    return "all tied" if wins + losses == 0 else f"{sign_test_p(wins, losses):.3f}"
 
 
 def fidelity(data: dict) -> str:
@@ -22,13 +38,14 @@ def fidelity(data: dict) -> str:
         lines.append(f"| {r['method']} | {r['budget']} | {r['n']} | {r['kl_mean']:.4f} ± {r['kl_mean_ci95']:.4f} "
                      f"| {100 * r['top1']:.1f}% | {a_txt} |")
     l1p = {(p["ada"], p["budget"]): p for p in data.get("pairs_l1_attn", [])}
-    lines += ["", "| Ada method vs baseline | budget | mean KL Ada / baseline | Ada lower on | "
-              "attention L1 Ada / baseline | Ada lower on |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| Ada method vs baseline | budget | mean KL Ada / baseline | Ada lower on | sign test p | "
+              "attention L1 Ada / baseline | Ada lower on |", "|---|---:|---:|---:|---:|---:|---:|"]
     for p in data["pairs"]:
         q = l1p.get((p["ada"], p["budget"]))
         q_txt = f"{q['ratio']:.3f} | {q['ada_wins']} of {q['n']}" if q else "n/a | n/a"
+        sign = _sign_test(data, p["ada"], p["baseline"], p["budget"])
         lines.append(f"| {p['ada']} vs {p['baseline']} | {p['budget']} | {p['ratio']:.3f} | "
-                     f"{p['ada_wins']} of {p['n']} prompts | {q_txt} |")
+                     f"{p['ada_wins']} of {p['n']} prompts | {sign} | {q_txt} |")
     return "\n".join(lines)
 
 
