@@ -24,7 +24,7 @@ cublas="$(find /usr/local/cuda*/targets /usr/local/cuda*/lib64 -name 'libcublas.
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 status=0
-python3 -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log" || status=1
+python3 -m pytest tests/test_gpu.py tests/test_eviction.py -k gpu -m "not slow" -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log" || status=1
 
 # speed: attention shaped like Llama-3-8B (32 query / 8 KV heads of 128), 8 layers, f16 random weights
 python3 - "$work/m.gguf" <<'EOF' || exit 2
