@@ -1,7 +1,9 @@
 """cffi binding (ABI mode) of adakv-local's own C API, ``native/include/llama-adakv.h``.
 
-The declarations are read from the installed header, between its ADAKV_CDEF_BEGIN and
-ADAKV_CDEF_END markers, so that the C header stays the single source of truth. The
+The declarations are read from the installed headers, between their ADAKV_CDEF_BEGIN and
+ADAKV_CDEF_END markers, so that the C headers stay the single source of truth: the API
+(``llama-adakv.h``) and the op-level entry points of the exactness tests
+(``llama-adakv-testing.h``, not part of the API that applications use). The
 library opened is the same libllama that llama-cpp-python uses (see :mod:`._lib`).
 """
 
@@ -22,7 +24,7 @@ from .errors import (
     NativeLibraryError,
 )
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 # return codes of llama-adakv.h (enum llama_adakv_status)
 OK = 0
@@ -32,23 +34,23 @@ _ERRORS: dict[int, type[AdaKVError]] = {
     -3: NativeBackendError,
 }
 
-_HEADER_NAME = "llama-adakv.h"
+_HEADER_NAMES = ("llama-adakv.h", "llama-adakv-testing.h")
 
 
-def header_path() -> Path:
-    """The C header: installed in ``adakv_local/include``, else the source tree's ``native/include``."""
+def header_path(name: str = _HEADER_NAMES[0]) -> Path:
+    """A C header: installed in ``adakv_local/include``, else the source tree's ``native/include``."""
     here = Path(__file__).resolve().parent
-    for cand in (here / "include" / _HEADER_NAME, here.parent / "native" / "include" / _HEADER_NAME):
+    for cand in (here / "include" / name, here.parent / "native" / "include" / name):
         if cand.exists():
             return cand
-    raise NativeLibraryError(f"{_HEADER_NAME} not found next to the adakv_local package; reinstall it")
+    raise NativeLibraryError(f"{name} not found next to the adakv_local package; reinstall it")
 
 
 def cdef_source(header_text: str) -> str:
     """The declarations cffi can parse: the marked block of the header, without LLAMA_API."""
     m = re.search(r"/\* ADAKV_CDEF_BEGIN \*/(.*?)/\* ADAKV_CDEF_END \*/", header_text, re.S)
     if not m:
-        raise NativeLibraryError(f"{_HEADER_NAME} has no ADAKV_CDEF_BEGIN/END block")
+        raise NativeLibraryError("an adakv header has no ADAKV_CDEF_BEGIN/END block")
     body = re.sub(r"//[^\n]*", "", m.group(1))
     return re.sub(r"\bLLAMA_API\b", "", body)
 
@@ -76,7 +78,8 @@ def native() -> Native:
 
     path = _lib.bind_llama_cpp()
     ffi = cffi.FFI()
-    ffi.cdef(cdef_source(header_path().read_text()))
+    for name in _HEADER_NAMES:
+        ffi.cdef(cdef_source(header_path(name).read_text()))
     try:
         lib = ffi.dlopen(str(path))
     except OSError as e:

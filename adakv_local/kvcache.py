@@ -95,6 +95,15 @@ class KVCache:
         self._n.check(self._n.lib.llama_adakv_get_starts(self._ctx, self._ptr(out, "int32_t *")))
         return out
 
+    def positions(self, n_cells: int | None = None) -> np.ndarray:
+        """int32 ``[n_layer, n_head_kv, n_cells]``: the original position of the token each cell holds
+        for each head (the compacted block holds different tokens per head), -1 where it holds none
+        for that head. Kept by the library, so it is part of a saved state."""
+        n_cells = self.n_cells() if n_cells is None else n_cells
+        out = np.zeros((self.n_layer, self.n_head_kv, n_cells), dtype=np.int32)
+        self._n.check(self._n.lib.llama_adakv_get_positions(self._ctx, self._ptr(out, "int32_t *"), int(n_cells)))
+        return out
+
     # scores
 
     def arm_scores(self, window: int) -> None:

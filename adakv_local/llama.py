@@ -115,8 +115,6 @@ class Llama(llama_cpp.Llama):
         self._adakv_suspended = False
         self.adakv_stats: AdaKVStats | None = None
         self._adakv: KVCache | None = None
-        # per evicted layer and head: original positions of the compacted block's cells
-        self._adakv_block: list[list[np.ndarray]] | None = None
         super().__init__(*args, **kwargs)
         if config is not None:
             try:
@@ -133,10 +131,14 @@ class Llama(llama_cpp.Llama):
     # -- the hook ----------------------------------------------------------------------------------
 
     def eval(self, tokens: Sequence[int]) -> None:
-        """Evaluate tokens; a prompt that takes the cache above the budget is compressed after it."""
+        """Evaluate tokens; a prompt that takes the cache above the budget is compressed after it.
+
+        Everything that describes the compressed cache (start cells, kept positions) is kept by the
+        native library, so it travels with ``save_state()`` / ``load_state()``.
+        """
         kv, cfg = self._adakv, self.adakv_config
-        if kv is None or cfg is None:
-            return self._eval_batches(tokens)
+        if kv is None or cfg is None or cfg.method == "full":
+            return self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
         self._rewind()
         if self._adakv_suspended or len(tokens) < cfg.window:
             return self._eval_batches(tokens)
@@ -157,7 +159,6 @@ class Llama(llama_cpp.Llama):
             self.progress_callback(len(tokens), len(tokens))
         t2 = time.perf_counter()
         scores = kv.read_scores(n_after)
-        positions = self._cell_positions(n_after)
 
         alloc = AllocationConfig(budget=budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio, sinks=cfg.sinks)
         kept = keep_sets(list(scores), n_after, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling,
@@ -165,10 +166,6 @@ class Llama(llama_cpp.Llama):
         t3 = time.perf_counter()
         footprint = kv.compact(kept)
         t4 = time.perf_counter()
-        self._adakv_block = [
-            [positions[i][h][np.asarray(kept[i][h]) - int(starts[i][h])] for h in range(kv.n_head_kv)]
-            for i in range(kv.n_layer)
-        ]
 
         self.adakv_stats = AdaKVStats(
             prompt_tokens=self.n_tokens,
@@ -239,20 +236,12 @@ class Llama(llama_cpp.Llama):
         return int(llama_cpp.llama_model_n_layer(self.model))
 
     def _cell_positions(self, n_cells: int) -> list[list[np.ndarray]]:
-        """Original position of every valid cell [start, n_cells) of each evicted layer and head.
-
-        The compacted block holds what the last compaction kept; the cells after it hold the most
-        recent tokens, in order.
-        """
+        """Original position of every valid cell [start, n_cells) of each evicted layer and head,
+        as the native library records them (the compacted block, then the tokens after it)."""
         kv = self._adakv
         assert kv is not None
-        footprint = kv.footprint()
-        block = self._adakv_block if footprint > 0 else None
-        r = footprint if block is not None else 0
-        tail = np.arange(self.n_tokens - (n_cells - r), self.n_tokens, dtype=np.int64)
-        if block is None:
-            return [[tail] * kv.n_head_kv for _ in range(kv.n_layer)]
-        return [[np.concatenate([b, tail]) for b in layer] for layer in block]
+        positions, starts = kv.positions(n_cells).astype(np.int64), kv.starts()
+        return [[positions[i, h, starts[i, h] :] for h in range(kv.n_head_kv)] for i in range(kv.n_layer)]
 
     def _kept_matrix(self) -> np.ndarray:
         kv = self._adakv

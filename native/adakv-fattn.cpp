@@ -3,7 +3,7 @@
 #include "adakv-fattn.h"
 
 #include "adakv-impl.h"
-#include "llama-adakv.h"
+#include "llama-adakv-testing.h"
 
 #include "ggml-cpu.h"
 
@@ -179,7 +179,8 @@ static int32_t adakv_op_check(
         int32_t d_k,
         int32_t d_v,
         int32_t kv_type,
-        int32_t n_threads) {
+        int32_t n_threads,
+        bool any_start) {
     if (!q || !k || !starts || !out) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: q, k, starts and out must not be NULL", func);
     }
@@ -196,7 +197,7 @@ static int32_t adakv_op_check(
                 LLAMA_ADAKV_ERR_INVALID, "%s: kv_type %d is not a usable KV cache type for head sizes %d/%d", func,
                 kv_type, d_k, d_v);
     }
-    for (int32_t h = 0; h < n_head_kv; ++h) {
+    for (int32_t h = 0; h < n_head_kv && !any_start; ++h) {
         if (starts[h] < 0 || starts[h] >= n_kv) {
             return llama_adakv_set_error(
                     LLAMA_ADAKV_ERR_INVALID, "%s: starts[%d] = %d is outside [0, %d)", func, h, starts[h], n_kv);
@@ -274,8 +275,10 @@ int32_t llama_adakv_flash_attn_cpu(
         float * k_used,
         float * v_used) {
     llama_adakv_clear_error();
-    int32_t rc =
-            adakv_op_check(__func__, q, k, starts, out, n_q, n_kv, n_head, n_head_kv, d_k, d_v, kv_type, n_threads);
+    // the fast path's kernels clamp the starts (patch 0001); the fallback needs them in range
+    int32_t rc = adakv_op_check(
+            __func__, q, k, starts, out, n_q, n_kv, n_head, n_head_kv, d_k, d_v, kv_type, n_threads,
+            path == LLAMA_ADAKV_FA_FAST);
     if (rc != LLAMA_ADAKV_OK) {
         return rc;
     }
@@ -336,8 +339,8 @@ int32_t llama_adakv_window_scores_cpu(
         float * out,
         float * k_used) {
     llama_adakv_clear_error();
-    int32_t rc =
-            adakv_op_check(__func__, q, k, starts, out, n_q, n_kv, n_head, n_head_kv, d_k, d_k, kv_type, n_threads);
+    int32_t rc = adakv_op_check(
+            __func__, q, k, starts, out, n_q, n_kv, n_head, n_head_kv, d_k, d_k, kv_type, n_threads, false);
     if (rc != LLAMA_ADAKV_OK) {
         return rc;
     }

@@ -12,6 +12,38 @@ uint64_t llama_adakv_graph_epoch(const llama_adakv * ak) {
     return ak ? ak->epoch : 0;
 }
 
+uint32_t llama_adakv_graph_extra_nodes(const llama_adakv * ak) {
+    if (ak == nullptr) {
+        return 0;
+    }
+    // per evicted layer, generously: the fallback's 7 tensors per KV head (three views, the mask
+    // view and its copy, the attention, the concat), the window scores' ~25 plus 4 per query head
+    // of a group (max reduction), the capture's copy; tensors that are not nodes count against the
+    // same budget (llm_graph_result sizes its tensor pool by it)
+    const uint32_t n_gqa = (uint32_t) (ak->n_head / ak->n_head_kv);
+    return (uint32_t) ak->layers.size() * (8u * (uint32_t) ak->n_head_kv + 4u * n_gqa + 64u);
+}
+
+llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) {
+    if (ak != nullptr) {
+        scored_tokens   = ak->scored_tokens;
+        scored_n_kv     = ak->scored_n_kv;
+        captured_tokens = ak->captured_tokens;
+        scored          = ak->scored;
+        captured        = ak->captured;
+    }
+}
+
+llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
+    if (ak != nullptr) {
+        ak->scored_tokens   = scored_tokens;
+        ak->scored_n_kv     = scored_n_kv;
+        ak->captured_tokens = captured_tokens;
+        ak->scored          = std::move(scored);
+        ak->captured        = std::move(captured);
+    }
+}
+
 // the attention of one layer with the start cells applied: the stock node (nothing compacted),
 // the same node with per-head starts (backend supports it), or the per-head fallback
 static ggml_tensor * llama_adakv_graph_heads(

@@ -8,6 +8,7 @@
 #include "llama.h"
 
 #include <cstdint>
+#include <vector>
 
 struct ggml_context;
 struct ggml_cgraph;
@@ -22,6 +23,30 @@ void llama_adakv_free(llama_adakv * ak);
 // changes whenever the adakv part of the graph changes (graph reuse check)
 uint64_t llama_adakv_graph_epoch(const llama_adakv * ak);
 
+// graph nodes that the adakv part can add to one ubatch's graph at most (window scores, the
+// per-head fallback, capture); llama_context::graph_max_nodes adds them to its budget
+uint32_t llama_adakv_graph_extra_nodes(const llama_adakv * ak);
+
+// llama_context::graph_reserve builds graphs that are never computed: what the adakv part
+// records while building one (which layers were scored or captured, for how many tokens) is
+// put back as it was when this scope ends
+class llama_adakv_reserve_scope {
+  public:
+    explicit llama_adakv_reserve_scope(llama_adakv * ak);
+    ~llama_adakv_reserve_scope();
+
+    llama_adakv_reserve_scope(const llama_adakv_reserve_scope &)             = delete;
+    llama_adakv_reserve_scope & operator=(const llama_adakv_reserve_scope &) = delete;
+
+  private:
+    llama_adakv * ak;
+    int32_t scored_tokens   = 0;
+    uint32_t scored_n_kv    = 0;
+    int32_t captured_tokens = 0;
+    std::vector<bool> scored;
+    std::vector<bool> captured;
+};
+
 // called with each flash-attention node right after build_attn_mha built it; returns the
 // node to use instead (the same node with per-head start cells, or the per-head fallback),
 // and adds the window-score nodes to gf when scoring is armed
@@ -30,7 +55,8 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
 // llama_kv_cache::seq_rm: false refuses the removal (it would cut into a compacted block)
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 
-// llama_kv_cache::seq_add / seq_div: false refuses the shift of compacted cells
+// llama_kv_cache::seq_add / seq_div (and the iSWA cache's, before either of its caches moves):
+// false refuses the shift of a compacted sequence
 bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 
 // llama_kv_cache::clear

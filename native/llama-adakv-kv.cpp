@@ -22,8 +22,11 @@
 #include <stdexcept>
 #include <typeinfo>
 
-// the parts of llama_kv_cache that compaction needs (friend of llama_kv_cache, patch 0002)
+// the parts of llama_kv_cache and llama_context that adakv needs (a friend of both, patch 0002)
 struct llama_adakv_access {
+    // the graph budget changed (llama_adakv_graph_extra_nodes): reserve again before the next decode
+    static void request_reserve(llama_context & ctx) { ctx.sched_need_reserve = true; }
+
     static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
     static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
     static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }
@@ -46,7 +49,7 @@ struct llama_adakv_access {
 };
 
 static const uint32_t ADAKV_STATE_MAGIC   = 0x564b4441; // "ADKV"
-static const uint32_t ADAKV_STATE_VERSION = 1;
+static const uint32_t ADAKV_STATE_VERSION = 2;
 
 llama_adakv::~llama_adakv() {
     llama_adakv_free_capture(*this);
@@ -64,15 +67,18 @@ llama_adakv::~llama_adakv() {
 void llama_adakv_reset_table(llama_adakv & ak) {
     for (auto & l : ak.layers) {
         std::fill(l.start.begin(), l.start.end(), 0);
+        l.kept_pos.clear();
     }
     ak.footprint = 0;
     ak.pos_lo    = -1;
     ak.pos_hi    = -1;
+    ak.pos_first = -1;
     llama_adakv_upload_starts(ak);
     ak.epoch++;
 }
 
 void llama_adakv_upload_starts(llama_adakv & ak) {
+    ak.lctx->synchronize();
     std::vector<float> f;
     for (auto & l : ak.layers) {
         ggml_backend_tensor_set(l.start_i32, l.start.data(), 0, l.start.size() * sizeof(int32_t));
@@ -108,19 +114,20 @@ bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, 
     if (!llama_adakv_is_compacted(ak) || (seq_id > 0)) {
         return true;
     }
-    // p0 >= 0 and p1 > p0 here (normalized by the caller); [p0, p1) against [pos_lo, pos_hi]
-    if (p1 <= ak->pos_lo || p0 > ak->pos_hi) {
+    // p0 >= 0 and p1 > p0 here (normalized by the caller). The block stands for the positions
+    // [pos_first, pos_hi], not only for its labels [pos_lo, pos_hi]: compare with those
+    if (p1 <= ak->pos_first || p0 > ak->pos_hi) {
         return true; // after (or before) the block
     }
     const auto & cells = llama_adakv_access::cells(*ak->kv);
-    if (p0 <= cells.seq_pos_min(0) && p1 > cells.seq_pos_max(0)) {
+    if (p0 <= ak->pos_first && p1 > cells.seq_pos_max(0)) {
         llama_adakv_reset_table(*ak); // the whole sequence goes
         return true;
     }
     LLAMA_LOG_WARN(
             "%s: refusing to remove positions [%d, %d) of sequence %d: they cut into the compacted "
-            "block [%d, %d]; remove the whole sequence instead\n",
-            __func__, p0, p1, seq_id, ak->pos_lo, ak->pos_hi + 1);
+            "block of positions [%d, %d]; remove the whole sequence instead\n",
+            __func__, p0, p1, seq_id, ak->pos_first, ak->pos_hi + 1);
     return false;
 }
 
@@ -132,17 +139,21 @@ bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p
     if (p1 < 0) {
         p1 = std::numeric_limits<llama_pos>::max();
     }
-    if (p1 <= ak->pos_lo || p0 > ak->pos_hi) {
+    // any moved cell of the sequence would need a K-shift, which a compacted cache cannot apply
+    // (llama_kv_cache::update would abort), so every range holding cells of it is refused
+    const auto & cells = llama_adakv_access::cells(*ak->kv);
+    if (p0 >= p1 || p1 <= ak->pos_first || p0 > cells.seq_pos_max(0)) {
         return true;
     }
     LLAMA_LOG_ERROR(
-            "%s: refusing to shift positions [%d, %d) of sequence %d: the compacted block [%d, %d] "
-            "cannot be shifted (its K carries the RoPE of the original positions)\n",
-            __func__, p0, p1, seq_id, ak->pos_lo, ak->pos_hi + 1);
+            "%s: refusing to shift positions [%d, %d) of sequence %d: it holds a compacted block "
+            "(positions [%d, %d]) and a compacted cache cannot be shifted; nothing was moved\n",
+            __func__, p0, p1, seq_id, ak->pos_first, ak->pos_hi + 1);
     return false;
 }
 
-// header: magic, version, n_layer, n_head_kv, footprint, pos_lo, pos_hi, starts [n_layer*n_head_kv]
+// header: magic, version, n_layer, n_head_kv; block: footprint, pos_lo, pos_hi, pos_first;
+// starts [n_layer][n_head_kv]; kept positions [n_layer][n_head_kv][footprint]
 void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
@@ -151,10 +162,13 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
     const uint32_t hdr[4] = { ADAKV_STATE_MAGIC, ADAKV_STATE_VERSION, (uint32_t) ak->layers.size(),
                               (uint32_t) ak->n_head_kv };
     io.write(hdr, sizeof(hdr));
-    const int32_t blk[3] = { ak->footprint, ak->pos_lo, ak->pos_hi };
+    const int32_t blk[4] = { ak->footprint, ak->pos_lo, ak->pos_hi, ak->pos_first };
     io.write(blk, sizeof(blk));
     for (const auto & l : ak->layers) {
         io.write(l.start.data(), l.start.size() * sizeof(int32_t));
+    }
+    for (const auto & l : ak->layers) {
+        io.write(l.kept_pos.data(), l.kept_pos.size() * sizeof(llama_pos));
     }
 }
 
@@ -164,16 +178,29 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     }
     uint32_t hdr[4];
     io.read(hdr, sizeof(hdr));
-    if (hdr[0] != ADAKV_STATE_MAGIC || hdr[1] != ADAKV_STATE_VERSION) {
+    if (hdr[0] != ADAKV_STATE_MAGIC) {
         throw std::runtime_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
+    }
+    if (hdr[1] != ADAKV_STATE_VERSION) {
+        throw std::runtime_error("adakv: this state was saved by another version of adakv-local");
     }
     if (hdr[2] != ak->layers.size() || (int32_t) hdr[3] != ak->n_head_kv) {
         throw std::runtime_error("adakv: this state was saved from a model with another layer layout");
     }
-    int32_t blk[3];
+    int32_t blk[4];
     io.read(blk, sizeof(blk));
+    if (blk[0] < 0 || (uint32_t) blk[0] > ak->kv_size) {
+        throw std::runtime_error("adakv: the saved compacted block does not fit this context's cache");
+    }
     std::vector<int32_t> starts(ak->layers.size() * ak->n_head_kv);
     io.read(starts.data(), starts.size() * sizeof(int32_t));
+    for (int32_t s : starts) {
+        if (s < 0 || (blk[0] > 0 ? s >= blk[0] : s != 0)) {
+            throw std::runtime_error("adakv: the saved start table is corrupt");
+        }
+    }
+    std::vector<llama_pos> kept(starts.size() * blk[0]);
+    io.read(kept.data(), kept.size() * sizeof(llama_pos));
 
     if (seq_id != -1 && blk[0] > 0) {
         throw std::runtime_error(
@@ -183,27 +210,31 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     if (seq_id != -1 && ak->footprint > 0) {
         throw std::runtime_error("adakv: refusing to restore a sequence into a compacted cache");
     }
-    ak->pending        = seq_id == -1;
-    ak->pending_fp     = blk[0];
-    ak->pending_pos_lo = blk[1];
-    ak->pending_pos_hi = blk[2];
-    ak->pending_starts = std::move(starts);
+    ak->pending           = seq_id == -1;
+    ak->pending_fp        = blk[0];
+    ak->pending_pos_lo    = blk[1];
+    ak->pending_pos_hi    = blk[2];
+    ak->pending_pos_first = blk[3];
+    ak->pending_starts    = std::move(starts);
+    ak->pending_kept      = std::move(kept);
 }
 
 void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     if (ak == nullptr || !ak->pending || seq_id != -1) {
         return;
     }
-    size_t i = 0;
-    for (auto & l : ak->layers) {
-        for (auto & s : l.start) {
-            s = ak->pending_starts[i++];
-        }
+    const size_t n_kept = (size_t) ak->n_head_kv * ak->pending_fp;
+    for (size_t i = 0; i < ak->layers.size(); ++i) {
+        auto & l = ak->layers[i];
+        std::copy_n(ak->pending_starts.begin() + i * ak->n_head_kv, ak->n_head_kv, l.start.begin());
+        l.kept_pos.assign(ak->pending_kept.begin() + i * n_kept, ak->pending_kept.begin() + (i + 1) * n_kept);
     }
     ak->footprint = ak->pending_fp;
     ak->pos_lo    = ak->pending_pos_lo;
     ak->pos_hi    = ak->pending_pos_hi;
+    ak->pos_first = ak->pending_pos_first;
     ak->pending   = false;
+    ak->pending_kept.clear();
     llama_adakv_upload_starts(*ak);
     ak->epoch++;
 }
@@ -239,6 +270,11 @@ static const char * adakv_unsupported_model(const llama_model & model) {
     }
     if (hp.n_pos_per_embd() > 1) {
         return "models with multi-dimensional positions (M-RoPE) are not supported";
+    }
+    for (const auto & layer : model.layers) {
+        if (layer.attn_sinks != nullptr) {
+            return "models with attention sinks (learned per-head logits, e.g. gpt-oss) are not supported";
+        }
     }
     return nullptr;
 }
@@ -391,6 +427,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
 
     kv->adakv  = ak.get();
     ctx->adakv = ak.release();
+    // the graph budget now includes what the adakv part adds (llama_adakv_graph_extra_nodes)
+    llama_adakv_access::request_reserve(*ctx);
     return LLAMA_ADAKV_OK;
 }
 
@@ -442,6 +480,39 @@ int32_t llama_adakv_n_cells(const struct llama_context * ctx) {
                 __func__);
     }
     return n;
+}
+
+// original position of the token that cell c holds for head h of layer l, or -1 (see kept_pos)
+static llama_pos adakv_cell_pos(
+        const llama_adakv & ak,
+        const llama_adakv_layer & l,
+        const llama_kv_cells & cells,
+        int32_t h,
+        int32_t c) {
+    if (c < ak.footprint) {
+        return l.kept_pos[(size_t) h * ak.footprint + c];
+    }
+    return cells.is_empty(c) ? -1 : cells.pos_get(c);
+}
+
+int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * out, int32_t n_cells) {
+    llama_adakv_clear_error();
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr || n_cells < 1 || (uint32_t) n_cells > ak->kv_size) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out must not be NULL and n_cells must be in [1, %u], got %d", __func__,
+                ak->kv_size, n_cells);
+    }
+    const auto & cells = llama_adakv_access::cells(*ak->kv);
+    for (size_t i = 0; i < ak->layers.size(); ++i) {
+        for (int32_t h = 0; h < ak->n_head_kv; ++h) {
+            int32_t * dst = out + ((size_t) i * ak->n_head_kv + h) * n_cells;
+            for (int32_t c = 0; c < n_cells; ++c) {
+                dst[c] = adakv_cell_pos(*ak, ak->layers[i], cells, h, c);
+            }
+        }
+    }
+    return LLAMA_ADAKV_OK;
 }
 
 int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out) {
@@ -592,8 +663,11 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         }
     }
 
-    // index table of every layer: [R, H], destination cell -> source cell
+    // index table of every layer: [R, H], destination cell -> source cell; and the original
+    // positions of the tokens the block will hold: [H, R], -1 below a head's start
+    auto & cells = llama_adakv_access::cells(*ak->kv);
     std::vector<std::vector<int32_t>> idx(NL, std::vector<int32_t>((size_t) R * H));
+    std::vector<std::vector<llama_pos>> kept_pos(NL, std::vector<llama_pos>((size_t) R * H, -1));
     off = 0;
     for (size_t i = 0; i < NL; ++i) {
         for (int32_t h = 0; h < H; ++h) {
@@ -603,9 +677,14 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
                 col[c] = c; // below the start: left as it is
             }
             memcpy(col + (R - L), kept + off, L * sizeof(int32_t));
+            for (int32_t j = 0; j < L; ++j) {
+                kept_pos[i][(size_t) h * R + (R - L) + j] = adakv_cell_pos(*ak, ak->layers[i], cells, h, kept[off + j]);
+            }
             off += L;
         }
     }
+    // the block stands for every position from the sequence's first one on (an earlier block included)
+    const llama_pos first = ak->footprint > 0 ? ak->pos_first : cells.seq_pos_min(0);
 
     // one graph per device: get_rows + cpy of the I32 alias of K and V
     std::map<ggml_backend_t, std::vector<size_t>> by_backend;
@@ -664,7 +743,6 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     }
 
     // cells: [0, R) relabelled P - R + 1 .. P, [R, N) freed
-    auto & cells      = llama_adakv_access::cells(*ak->kv);
     const llama_pos P = cells.seq_pos_max(0);
     for (int32_t c = 0; c < N; ++c) {
         cells.rm(c);
@@ -679,10 +757,12 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         for (int32_t h = 0; h < H; ++h) {
             ak->layers[i].start[h] = R - counts[i * H + h];
         }
+        ak->layers[i].kept_pos = std::move(kept_pos[i]);
     }
     ak->footprint = R;
     ak->pos_lo    = P - R + 1;
     ak->pos_hi    = P;
+    ak->pos_first = first;
     llama_adakv_upload_starts(*ak);
     ak->epoch++;
     return LLAMA_ADAKV_OK;

@@ -41,6 +41,10 @@ struct llama_adakv_layer {
     ggml_tensor * scores    = nullptr; // F32 [kv_size, n_head_kv] window scores of each cell
 
     std::vector<int32_t> start; // host copy of start_i32
+
+    // original position of the token that cell c < footprint holds for head h, at [h * footprint + c]
+    // (-1 below the head's start); cells from the footprint on keep their own positions
+    std::vector<llama_pos> kept_pos;
 };
 
 struct llama_adakv {
@@ -63,10 +67,13 @@ struct llama_adakv {
     // backends used for compaction, one per device
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;
 
-    // compacted block: cells [0, footprint) of sequence 0, positions [pos_lo, pos_hi]
-    int32_t footprint = 0;
-    llama_pos pos_lo  = -1;
-    llama_pos pos_hi  = -1;
+    // compacted block: cells [0, footprint) of sequence 0, labelled with positions [pos_lo, pos_hi];
+    // it stands for the tokens at positions [pos_first, pos_hi] (pos_first <= pos_lo), so that
+    // a removal or a shift of any of those positions cuts into it
+    int32_t footprint   = 0;
+    llama_pos pos_lo    = -1;
+    llama_pos pos_hi    = -1;
+    llama_pos pos_first = -1;
 
     // attention-output capture (evaluation): armed with room for capture_tokens tokens
     int32_t capture_tokens  = 0;
@@ -85,11 +92,13 @@ struct llama_adakv {
     uint64_t epoch = 1;
 
     // a state blob read by state_read_begin, applied by state_read_end
-    bool pending             = false;
-    int32_t pending_fp       = 0;
-    llama_pos pending_pos_lo = -1;
-    llama_pos pending_pos_hi = -1;
-    std::vector<int32_t> pending_starts;
+    bool pending                = false;
+    int32_t pending_fp          = 0;
+    llama_pos pending_pos_lo    = -1;
+    llama_pos pending_pos_hi    = -1;
+    llama_pos pending_pos_first = -1;
+    std::vector<int32_t> pending_starts;   // [n_layer * n_head_kv]
+    std::vector<llama_pos> pending_kept;   // [n_layer * n_head_kv * pending_fp]
 
     ~llama_adakv();
 };
@@ -121,7 +130,8 @@ void llama_adakv_graph_capture(llama_adakv * ak, ggml_context * ctx, ggml_cgraph
 // resets the start table to zeros and forgets the compacted block
 void llama_adakv_reset_table(llama_adakv & ak);
 
-// writes the host start table of every layer into the persistent tensors
+// writes the host start table of every layer into the persistent tensors, after the context's
+// queued work is done (a graph still running on an asynchronous backend may be reading them)
 void llama_adakv_upload_starts(llama_adakv & ak);
 
 // the device holding an allocated tensor (host buffer types have none: the CPU device)

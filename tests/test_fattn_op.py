@@ -109,11 +109,45 @@ def test_all_starts_zero_equals_plain_attention():
     np.testing.assert_array_equal(a, b)
 
 
+def clamped_reference(q, k, v, mask, starts, scale):
+    """reference() with each start clamped to [0, n_kv]; a head that sees no cell outputs 0."""
+    n_kv = k.shape[1]
+    clamped = np.clip(starts, 0, n_kv)
+    visible = np.clip(clamped, 0, n_kv - 1)
+    out = reference(q, k, v, mask, visible, scale)
+    g = q.shape[0] // k.shape[0]
+    for h in np.flatnonzero(clamped >= n_kv):
+        out[:, h * g : (h + 1) * g, :] = 0.0
+    return out
+
+
+# (n_q, n_kv): decode (one-chunk path) and a batch that takes the tiled path for f16
+@pytest.mark.parametrize("n_q, n_kv", [(1, 96), (1, 700), (40, 200)])
+def test_fast_path_clamps_starts_outside_the_cells(n_q, n_kv):
+    """The kernels clamp a start to [0, n_kv] (patch 0001): below 0 reads from cell 0, n_kv or
+    more leaves the head no cell (outputs 0, as a fully masked row). The tiled path used to
+    start its loop at the raw value and read before the tensor."""
+    rng = np.random.default_rng(zlib.crc32(repr(("clamp", n_q, n_kv)).encode()))
+    d, n_head, n_head_kv = 64, 8, 4
+    q = rng.standard_normal((n_head, n_q, d)).astype(np.float32)
+    k = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_head_kv, n_kv, d)).astype(np.float32)
+    starts = np.array([-5, n_kv + 3, n_kv, -(2**31)], dtype=np.int32)
+    out, k_used, v_used = flash_attn_cpu(q, k, v, None, starts, 0.125, kv_type="f16", path=FA_FAST)
+    ref = clamped_reference(q, k_used, v_used, None, starts, 0.125)
+    info = f"n_q={n_q} n_kv={n_kv} starts={starts.tolist()}"
+    assert np.all(np.isfinite(out)), info
+    err = np.abs(out - ref).max()
+    assert err <= TOL["f16"], f"{err:.3g} > {TOL['f16']} ({info})"
+    # heads 1 and 2 see no cell: exactly 0, not merely small
+    assert not out[:, 2:6, :].any(), info
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"starts": np.array([0, 50], dtype=np.int32)}, "outside"),
-        ({"starts": np.array([-1, 0], dtype=np.int32)}, "outside"),
+        ({"starts": np.array([0, 50], dtype=np.int32), "path": FA_FALLBACK}, "outside"),
+        ({"starts": np.array([-1, 0], dtype=np.int32), "path": FA_FALLBACK}, "outside"),
         ({"kv_type": "q4_0", "d": 48}, "not a usable KV cache type"),
     ],
 )

@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 3
+#define LLAMA_ADAKV_ABI_VERSION 4
 
 #ifdef __cplusplus
 extern "C" {
@@ -48,48 +48,6 @@ LLAMA_API const char * llama_adakv_llama_cpp_commit(void);
 LLAMA_API const char * llama_adakv_last_error(void);
 
 //
-// flash attention with per-KV-head start cells, on the CPU backend (op-level checks)
-//
-
-// how llama_adakv_flash_attn_cpu evaluates the op
-enum llama_adakv_fa_path {
-    LLAMA_ADAKV_FA_FAST     = 0, // one ggml_flash_attn_ext with per-head starts (patch 0001)
-    LLAMA_ADAKV_FA_FALLBACK = 1, // one stock ggml_flash_attn_ext per KV head over cells [start[h], n_kv)
-};
-
-// Computes out = softmax(scale * q k^T + mask) v per query head, where query head i uses
-// KV head i / (n_head / n_head_kv) and KV head h sees only cells >= starts[h].
-// K and V are first converted to kv_type (a ggml_type: F16, Q8_0, Q4_0, ...), exactly as a
-// KV cache of that type stores them.
-//   q      : F32 [n_head][n_q][d_k]        (row-major, last index fastest)
-//   k      : F32 [n_head_kv][n_kv][d_k]
-//   v      : F32 [n_head_kv][n_kv][d_v]
-//   mask   : F32 [n_q][n_kv] added to the scores (-INFINITY allowed), or NULL for none
-//   starts : I32 [n_head_kv], each in [0, n_kv)
-//   out    : F32 [n_q][n_head][d_v]
-//   k_used, v_used: if not NULL, receive K and V as the kernel read them (after conversion)
-// Returns LLAMA_ADAKV_OK or an error code (out untouched on INVALID / ALLOC).
-LLAMA_API int32_t llama_adakv_flash_attn_cpu(
-        const float * q,
-        const float * k,
-        const float * v,
-        const float * mask,
-        const int32_t * starts,
-        int32_t n_q,
-        int32_t n_kv,
-        int32_t n_head,
-        int32_t n_head_kv,
-        int32_t d_k,
-        int32_t d_v,
-        int32_t kv_type,
-        float scale,
-        int32_t path,
-        int32_t n_threads,
-        float * out,
-        float * k_used,
-        float * v_used);
-
-//
 // per-head KV eviction on a context
 //
 // Flow for one prompt (sequence 0, the only one):
@@ -102,6 +60,13 @@ LLAMA_API int32_t llama_adakv_flash_attn_cpu(
 //
 // "Layer" below is an evicted layer: the layers of the (non-SWA) KV cache, in model order.
 // Cells are indices into the cache; sequence 0 always occupies cells [0, n_cells).
+//
+// After a compaction the block stands for every position from the sequence's first to the
+// last compacted one, [first, P]. The llama_memory_* calls keep to that: seq_rm removes the
+// block only as a whole (p0 <= first, nothing of the sequence left after p1) and returns false
+// for any range that starts inside it, without removing anything of this cache; seq_add and
+// seq_div are refused (logged, nothing moved) for any range that holds cells of the
+// sequence, since a K-shift cannot be applied to a compacted cache.
 //
 
 // how the scores of the query heads of one KV head are combined
@@ -120,7 +85,7 @@ LLAMA_API struct llama_adakv_params llama_adakv_default_params(void);
 
 // Enables per-head eviction. Refused (LLAMA_ADAKV_ERR_INVALID, context unchanged) when flash
 // attention is off, n_seq_max > 1, or the model is not supported (recurrent, hybrid, MLA,
-// ALiBi, M-RoPE, encoder-decoder, shared-cell caches); the message says which.
+// ALiBi, attention sinks, M-RoPE, encoder-decoder, shared-cell caches); the message says which.
 LLAMA_API int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params params);
 
 // 1 if enabled on ctx, else 0
@@ -163,6 +128,13 @@ LLAMA_API int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32
 // R, the cells of the compacted block (0 if nothing is compacted), or an error code
 LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
 
+// out[n_layer][n_head_kv][n_cells]: the original position of the token that each of the cells
+// [0, n_cells) holds for each head (cells of the compacted block hold different tokens in
+// different heads), or -1 where the cell holds nothing for that head (below the head's start,
+// or empty). 1 <= n_cells <= the cache size. This table is part of the context's state: it
+// travels with llama_state_get_data / llama_state_set_data.
+LLAMA_API int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * out, int32_t n_cells);
+
 // bytes of one KV head's row of K (is_v = 0) or V (is_v = 1) in evicted layer `layer`, or an error code
 LLAMA_API int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t layer, int32_t is_v);
 
@@ -189,27 +161,6 @@ LLAMA_API int64_t llama_adakv_capture_width(const struct llama_context * ctx);
 
 // out: F32 [n_layer][n_tokens][width], the last captured ubatch, which must have had n_tokens tokens
 LLAMA_API int32_t llama_adakv_read_capture(struct llama_context * ctx, float * out, int32_t n_tokens);
-
-// Window scores (see llama_adakv_read_scores) of queries q over keys k on the CPU backend, with
-// the same graph the model uses: q F32 [n_head][n_q][d_k], k F32 [n_head_kv][n_kv][d_k] (converted
-// to kv_type first), mask F32 [n_q][n_kv] or NULL, starts I32 [n_head_kv] (cells below score 0),
-// gqa_reduce an enum llama_adakv_gqa_reduce; out F32 [n_head_kv][n_kv]; k_used as above.
-LLAMA_API int32_t llama_adakv_window_scores_cpu(
-        const float * q,
-        const float * k,
-        const float * mask,
-        const int32_t * starts,
-        int32_t n_q,
-        int32_t n_kv,
-        int32_t n_head,
-        int32_t n_head_kv,
-        int32_t d_k,
-        int32_t kv_type,
-        int32_t gqa_reduce,
-        float scale,
-        int32_t n_threads,
-        float * out,
-        float * k_used);
 
 /* ADAKV_CDEF_END */
 
