@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build ggml, libllama and native/ with AddressSanitizer + UBSan and run the exactness and
+# native tests on that build.
+#
+#   scripts/sanitize.sh [PYTEST_ARGS...]     e.g. scripts/sanitize.sh -x -k fallback
+#
+# Run it from an environment where adakv-local's test extra is installed (README, "Running the
+# tests"). The build goes to build-asan/ (reused by later runs) and is used only through
+# ADAKV_LIB_DIR; the installed package is left alone. Python itself is not instrumented, so the
+# ASan runtime is preloaded; leak checking is off (CPython keeps memory until exit by design),
+# and any ASan or UBSan report stops the process with a non-zero exit code.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-python}"
+build="${ADAKV_SANITIZE_BUILD:-build-asan}"
+
+if [ ! -f "$build/CMakeCache.txt" ]; then
+    cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DADAKV_SANITIZE=ON \
+        -DPython_EXECUTABLE="$(command -v "$py")" >/dev/null
+fi
+cmake --build "$build" -j "$(nproc)"
+
+asan="$(${CC:-cc} -print-file-name=libasan.so)"
+if [ ! -f "$asan" ]; then
+    echo "scripts/sanitize.sh: the ASan runtime (libasan.so) was not found by ${CC:-cc}" >&2
+    exit 1
+fi
+
+tests=(tests/test_fattn_op.py tests/test_eviction.py tests/test_reliability.py tests/test_llama.py)
+echo "[sanitize] running ${tests[*]} on $build/bin under ASan + UBSan" >&2
+ADAKV_LIB_DIR="$root/$build/bin" \
+LD_PRELOAD="$asan" \
+ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1" \
+UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
+    "$py" -m pytest -p no:cacheprovider -q -m "not slow" "${tests[@]}" "$@"

@@ -1,0 +1,209 @@
+"""Regression tests for defects that lost cached cells silently, crashed or aborted (issue #10).
+
+Each test failed on the code before its fix. Tests whose failure was a process abort
+(GGML_ASSERT / GGML_ABORT) run their scenario in a subprocess, so that the abort is reported
+as a failure instead of killing the test run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
+from adakv_local.llama import Llama
+
+WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
+         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+
+
+def text(n_words: int, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    return " ".join(rng.choice(WORDS, size=n_words))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
+                                n_head_kv=2, n_ff=256, seed=21))
+
+
+def llama(path: str, **kw) -> Llama:
+    opts = dict(model_path=path, n_ctx=1024, n_threads=1, logits_all=True, seed=0, verbose=False,
+                adakv_budget=24, adakv_window=8)
+    opts.update(kw)
+    return Llama(**opts)
+
+
+def greedy(llm: Llama, prompt: list[int], n: int = 6) -> str:
+    return llm.create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+
+
+def last_logits(llm: Llama) -> np.ndarray:
+    return np.array(llm.scores[llm.n_tokens - 1])
+
+
+# --- 1. prefix reuse after a compression ---------------------------------------------------------
+
+
+def test_prompt_diverging_inside_the_block_is_evaluated_from_scratch(tiny):
+    """llama-cpp-python keeps the common prefix of a new prompt and removes the rest with
+    seq_rm(p0 = prefix length). That p0 lies inside the compacted block (the block stands for
+    positions [0, P]) though below its relabelled positions [P - R + 1, P]: it used to be taken
+    for a whole-sequence removal, every cell was dropped and llama-cpp-python went on believing
+    the prefix was cached."""
+    llm = llama(tiny)
+    a = llm.tokenize(text(60, 1).encode())
+    llm.eval(a)
+    assert llm.adakv_stats is not None and llm.adakv_stats.footprint < len(a)
+    b = a[:60] + llm.tokenize((" " + text(8, 2)).encode(), add_bos=False)  # diverges at 60 < P - R + 1
+
+    got = greedy(llm, b)
+    fresh = llama(tiny)
+    want = greedy(fresh, b)
+    assert got == want
+    np.testing.assert_array_equal(llm.adakv_stats.kept, fresh.adakv_stats.kept)
+    assert llm._adakv.n_cells() == fresh._adakv.n_cells()
+
+
+def test_seq_rm_below_the_relabelled_positions_is_refused(tiny):
+    import llama_cpp
+
+    llm = llama(tiny)
+    llm.eval(llm.tokenize(text(50, 3).encode()))
+    kv = llm.adakv_kvcache
+    mem = llama_cpp.llama_get_memory(llm.ctx)
+    r, n = kv.footprint(), kv.n_cells()
+    for p0 in (1, 5, llm.n_tokens - r - 1, llm.n_tokens - r):  # all inside [0, P]
+        assert not llama_cpp.llama_memory_seq_rm(mem, 0, p0, -1), p0
+        assert not llama_cpp.llama_memory_seq_rm(mem, -1, p0, -1), p0
+        assert kv.footprint() == r and kv.n_cells() == n
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, 0, -1)  # the whole sequence may go
+    assert kv.footprint() == 0 and kv.n_cells() == 0
+
+
+def test_refused_removal_leaves_the_sliding_window_cache_alone(tmp_path):
+    """iSWA: the base cache refused the removal, but the SWA cache used to drop its cells anyway."""
+    import llama_cpp
+
+    from adakv_local.models.testmodel import write_gemma3_gguf
+
+    path = str(write_gemma3_gguf(tmp_path / "g3.gguf", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
+                                 sliding_window=16, sliding_window_pattern=3, seed=4))
+    prompt = llama(path).tokenize(text(50, 5).encode())
+    cont = llama(path).tokenize((" " + text(3, 6)).encode(), add_bos=False)
+    ref = llama(path)
+    ref.eval(prompt)
+    ref.eval(cont)
+    llm = llama(path)
+    llm.eval(prompt)
+    assert not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, 10, -1)
+    llm.eval(cont)
+    np.testing.assert_array_equal(np.array(llm.scores[: llm.n_tokens]), np.array(ref.scores[: ref.n_tokens]))
+
+
+def _run_isolated(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_shift_after_the_block_is_refused_instead_of_aborting(tiny):
+    """seq_add of the tokens after a compacted block used to be allowed; the next decode then
+    aborted in llama_kv_cache::update (a K-shift on a cache that cannot shift)."""
+    proc = _run_isolated(f"""
+        import llama_cpp
+        from adakv_local.llama import Llama
+        llm = Llama(model_path={tiny!r}, n_ctx=1024, n_threads=1, verbose=False, adakv_budget=24, adakv_window=8)
+        llm.eval(llm.tokenize(b"{text(50, 7)}"))
+        n = llm.n_tokens
+        llm.eval(llm.tokenize(b" one two", add_bos=False)[:4])  # fewer than the window: not compressed
+        assert llm.adakv_kvcache.n_cells() > llm.adakv_kvcache.footprint()
+        mem = llama_cpp.llama_get_memory(llm.ctx)
+        llama_cpp.llama_memory_seq_add(mem, 0, n, -1, 3)
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == llm.n_tokens - 1
+        llm.eval(llm.tokenize(b" five", add_bos=False))
+        print("ok")
+    """)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+# --- 2. the per-head fallback with Llama-3-8B's head layout --------------------------------------
+
+
+@pytest.mark.exactness
+def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
+    """One stock attention per KV head adds ~7 graph nodes per head and layer; with 32 layers x 8
+    KV heads that overflowed llama.cpp's graph budget (GGML_ASSERT in ggml_new_object). The
+    budget now counts them; the fallback must also equal the fast path."""
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    path = str(write_llama_gguf(tmp_path / "l32.gguf", n_layer=32, n_embd=256, n_head=8, n_head_kv=8,
+                                head_dim=32, n_ff=128, seed=8))
+    code = f"""
+        import os, sys
+        import numpy as np
+        from adakv_local.llama import Llama
+        llm = Llama(model_path={path!r}, n_ctx=1024, n_threads=2, logits_all=True, verbose=False,
+                    adakv_budget=40, adakv_window=8)
+        toks = llm.tokenize(b"{text(100, 9)}")
+        llm.eval(toks)
+        assert llm.adakv_stats.footprint < len(toks)
+        for t in llm.tokenize(b" alpha bravo charlie delta", add_bos=False):  # decode, one token at a time
+            llm.eval([t])
+        np.save(sys.argv[1], np.array(llm.scores[: llm.n_tokens]))
+    """
+    out = {}
+    for fallback in ("0", "1"):
+        dest = str(tmp_path / f"logits-{fallback}.npy")
+        env = dict(os.environ, ADAKV_FORCE_FALLBACK=fallback)
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), dest], capture_output=True, text=True,
+                              timeout=900, env=env)
+        assert proc.returncode == 0, f"ADAKV_FORCE_FALLBACK={fallback}: {proc.stderr[-3000:]}"
+        out[fallback] = np.load(dest)
+    fast, fallback = out["0"], out["1"]
+    assert np.isfinite(fallback).all()
+    # the same kernels over the same cells, one head at a time: float32 rounding of the
+    # accumulation order only (tiled vs one-chunk), measured ~1e-6 of the logits' scale
+    scale = np.abs(fast).max()
+    assert np.abs(fast - fallback).max() <= 1e-4 * scale
+
+
+# --- 4. save_state / load_state around compressions ----------------------------------------------
+
+
+@pytest.mark.exactness
+def test_branching_through_save_and_load_equals_a_context_that_never_branched(tiny):
+    """The kept-position table used to live only in Python, so it was stale after load_state():
+    the next compression read positions of another branch (IndexError, or wrong positions)."""
+    llm, ref = llama(tiny), llama(tiny)
+    doc = llm.tokenize(text(60, 11).encode())
+    q = [llm.tokenize((" " + text(7, 20 + i)).encode(), add_bos=False) for i in range(6)]
+
+    llm.eval(doc)
+    ref.eval(doc)
+    trunk = llm.save_state()
+    for branch in range(3):
+        llm.eval(q[2 * branch])  # a side branch, compressed too, then abandoned
+        assert llm.adakv_stats.prompt_tokens == llm.n_tokens
+        side = llm.adakv_kept_positions()
+        llm.load_state(trunk)
+        llm.eval(q[2 * branch + 1])  # compressed on top of the restored cache
+        ref.eval(q[2 * branch + 1])
+        info = f"branch {branch}"
+        np.testing.assert_array_equal(last_logits(llm), last_logits(ref), err_msg=info)
+        for a, b in zip(llm.adakv_kept_positions(), ref.adakv_kept_positions()):
+            for x, y in zip(a, b):
+                np.testing.assert_array_equal(x, y, err_msg=info)
+        assert any(not np.array_equal(x, y) for a, b in zip(side, llm.adakv_kept_positions()) for x, y in zip(a, b))
+        trunk = llm.save_state()
+    assert greedy(llm, list(llm.input_ids[: llm.n_tokens]) + q[0][:3]) == greedy(
+        ref, list(ref.input_ids[: ref.n_tokens]) + q[0][:3])
+
