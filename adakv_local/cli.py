@@ -1,7 +1,10 @@
 """The ``adakv-local`` command line.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage error (a bad option value; the message
-names the option). Data goes to stdout, progress and messages to stderr.
+Exit codes: 0 success; 1 runtime failure, including input that cannot be used (a missing, empty
+or binary document, a model file that is not a complete GGUF file); 2 usage error (a bad option
+value, an unknown model name, an --n-ctx above the model's trained context; the message names the
+option). Every error is one line on stderr, ``adakv-local[ COMMAND]: error: ...``, no traceback.
+Data goes to stdout, progress and messages to stderr. docs/BAD-INPUT.md lists the messages.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import __version__
 
@@ -31,6 +35,13 @@ class CLIError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (usage is what --help is for); subparsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
@@ -116,7 +127,7 @@ def _backends(libllama) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="adakv-local",
         description="Ada-KV adaptive per-head KV-cache eviction for local GGUF models on llama.cpp.",
         epilog="Run `adakv-local COMMAND --help` for the options of a command.",

@@ -52,7 +52,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_model_arguments(
         p, n_ctx_default=None,
         n_ctx_help=f"context size in tokens: the longest conversation (default: {DEFAULT_N_CTX}, at most the "
-        "model's trained context)",
+        "model's trained context; more needs --allow-context-overflow)",
         max_tokens_help="longest reply, in tokens (default: 256)",
     )
     p.add_argument("--system", metavar="TEXT", default=None, help="system prompt (default: the template's own)")
@@ -110,7 +110,10 @@ class Chat:
             self.say("conversation and KV cache cleared")
         elif name == "/stats":
             st = self.llm.adakv_stats
-            lines = describe_adakv_stats(st if st is not self.stats_at_reset else None, self.llm)
+            if self.cfg.method == "full":
+                lines = ["--method full: every cell is kept, nothing is evicted"]
+            else:
+                lines = describe_adakv_stats(st if st is not self.stats_at_reset else None, self.llm)
             if self.last is not None:
                 lines += ["last turn:"] + [f"  {s}" for s in format_stats(self.last)]
             self.say("\n".join(lines))
@@ -186,21 +189,20 @@ class _NotAnswered(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cmd_common import config_from_args, load_llama, n_ctx_train, resolve_model_arg
+    from .cmd_common import check_n_ctx, config_from_args, load_llama, model_info, resolve_model_arg
 
     cfg = config_from_args(args)
     model = resolve_model_arg(args.model, quiet=args.quiet)
+    n_train = model_info(model).n_ctx_train
+    check_n_ctx(args.n_ctx, model, n_train, args)
     reader = _Input()
-    n_ctx = args.n_ctx or DEFAULT_N_CTX
+    n_ctx = args.n_ctx or (min(DEFAULT_N_CTX, n_train) if n_train else DEFAULT_N_CTX)
     llm = load_llama(model, cfg, args, n_ctx)
     try:
-        n_train = n_ctx_train(llm)
-        if args.n_ctx is None and 0 < n_train < n_ctx:  # the default is too long for this model
-            llm.close()
-            llm = load_llama(model, cfg, args, n_train)
         chat = Chat(llm, cfg, args, reader.tty)
         if reader.tty and not args.quiet:
-            print(f"[adakv-local] chat with {model.name}: {cfg.method}, budget {cfg.budget}, context {llm.n_ctx()} "
+            eviction = "full cache" if cfg.method == "full" else f"{cfg.method}, budget {cfg.budget}"
+            print(f"[adakv-local] chat with {model.name}: {eviction}, context {llm.n_ctx()} "
                   "tokens. /help for commands, Ctrl-D to quit.", file=sys.stderr)
         while True:
             line = reader.read()

@@ -7,6 +7,7 @@ the native library.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from .cli import EXIT_FAILURE, EXIT_USAGE, CLIError
 from .config import AdaKVConfig, ConfigError
+from .gguf_check import GGUFFileError, GGUFInfo, check_gguf
 
 DEFAULT_MODEL = "smollm2-135m"
 _MIB = 1 << 20
@@ -65,6 +67,11 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
                    help="sampling seed (default: random; irrelevant with --temperature 0)")
     g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                    help="sampling temperature; 0 is greedy, deterministic (default: 0)")
+    g.add_argument("--allow-context-overflow", action="store_true",
+                   help="accept an --n-ctx above the context the model was trained for (GGUF <arch>.context_length); "
+                   "past it the model's output degrades into nonsense")
+    g.add_argument("--verbose", "-v", action="store_true",
+                   help="let llama.cpp's own log through to stderr (e.g. why a model does not load)")
 
 
 def config_from_args(args: argparse.Namespace) -> AdaKVConfig:
@@ -75,17 +82,56 @@ def config_from_args(args: argparse.Namespace) -> AdaKVConfig:
 
 
 def resolve_model_arg(name: str, quiet: bool = False) -> Path:
-    """--model: an existing file, or a registry name (pulled when missing). Unknown names exit 2."""
+    """--model: a GGUF file, or a registry name (pulled when missing), checked before llama.cpp loads it.
+
+    Unknown names and folders exit 2; a file that is not a complete GGUF file exits 1 with the reason.
+    """
     from .models import MODELS, ModelFetchError, UnknownModelError, model_path, resolve_model
 
+    if Path(name).expanduser().is_dir():
+        raise CLIError(f"--model: {name} is a directory; give a .gguf file or a model name", EXIT_USAGE)
     try:
         if name in MODELS and not Path(name).expanduser().is_file():
-            return model_path(name, quiet=quiet)
-        return resolve_model(name)
+            path = model_path(name, quiet=quiet)
+        else:
+            path = resolve_model(name)
     except UnknownModelError as e:
         raise CLIError(f"--model: {e}", EXIT_USAGE) from None
     except ModelFetchError as e:
         raise CLIError(str(e).splitlines()[0]) from None
+    model_info(path)
+    return path
+
+
+def model_info(path: Path) -> GGUFInfo:
+    """The GGUF header of path, checked (see :mod:`adakv_local.gguf_check`); a broken file exits 1."""
+    try:
+        st = path.stat()
+        return _model_info(str(path), st.st_size, st.st_mtime_ns)
+    except (OSError, GGUFFileError) as e:
+        reason = e.reason if isinstance(e, GGUFFileError) else (e.strerror or str(e))
+        raise CLIError(f"cannot load model {path}: {reason}") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _model_info(path: str, size: int, mtime_ns: int) -> GGUFInfo:
+    return check_gguf(path)
+
+
+def check_n_ctx(n_ctx: int | None, model: Path, n_train: int | None, args: argparse.Namespace) -> None:
+    """Refuse (exit 2) an --n-ctx above the model's trained context, unless --allow-context-overflow."""
+    if n_ctx is None or not n_train or n_ctx <= n_train or args.allow_context_overflow:
+        return
+    raise CLIError(
+        f"--n-ctx {n_ctx} is above the {n_train} tokens {model.name} was trained for (GGUF context_length), "
+        f"past which its output degrades into nonsense; use --n-ctx {n_train} or less, or add "
+        "--allow-context-overflow to run anyway", EXIT_USAGE)
+
+
+def load_failure(model: Path, e: Exception, args: argparse.Namespace) -> CLIError:
+    """A model that passed the GGUF check and still did not load (exit 1), with a pointer to llama.cpp's log."""
+    hint = "" if getattr(args, "verbose", False) else " (--verbose shows llama.cpp's log, which says why)"
+    return CLIError(f"cannot load model {model}: {e}{hint}", EXIT_FAILURE)
 
 
 def llama_cpp_module() -> Any:
@@ -181,7 +227,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     n_batch = max(512, cfg.window)
     kwargs: dict[str, Any] = dict(
         model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
-        n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=False,
+        n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=args.verbose,
         adakv_budget=cfg.budget, adakv_method=cfg.method, adakv_window=cfg.window, adakv_kernel=cfg.kernel,
         adakv_pooling=cfg.pooling, adakv_gqa=cfg.gqa, adakv_alpha=cfg.alpha, adakv_max_ratio=cfg.max_ratio,
         adakv_sinks=cfg.sinks,
@@ -193,12 +239,8 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     except ConfigError as e:
         raise CLIError(str(e).replace("adakv_", "--"), EXIT_USAGE) from None
     except (ValueError, RuntimeError, OSError) as e:
-        raise CLIError(f"cannot load model {model}: {e}", EXIT_FAILURE) from None
+        raise load_failure(model, e, args) from None
     return llm
-
-
-def n_ctx_train(llm: Any) -> int:
-    return int(llama_cpp_module().llama_model_n_ctx_train(llm.model))
 
 
 # -- stats -------------------------------------------------------------------------------------------
@@ -228,7 +270,8 @@ def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
     """The stats of the last request (see the module docs of cmd_summarize for their meaning)."""
     m: Meter = llm.meter
     st = llm.adakv_stats
-    compressed = st is not None and st is not previous
+    full = cfg.method == "full"  # keeps every cell: no budget, nothing evicted
+    compressed = not full and st is not None and st is not previous
     p = m.prompt_tokens
     ev_bytes, other_bytes, n_swa = kv_bytes_per_cell(llm)
     other_cells = min(p, n_swa) if n_swa > 0 else p
@@ -239,7 +282,7 @@ def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
         "completion_tokens": m.generated,
         "compressed": compressed,
         "method": cfg.method,
-        "budget": int(st.budget) if compressed else cfg.cells_for(p),
+        "budget": None if full else int(st.budget) if compressed else cfg.cells_for(p),
         "window": cfg.window,
         "kv_cells_before": p,
         "kv_cells_after": m.cells_after,
@@ -274,6 +317,8 @@ def format_stats(s: dict[str, Any]) -> list[str]:
         )
         lines.append(f"eviction: score {t['score']:.3f} s, allocate {t['allocate']:.3f} s, "
                      f"compact {t['compact']:.3f} s")
+    elif s["budget"] is None:
+        lines.append(f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; full cache, nothing evicted")
     else:
         lines.append(
             f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; nothing evicted this time "

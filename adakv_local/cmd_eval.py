@@ -146,24 +146,64 @@ def _log(args: argparse.Namespace):
     return log
 
 
+def _open_model(args: argparse.Namespace) -> tuple[Path, Any]:
+    """--model, checked and loaded vocabulary-only (a model llama.cpp refuses exits 1 here, not mid-run)."""
+    from .llama import Llama
+
+    model = resolve_model_arg(args.model, quiet=args.quiet)
+    try:
+        return model, Llama(model_path=str(model), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise CLIError(f"cannot load model {model}: {e}") from None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --plot, checked before a run that may take hours rather than after it (exit 2; 1 without
+    matplotlib)."""
+    for flag, path in (("--json", args.json_out), ("--plot", args.plot)):
+        if path is None or (flag == "--json" and str(path) == "-"):
+            continue
+        path = path.expanduser()
+        if path.is_dir():
+            raise CLIError(f"{flag}: {path} is a directory; give a file name", EXIT_USAGE)
+        if not path.parent.is_dir():
+            raise CLIError(f"{flag}: the folder {path.parent} does not exist", EXIT_USAGE)
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise CLIError(f"{flag}: {path} is not writable", EXIT_USAGE)
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CLIError("--plot needs matplotlib: pip install 'adakv-local[plot]', or leave --plot out") from None
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
     text = json.dumps(payload, indent=1)
     if str(path) == "-":
         print(text)
-    else:
-        path.write_text(text + "\n")
+        return
+    try:
+        path.expanduser().write_text(text + "\n")
+    except OSError as e:
+        raise CLIError(f"--json: cannot write {path}: {e.strerror or e}") from None
+
+
+def _plot(draw: Any, data: Any, path: Path, title: str) -> None:
+    try:
+        draw(data, path.expanduser(), title)
+    except (OSError, RuntimeError) as e:
+        raise CLIError(f"--plot: cannot draw {path}: {e}") from None
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     from .evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
-    from .llama import Llama
 
     if args.window >= min(args.budgets):
         raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
-    model = resolve_model_arg(args.model, quiet=args.quiet)
-    vocab = Llama(model_path=str(model), vocab_only=True, verbose=False)
+    _check_outputs(args)
+    model, vocab = _open_model(args)
     try:
         if args.prompts is not None:
             if not args.prompts.exists():
@@ -193,7 +233,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "summary_l1_attn": summary_l1,
                                 "pairs_l1_attn": pairs_l1, "config": config})
     if args.plot:
-        plot_fidelity(records, args.plot, f"{model.name}: fidelity to the full cache")
+        _plot(plot_fidelity, records, args.plot, f"{model.name}: fidelity to the full cache")
     return EXIT_OK
 
 
@@ -207,7 +247,9 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
                        EXIT_USAGE)
     if any(not 0.0 <= d <= 1.0 for d in args.depths):
         raise CLIError("--depths: every depth must be in [0, 1]", EXIT_USAGE)
-    model = resolve_model_arg(args.model, quiet=args.quiet)
+    _check_outputs(args)
+    model, vocab = _open_model(args)
+    vocab.close()
     settings: list[tuple[str, int | None]] = [("full", None)]
     settings += [(m, b) for m in args.methods for b in args.budgets]
     log = _log(args)
@@ -235,16 +277,18 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     if args.plot:
         from .evaluate import plot_tasks
 
-        plot_tasks(summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
+        _plot(plot_tasks, summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import plot_bench, run
 
-    model = resolve_model_arg(args.model, quiet=args.quiet)
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
+    _check_outputs(args)
+    model, vocab = _open_model(args)
+    vocab.close()
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
                   n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
                   log=_log(args))
@@ -253,5 +297,5 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               "nofa_baseline": args.nofa_baseline}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
-        plot_bench(records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
+        _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
     return EXIT_OK

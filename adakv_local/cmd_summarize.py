@@ -21,15 +21,18 @@ before the summary was generated:
 - ``prefill_tps``: prompt tokens per second of the prompt processing, eviction included;
   ``decode_tps``: generated tokens per second of wall time after the prompt.
 - ``seconds``: the eviction's steps: score (extra graph work of the observation window), allocate,
-  compact. ``compressed``: whether the prompt exceeded the budget (else nothing was evicted).
+  compact. ``compressed``: whether the prompt exceeded the budget (else nothing was evicted; always
+  false with ``--method full``, which keeps every cell).
 - also: ``prefill_tokens`` (prompt tokens evaluated, = prompt_tokens here), ``completion_tokens``,
-  ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells), ``window``, ``n_ctx``.
+  ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells; null with ``--method full``), ``window``,
+  ``n_ctx``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,7 +85,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     add_model_arguments(
         p, n_ctx_default=None,
         n_ctx_help="context size in tokens (default: what the document needs: prompt + --max-tokens + a "
-        f"margin, rounded up to a multiple of {_CTX_ROUND}, at most the model's trained context)",
+        f"margin, rounded up to a multiple of {_CTX_ROUND}, at most the model's trained context; more needs "
+        "--allow-context-overflow)",
         max_tokens_help="longest summary, in tokens (default: 256)",
     )
     out = p.add_argument_group("output")
@@ -95,16 +99,43 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def read_document(name: str) -> str:
+    """The document as text; a missing, empty or binary one exits 1 with a message naming it."""
+    label = "stdin" if name == "-" else name
     try:
         if name == "-":
             data = sys.stdin.buffer.read()
         else:
             data = Path(name).expanduser().read_bytes()
     except OSError as e:
-        raise CLIError(f"cannot read {name}: {e.strerror or e}") from None
-    text = data.decode("utf-8", errors="replace").strip()
+        raise CLIError(f"cannot read {label}: {e.strerror or e}") from None
+    text = decode_text(data, label).strip()
     if not text:
-        raise CLIError(f"{'stdin' if name == '-' else name} is empty: nothing to summarize")
+        raise CLIError(f"{label} is empty: nothing to summarize")
+    return text
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but \t \n \v \f \r
+_MAX_CONTROL = 0.05  # a larger share of control characters is not a document
+
+
+def decode_text(data: bytes, label: str) -> str:
+    """data as UTF-8 text, or a CLIError saying why it is not text (NUL bytes, not UTF-8, mostly control bytes)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CLIError(f"{label} is UTF-16 text; summarize reads UTF-8 (convert it, e.g. with iconv -t utf-8)")
+    if b"\0" in data:
+        raise CLIError(f"{label} is not text: it has NUL bytes (a binary file?); summarize reads UTF-8 text or "
+                       "markdown")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{label} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); convert it to "
+                       "UTF-8, e.g. with iconv -t utf-8") from None
+    control = len(_CONTROL.findall(text))
+    if control > _MAX_CONTROL * len(text):
+        raise CLIError(f"{label} is not text: {control} of its {len(text)} characters are control characters "
+                       "(a binary file?)")
     return text
 
 
@@ -112,7 +143,7 @@ def messages_for(text: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{text}\n\n{INSTRUCTION}"}]
 
 
-def count_prompt(model: Path, messages: list[dict[str, str]], threads: int | None
+def count_prompt(model: Path, messages: list[dict[str, str]], args: argparse.Namespace
                  ) -> tuple[int, int, list[dict[str, str]]]:
     """(prompt tokens, trained context, messages), from a small-context load of the model (memory-mapped).
 
@@ -120,16 +151,16 @@ def count_prompt(model: Path, messages: list[dict[str, str]], threads: int | Non
     template (llama-cpp-python then falls back to another format) it is estimated generously. A
     template that refuses a system message gets the messages without it.
     """
-    from .cmd_common import llama_cpp_module
+    from .cmd_common import llama_cpp_module, load_failure
 
     lc = llama_cpp_module()
     from llama_cpp import llama_chat_format
 
     try:
-        tok = lc.Llama(model_path=str(model), n_ctx=256, n_batch=32, n_ubatch=32, n_gpu_layers=0, verbose=False,
-                       n_threads=threads)
+        tok = lc.Llama(model_path=str(model), n_ctx=256, n_batch=32, n_ubatch=32, n_gpu_layers=0,
+                       verbose=args.verbose, n_threads=args.threads)
     except (ValueError, RuntimeError, OSError) as e:
-        raise CLIError(f"cannot load model {model}: {e}") from None
+        raise load_failure(model, e, args) from None
     try:
         n_train = int(lc.llama_model_n_ctx_train(tok.model))
         template = tok.metadata.get("tokenizer.chat_template")
@@ -155,37 +186,65 @@ def count_prompt(model: Path, messages: list[dict[str, str]], threads: int | Non
     return n, n_train, messages
 
 
-def _too_long(prompt: int, max_tokens: int, limit: int, what: str) -> CLIError:
-    return CLIError(
-        f"the document is too long: its prompt is {prompt} tokens, + {max_tokens} for the summary = "
-        f"{prompt + max_tokens}, which does not fit in the {limit}-token {what}; use a smaller --max-tokens"
-        + (", a larger --n-ctx" if what.startswith("--n-ctx") else "")
-        + " or split the document (chunked prefill is not implemented yet)"
-    )
+def _too_long(prompt: int, max_tokens: int, limit: int, n_train: int | None, explicit: bool,
+              allow_overflow: bool) -> CLIError:
+    """Why the prompt and summary do not fit in limit tokens, and the advice that can help in this case."""
+    where = f"--n-ctx {limit}" if explicit else f"the {limit}-token context the model was trained for"
+    ceiling = None if allow_overflow or not n_train else n_train  # the largest --n-ctx that is allowed
+    want = prompt + max_tokens + 1  # llama-cpp-python wants prompt + max tokens < n_ctx
+    split = "split the document (chunked prefill is not implemented yet)"
+    room = limit - prompt - 1  # the longest summary that fits
+    if room >= 1:  # the prompt fits, the summary does not
+        fix = f"use --max-tokens {room} or less"
+        if explicit and (ceiling is None or limit < ceiling):
+            fix += f", or --n-ctx {want if ceiling is None else min(want, ceiling)}"
+        return CLIError(f"the document and its summary do not fit in {where}: the prompt is {prompt} tokens, "
+                        f"+ {max_tokens} for the summary = {prompt + max_tokens}; {fix}")
+    if explicit and (ceiling is None or prompt + 1 < ceiling):  # a larger --n-ctx can help
+        if ceiling is None or want <= ceiling:
+            fix = f"raise --n-ctx to at least {want}"
+        else:
+            fix = (f"raise --n-ctx to {ceiling} (the model's trained context) with --max-tokens "
+                   f"{ceiling - prompt - 1} or less")
+        return CLIError(f"the document is too long for {where}: its prompt alone is {prompt} tokens; {fix}, or {split}")
+    trained = f" (the model was trained for {n_train})" if explicit and n_train else ""
+    return CLIError(f"the document is too long for {where}{trained}: its prompt alone is {prompt} tokens; shorten "
+                    f"or {split}")
 
 
-def choose_n_ctx(prompt: int, max_tokens: int, n_train: int, n_ctx: int | None) -> int:
+def choose_n_ctx(prompt: int, max_tokens: int, n_train: int | None, n_ctx: int | None,
+                 allow_overflow: bool = False) -> int:
+    """--n-ctx if given and large enough, else what the prompt and summary need, at most the trained context."""
     need = prompt + max_tokens  # llama-cpp-python wants need < n_ctx
     if n_ctx is not None:
         if need >= n_ctx:
-            raise _too_long(prompt, max_tokens, n_ctx,
-                            "--n-ctx" + (f" (the model was trained for up to {n_train})" if n_train else ""))
+            raise _too_long(prompt, max_tokens, n_ctx, n_train, True, allow_overflow)
         return n_ctx
-    if n_train and need >= n_train:
-        raise _too_long(prompt, max_tokens, n_train, "context the model was trained for")
+    ceiling = None if allow_overflow or not n_train else n_train
+    if ceiling is not None and need >= ceiling:
+        raise _too_long(prompt, max_tokens, ceiling, n_train, False, allow_overflow)
     size = -(-(need + _CTX_MARGIN) // _CTX_ROUND) * _CTX_ROUND
-    return min(size, n_train) if n_train else size
+    return size if ceiling is None else min(size, ceiling)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cmd_common import config_from_args, format_stats, load_llama, request_stats, resolve_model_arg
+    from .cmd_common import (
+        check_n_ctx,
+        config_from_args,
+        format_stats,
+        load_llama,
+        model_info,
+        request_stats,
+        resolve_model_arg,
+    )
 
     cfg = config_from_args(args)
     text = read_document(args.file)
     model = resolve_model_arg(args.model, quiet=args.quiet)
+    check_n_ctx(args.n_ctx, model, model_info(model).n_ctx_train, args)
     messages = messages_for(text)
-    prompt_tokens, n_train, messages = count_prompt(model, messages, args.threads)
-    n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx)
+    prompt_tokens, n_train, messages = count_prompt(model, messages, args)
+    n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx, args.allow_context_overflow)
     llm = load_llama(model, cfg, args, n_ctx)
     try:
         progress = PrefillProgress("reading the document", enabled=not args.quiet)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 from .policies import METHODS
 
@@ -42,8 +45,9 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("budget", "cells kept per KV head on average, window included (the paper's B): an integer >= 1, "
-           "or a fraction of the prompt in (0, 1); prompts shorter than the budget are left alone", "B"),
+    Option("budget", "cells kept per KV head on average, window included (the paper's B): an integer >= the "
+           "window (32 by default; 1e3 means 1000), or a fraction of the prompt in (0, 1); prompts shorter than the "
+           "budget are left alone; method full ignores it", "B"),
     Option("method", f"allocation method: {', '.join(METHODS)}", "NAME"),
     Option("window", "observation window: the last prompt tokens whose attention scores the cells; "
            "always kept by every head", "W"),
@@ -59,11 +63,20 @@ OPTIONS: tuple[Option, ...] = (
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+
+
+def _whole(x: Any) -> Any:
+    """x as a Python int when it is a whole number (1000, 1e3, np.int64(1000)), else x unchanged."""
+    if _is_int(x):
+        return int(x)
+    if _is_real(x) and float(x) == int(x) and float(x) >= 1.0:
+        return int(x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -85,16 +98,21 @@ class AdaKVConfig:
     sinks: int = 0
 
     def __post_init__(self) -> None:
-        b = self.budget
-        if not _is_real(b) or (_is_int(b) and b < 1) or (not _is_int(b) and not 0.0 < b < 1.0):
-            raise ConfigError("budget", f"must be an integer >= 1 or a fraction in (0, 1), got {b!r}")
+        object.__setattr__(self, "budget", _whole(self.budget))  # 1e3 -> 1000
+        for name in ("window", "kernel", "sinks"):  # np.int64(8) -> 8
+            if _is_int(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
         if self.method not in METHODS:
             raise ConfigError("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not _is_int(self.window) or self.window < 1:
             raise ConfigError("window", f"must be an integer >= 1, got {self.window!r}")
-        if _is_int(b) and b < self.window and self.method != "full":
-            raise ConfigError("budget", f"must be at least the window ({self.window}) since the window is always "
-                              f"kept, got {b}")
+        b, lowest = self.budget, 1 if self.method == "full" else self.window
+        allowed = (f"an integer >= {lowest if self.method == 'full' else f'the window ({lowest}, always kept)'} "
+                   "or a fraction of the prompt in (0, 1)")
+        if not _is_real(b) or (_is_int(b) and b < lowest):
+            raise ConfigError("budget", f"must be {allowed}; got {b!r}")
+        if not _is_int(b) and not 0.0 < b < 1.0:
+            raise ConfigError("budget", f"must be {allowed}; got {b!r}, which is neither")
         if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ConfigError("kernel", f"must be an odd integer >= 1, got {self.kernel!r}")
         if self.pooling not in POOLINGS:
@@ -157,12 +175,12 @@ class AdaKVConfig:
 
 
 def _budget_arg(text: str) -> int | float:
-    """--budget: an integer number of cells, or a fraction such as 0.1."""
+    """--budget: a whole number of cells (256, 1e3), or a fraction such as 0.1; the range is checked later."""
     try:
         return int(text)
     except ValueError:
         pass
     try:
-        return float(text)
+        return _whole(float(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None

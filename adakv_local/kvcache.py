@@ -104,6 +104,14 @@ class KVCache:
         self._n.check(self._n.lib.llama_adakv_get_positions(self._ctx, self._ptr(out, "int32_t *"), int(n_cells)))
         return out
 
+    def clear_last_error(self) -> None:
+        """Forget the library's last error message (of this thread)."""
+        self._n.lib.llama_adakv_clear_last_error()
+
+    def last_error(self) -> str:
+        """The library's last error message of this thread ("" if none)."""
+        return self._n.ffi.string(self._n.lib.llama_adakv_last_error()).decode("utf-8", "replace")
+
     # scores
 
     def arm_scores(self, window: int) -> None:

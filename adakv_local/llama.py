@@ -11,6 +11,7 @@ graph while the prompt's last ``adakv_window`` tokens are evaluated), allocation
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import llama_cpp  # noqa: E402
 
 from .config import AdaKVConfig, ConfigError  # noqa: E402
 from .errors import NativeInvalidArgument  # noqa: E402
+from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
 
@@ -61,8 +63,9 @@ class Llama(llama_cpp.Llama):
     :class:`adakv_local.config.AdaKVConfig` for the ranges) are:
 
     Args:
-        adakv_budget: None (off), cells kept per KV head on average (int >= window), or a
-            fraction of the prompt in (0, 1).
+        adakv_budget: None (off), cells kept per KV head on average (an integer >= the window;
+            whole floats such as 1e3 count as integers), or a fraction of the prompt in (0, 1).
+            The method "full" keeps every cell and does no eviction work at all.
         adakv_method: "ada-snapkv" (default), "ada-pyramid", "snapkv", "pyramidkv",
             "streamingllm" or "full".
         adakv_window, adakv_kernel, adakv_pooling, adakv_gqa, adakv_alpha, adakv_max_ratio,
@@ -72,7 +75,10 @@ class Llama(llama_cpp.Llama):
 
     Raises:
         ValueError: an option out of range (the message names it), flash attention off, a
-            model architecture that cannot be evicted, ``n_ubatch`` smaller than the window.
+            model architecture that cannot be evicted, ``n_ubatch`` smaller than the window, a
+            model file that is not a valid GGUF (the message says what is wrong: truncated,
+            bad magic, ...), or, with a budget, ``n_ctx`` above the model's trained context
+            (unless RoPE scaling is asked for with ``rope_freq_scale`` or ``yarn_orig_ctx``).
 
     Examples:
         >>> llm = Llama(model_path="model.gguf", n_ctx=8192, adakv_budget=256)
@@ -115,8 +121,20 @@ class Llama(llama_cpp.Llama):
         self._adakv_suspended = False
         self.adakv_stats: AdaKVStats | None = None
         self._adakv: KVCache | None = None
+        model_path = kwargs.get("model_path", args[0] if args else None)
+        if isinstance(model_path, (str, os.PathLike)) and os.path.isfile(model_path):
+            check_gguf(model_path)  # llama.cpp would only say "Failed to load model from file"
         super().__init__(*args, **kwargs)
         if config is not None:
+            n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+            rope_scaled = kwargs.get("rope_freq_scale", 0.0) not in (0.0, 1.0) or bool(kwargs.get("yarn_orig_ctx"))
+            n_ctx = self.n_ctx()
+            if 0 < n_train < n_ctx and not rope_scaled:
+                self.close()
+                raise ValueError(
+                    f"n_ctx ({n_ctx}) is above the {n_train} tokens the model was trained for; "
+                    f"positions past that break its RoPE and eviction would only hide it: use n_ctx <= {n_train}"
+                )
             try:
                 self._adakv = KVCache.from_llama(self, gqa_reduce=config.gqa)
             except NativeInvalidArgument as e:
@@ -179,6 +197,30 @@ class Llama(llama_cpp.Llama):
             cells_after=footprint,
             seconds={"score": t2 - t1, "allocate": t3 - t2, "compact": t4 - t3},
         )
+        return None
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
+
+        Raises:
+            RuntimeError: the state cannot be restored into this context (saved by a context without
+                eviction, from another model's layout, ...); the message says why. The KV cache and
+                the token history are left as they were (the next prompt re-evaluates its last token,
+                since the logits may have been overwritten).
+        """
+        kv = self._adakv
+        if kv is None:
+            return super().load_state(state)
+        before = (self.input_ids.copy(), self.n_tokens, self.scores[: self.n_tokens].copy(), self._seed)
+        kv.clear_last_error()
+        try:
+            super().load_state(state)
+        except RuntimeError as e:
+            self.input_ids, self.n_tokens, self._seed = before[0], before[1], before[3]
+            self.scores[: self.n_tokens] = before[2]
+            self._requires_eval = True
+            reason = kv.last_error() or str(e)
+            raise RuntimeError(f"cannot load this state: {reason}; the KV cache was left as it was") from None
         return None
 
     def _rewind(self) -> None:

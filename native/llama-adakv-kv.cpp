@@ -172,6 +172,13 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
     }
 }
 
+// a state blob that cannot be restored: the reason goes to llama_adakv_last_error() too, since
+// llama_state_set_data only logs the exception
+[[noreturn]] static void adakv_state_error(const char * msg) {
+    llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s", msg);
+    throw std::runtime_error(msg);
+}
+
 void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
@@ -179,36 +186,36 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     uint32_t hdr[4];
     io.read(hdr, sizeof(hdr));
     if (hdr[0] != ADAKV_STATE_MAGIC) {
-        throw std::runtime_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
+        adakv_state_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
     }
     if (hdr[1] != ADAKV_STATE_VERSION) {
-        throw std::runtime_error("adakv: this state was saved by another version of adakv-local");
+        adakv_state_error("adakv: this state was saved by another version of adakv-local");
     }
     if (hdr[2] != ak->layers.size() || (int32_t) hdr[3] != ak->n_head_kv) {
-        throw std::runtime_error("adakv: this state was saved from a model with another layer layout");
+        adakv_state_error("adakv: this state was saved from a model with another layer layout");
     }
     int32_t blk[4];
     io.read(blk, sizeof(blk));
     if (blk[0] < 0 || (uint32_t) blk[0] > ak->kv_size) {
-        throw std::runtime_error("adakv: the saved compacted block does not fit this context's cache");
+        adakv_state_error("adakv: the saved compacted block does not fit this context's cache");
     }
     std::vector<int32_t> starts(ak->layers.size() * ak->n_head_kv);
     io.read(starts.data(), starts.size() * sizeof(int32_t));
     for (int32_t s : starts) {
         if (s < 0 || (blk[0] > 0 ? s >= blk[0] : s != 0)) {
-            throw std::runtime_error("adakv: the saved start table is corrupt");
+            adakv_state_error("adakv: the saved start table is corrupt");
         }
     }
     std::vector<llama_pos> kept(starts.size() * blk[0]);
     io.read(kept.data(), kept.size() * sizeof(llama_pos));
 
     if (seq_id != -1 && blk[0] > 0) {
-        throw std::runtime_error(
+        adakv_state_error(
                 "adakv: refusing to restore a compacted sequence: its per-head layout only "
                 "holds in the context it was saved from (save and load the whole context instead)");
     }
     if (seq_id != -1 && ak->footprint > 0) {
-        throw std::runtime_error("adakv: refusing to restore a sequence into a compacted cache");
+        adakv_state_error("adakv: refusing to restore a sequence into a compacted cache");
     }
     ak->pending           = seq_id == -1;
     ak->pending_fp        = blk[0];
@@ -484,11 +491,7 @@ int32_t llama_adakv_n_cells(const struct llama_context * ctx) {
 
 // original position of the token that cell c holds for head h of layer l, or -1 (see kept_pos)
 static llama_pos adakv_cell_pos(
-        const llama_adakv & ak,
-        const llama_adakv_layer & l,
-        const llama_kv_cells & cells,
-        int32_t h,
-        int32_t c) {
+        const llama_adakv & ak, const llama_adakv_layer & l, const llama_kv_cells & cells, int32_t h, int32_t c) {
     if (c < ak.footprint) {
         return l.kept_pos[(size_t) h * ak.footprint + c];
     }

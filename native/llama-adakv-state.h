@@ -97,8 +97,8 @@ struct llama_adakv {
     llama_pos pending_pos_lo    = -1;
     llama_pos pending_pos_hi    = -1;
     llama_pos pending_pos_first = -1;
-    std::vector<int32_t> pending_starts;   // [n_layer * n_head_kv]
-    std::vector<llama_pos> pending_kept;   // [n_layer * n_head_kv * pending_fp]
+    std::vector<int32_t> pending_starts; // [n_layer * n_head_kv]
+    std::vector<llama_pos> pending_kept; // [n_layer * n_head_kv * pending_fp]
 
     ~llama_adakv();
 };

@@ -43,6 +43,10 @@ const char * llama_adakv_llama_cpp_commit(void) {
     return LLAMA_ADAKV_LLAMA_CPP_COMMIT;
 }
 
+void llama_adakv_clear_last_error(void) {
+    llama_adakv_clear_error();
+}
+
 const char * llama_adakv_last_error(void) {
     return g_last_error.c_str();
 }

@@ -57,3 +57,16 @@ def test_models_path_smollm2_prints_an_existing_gguf():
     path = Path(proc.stdout.strip())
     assert path.is_file() and path.suffix == ".gguf"
     assert path.open("rb").read(4) == b"GGUF"
+
+
+@pytest.mark.parametrize("args, text", [
+    ([], "adakv-local: error: the following arguments are required: COMMAND (see `adakv-local --help`)"),
+    (["models", "path"], "adakv-local models path: error: the following arguments are required: name"),
+    (["summarize", "--no-such-flag"], "adakv-local: error: unrecognized arguments: --no-such-flag"),
+    (["summarize", "--temperature", "hot"], "adakv-local summarize: error: argument --temperature: not a number"),
+    (["summarize", "--budget", "lots"], "adakv-local summarize: error: argument --budget: not a number: 'lots'"),
+])
+def test_argument_errors_are_one_line_exit_2(args, text):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and text in proc.stderr, proc.stderr

@@ -10,6 +10,7 @@ machine, spinning ggml threads slow decoding down a hundredfold.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -33,17 +34,20 @@ DOC = (
 EVICT = ["--budget", "64", "--window", "16", "--threads", "1"]
 
 
-def cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def _cmd() -> list[str]:
     exe = shutil.which("adakv-local")
-    cmd = [exe] if exe else [sys.executable, "-m", "adakv_local"]
-    return subprocess.run([*cmd, *args], input=input, capture_output=True, text=True, timeout=timeout)
+    return [exe] if exe else [sys.executable, "-m", "adakv_local"]
+
+
+def cli(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*_cmd(), *args], input=input, capture_output=True, text=True, timeout=timeout)
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("adakv-local: error: ") or lines[0].startswith("adakv-local summarize: error: ")
+    assert re.match(r"adakv-local( [a-z]+)*: error: ", lines[0]), lines[0]
     return lines[0]
 
 
@@ -152,17 +156,186 @@ def test_model_that_does_not_load_is_a_runtime_failure(doc, tmp_path):
     assert "cannot load model" in one_line_error(proc)
 
 
-def test_too_long_document_fails_with_a_plain_message(tiny, doc, tmp_path):
-    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512")
+def test_too_long_document_advice_fits_the_case(tiny, doc, tmp_path):
+    # the prompt alone (~760 tokens) exceeds --n-ctx: a smaller --max-tokens cannot help, a larger --n-ctx can
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8")
     assert proc.returncode == 1
     line = one_line_error(proc)
-    assert "too long" in line and "--max-tokens" in line and "--n-ctx" in line and "split" in line
+    assert "too long" in line and "prompt alone" in line and "split" in line
+    assert "raise --n-ctx to at least" in line and "--max-tokens" not in line
+    # the prompt fits, prompt + summary does not: the longest summary that fits, or a larger --n-ctx
+    prompt = json.loads(cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "1", "--json", "--quiet",
+                            "--threads", "1").stdout)["stats"]["prompt_tokens"]
+    n_ctx = prompt + 50
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", str(n_ctx), "--max-tokens", "100")
+    assert proc.returncode == 1
+    line = one_line_error(proc)
+    assert f"--max-tokens {n_ctx - prompt - 1} or less" in line and f"--n-ctx {prompt + 101}" in line, line
+    # the prompt alone exceeds the trained context: only a shorter document helps
     huge = tmp_path / "huge.txt"
     huge.write_text(DOC * 7)  # ~5000 tokens, the tiny model was trained for 4096
     proc = cli("summarize", str(huge), "--model", str(tiny))
     assert proc.returncode == 1
     line = one_line_error(proc)
-    assert "too long" in line and "4096" in line
+    assert "too long" in line and "4096" in line and "shorten" in line
+    assert "--max-tokens" not in line and "--n-ctx" not in line
+    proc = cli("summarize", str(huge), "--model", str(tiny), "--n-ctx", "4096")
+    line = one_line_error(proc)
+    assert proc.returncode == 1 and "trained for 4096" in line and "raise --n-ctx" not in line
+
+
+@pytest.mark.parametrize("prompt, max_tokens, n_ctx, allow, says, not_says", [
+    (885, 4, 512, False, "prompt alone is 885 tokens; raise --n-ctx to at least 890, or split", "--max-tokens"),
+    (4000, 200, 2048, False, "raise --n-ctx to 4096 (the model's trained context) with --max-tokens 95 or less", ""),
+    (4000, 200, 2048, True, "raise --n-ctx to at least 4201", "trained"),
+    (4100, 4, 2048, False, "(the model was trained for 4096): its prompt alone is 4100 tokens; shorten", "raise"),
+    (885, 100, 900, False, "= 985; use --max-tokens 14 or less, or --n-ctx 986", "split"),
+    (4000, 200, 4096, False, "use --max-tokens 95 or less", ", or --n-ctx"),
+    (4000, 200, None, False, "4096-token context the model was trained for: the prompt is 4000 tokens", "--n-ctx"),
+    (5000, 4, None, False, "its prompt alone is 5000 tokens; shorten or split", "--max-tokens"),
+])
+def test_too_long_advice_by_case(prompt, max_tokens, n_ctx, allow, says, not_says):
+    from adakv_local.cli import CLIError
+    from adakv_local.cmd_summarize import choose_n_ctx
+
+    with pytest.raises(CLIError) as e:
+        choose_n_ctx(prompt, max_tokens, 4096, n_ctx, allow)
+    assert says in str(e.value) and (not not_says or not_says not in str(e.value)), str(e.value)
+
+
+def test_n_ctx_choice_when_it_fits():
+    from adakv_local.cmd_summarize import choose_n_ctx
+
+    assert choose_n_ctx(885, 100, 4096, None) == 1024  # prompt + max tokens + a margin, rounded up to 256
+    assert choose_n_ctx(3900, 150, 4096, None) == 4096  # rounded up, then capped at the trained context
+    assert choose_n_ctx(885, 100, 4096, 4096) == 4096
+    assert choose_n_ctx(5000, 4, 4096, None, allow_overflow=True) == 5120
+
+
+def test_method_full_reports_no_compression(tiny, doc):
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "4", "--method", "full", "--json",
+               *EVICT)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)["stats"]
+    assert s["compressed"] is False and s["method"] == "full" and s["budget"] is None
+    assert s["kv_cells_after"] == s["kv_cells_before"] == s["prompt_tokens"] > 700
+    assert s["seconds"] == {"score": 0.0, "allocate": 0.0, "compact": 0.0}
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "4", "--method", "full", *EVICT)
+    assert proc.returncode == 0, proc.stderr
+    assert "eviction:" not in proc.stderr and "budget" not in proc.stderr
+    assert "full cache, nothing evicted" in proc.stderr
+    proc = cli("chat", "--model", str(tiny), "--max-tokens", "4", "--method", "full", *EVICT, input=f"{DOC}\n/stats\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing is evicted" in proc.stdout and "last eviction" not in proc.stdout and "budget" not in proc.stdout
+
+
+def test_n_ctx_above_the_trained_context_is_refused(tiny, doc):
+    for command, stdin in (["summarize", str(doc)], None), (["chat"], "/exit\n"):
+        proc = cli(*command, "--model", str(tiny), "--n-ctx", "100000", "--threads", "1", input=stdin)
+        assert proc.returncode == 2, (command, proc.stderr)
+        line = one_line_error(proc)
+        assert "--n-ctx 100000" in line and "4096" in line and "--allow-context-overflow" in line, line
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "4352", "--allow-context-overflow",
+               "--max-tokens", "2", "--json", "--quiet", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["stats"]["n_ctx"] == 4352
+
+
+def test_documents_that_are_not_text_are_refused(tiny, tmp_path):
+    cases = {
+        "elf.bin": b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8,  # NUL bytes
+        "latin1.txt": "Caf\u00e9 au lait, cr\u00e8me br\u00fbl\u00e9e. ".encode("latin-1") * 20,
+        "controls.txt": bytes(range(1, 9)) * 40 + b"some words",
+        "utf16.txt": "A note in UTF-16.".encode("utf-16"),
+    }
+    reasons = {"elf.bin": "NUL bytes", "latin1.txt": "not UTF-8 text (byte 0xe9", "controls.txt": "control characters",
+               "utf16.txt": "UTF-16"}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        proc = cli("summarize", str(path), "--model", str(tiny))
+        assert proc.returncode == 1, (name, proc.stderr)
+        line = one_line_error(proc)
+        assert str(path) in line and reasons[name] in line, line
+    proc = subprocess.run([*_cmd(), "summarize", "--model", str(tiny)], input=cases["elf.bin"], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 1 and b"stdin is not text" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_broken_model_files_say_what_is_wrong(tiny, doc, tmp_path):
+    data = tiny.read_bytes()
+    cases = {"cut.gguf": (data[: len(data) // 2], "truncated: tensor"),
+             "magic.gguf": (b"GGML" + data[4:], "not a GGUF file (no 'GGUF' magic)"),
+             "empty.gguf": (b"", "is empty")}
+    for name, (content, reason) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for command in ("summarize", "chat"):
+            proc = cli(command, *([str(doc)] if command == "summarize" else []), "--model", str(path), input="")
+            assert proc.returncode == 1, (name, command, proc.stderr)
+            line = one_line_error(proc)
+            assert f"cannot load model {path}: " in line and reason in line, line
+
+
+def test_verbose_lets_llama_cpp_say_why_a_model_does_not_load(doc, tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "unknown-arch.gguf"  # a complete GGUF file that llama.cpp refuses
+    w = gguf.GGUFWriter(str(path), "no-such-arch")
+    w.add_context_length(2048)
+    w.add_tensor("x", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    proc = cli("summarize", str(doc), "--model", str(path))
+    assert proc.returncode == 1
+    assert "cannot load model" in one_line_error(proc) and "--verbose" in proc.stderr
+    proc = cli("summarize", str(doc), "--model", str(path), "--verbose")
+    assert proc.returncode == 1 and "unknown model architecture: 'no-such-arch'" in proc.stderr
+
+
+def test_budget_range_in_help_and_errors(tiny, doc):
+    help_text = " ".join(cli("summarize", "--help").stdout.split())
+    assert "an integer >= the window (32 by default; 1e3 means 1000)" in help_text
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--budget", "1")
+    assert proc.returncode == 2
+    assert "--budget must be an integer >= the window (32, always kept)" in one_line_error(proc)
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--budget", "2.5", "--window", "16")
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert "integer >= the window (16" in line and "fraction" in line and "2.5" in line
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--budget", "1e3", "--max-tokens", "2", "--json",
+               "--quiet", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["stats"]["budget"] == 1000
+
+
+@pytest.mark.parametrize("args, code, text", [
+    (["summarize", "{tmp}/nope.md"], 1, "cannot read {tmp}/nope.md: No such file or directory"),
+    (["summarize", "{tmp}"], 1, "cannot read {tmp}: Is a directory"),
+    (["summarize", "{tmp}/empty.md"], 1, "{tmp}/empty.md is empty"),
+    (["summarize", "{doc}", "--model", "{tmp}"], 2, "--model: {tmp} is a directory"),
+    (["summarize", "{doc}", "--max-tokens", "-3"], 2, "argument --max-tokens: must be >= 1, got -3"),
+    (["summarize", "{doc}", "--threads", "0"], 2, "argument --threads/-t: must be >= 1, got 0"),
+    (["summarize", "{doc}", "--n-ctx", "1.5"], 2, "argument --n-ctx: not an integer: '1.5'"),
+    (["summarize", "{doc}", "--n-ctx", "abc"], 2, "argument --n-ctx: not an integer: 'abc'"),
+    (["chat", "--threads", "0"], 2, "argument --threads/-t: must be >= 1, got 0"),
+    (["eval", "fidelity", "--json", "{tmp}/no/dir/out.json"], 2, "--json: the folder {tmp}/no/dir does not exist"),
+    (["eval", "fidelity", "--json", "-", "--plot", "{tmp}/no/p.png"], 2, "--plot: the folder {tmp}/no does not exist"),
+    (["eval", "tasks", "--plot", "{tmp}"], 2, "--plot: {tmp} is a directory"),
+    (["bench", "--json", "{tmp}/no/b.json"], 2, "--json: the folder {tmp}/no does not exist"),
+])
+def test_bad_input_gets_one_line_and_its_exit_code(tiny, doc, tmp_path, args, code, text):
+    (tmp_path / "empty.md").write_text("  \n")
+    fill = {"tmp": str(tmp_path), "doc": str(doc)}
+    argv = [a.format(**fill) for a in args]
+    if "--model" not in argv:
+        argv += ["--model", str(tiny)]
+    proc = cli(*argv, input="")
+    assert proc.returncode == code, proc.stderr
+    assert text.format(**fill) in one_line_error(proc)
 
 
 def test_chat_through_a_pipe(tiny):

@@ -207,3 +207,48 @@ def test_branching_through_save_and_load_equals_a_context_that_never_branched(ti
     assert greedy(llm, list(llm.input_ids[: llm.n_tokens]) + q[0][:3]) == greedy(
         ref, list(ref.input_ids[: ref.n_tokens]) + q[0][:3])
 
+
+
+@pytest.mark.parametrize("donor", ["no eviction", "other layout"])
+def test_a_state_that_cannot_be_restored_says_why_and_loses_nothing(tiny, tmp_path, donor):
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    if donor == "no eviction":
+        other = llama(tiny, adakv_budget=None, adakv_window=None)
+        reason = "not saved by a context with adakv-local eviction"
+    else:
+        other = llama(str(write_llama_gguf(tmp_path / "o.gguf", n_layer=2, n_embd=256, n_head=4, n_head_kv=2,
+                                           n_ff=256, seed=21)))
+        reason = "another layer layout"
+    other.eval(other.tokenize(text(30, 12).encode()))
+    state = other.save_state()
+
+    llm, ref = llama(tiny), llama(tiny)
+    prompt = llm.tokenize(text(60, 13).encode())
+    llm.eval(prompt)
+    ref.eval(prompt)
+    with pytest.raises(RuntimeError, match=reason):
+        llm.load_state(state)
+    assert llm.n_tokens == ref.n_tokens and list(llm.input_ids[: llm.n_tokens]) == prompt
+    cont = prompt + llm.tokenize((" " + text(3, 14)).encode(), add_bos=False)
+    assert greedy(llm, cont) == greedy(ref, cont)
+
+
+# --- 6. bad input through the Python API ---------------------------------------------------------
+
+
+def test_truncated_model_file_names_the_reason(tiny, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    data = open(tiny, "rb").read()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        Llama(model_path=str(cut), verbose=False)
+    with pytest.raises(ValueError, match="truncated"):
+        Llama(model_path=str(cut), verbose=False, adakv_budget=64)
+
+
+def test_n_ctx_above_the_trained_context_is_refused_with_a_budget(tiny):
+    with pytest.raises(ValueError, match=r"n_ctx \(8192\) is above the 4096 tokens"):
+        llama(tiny, n_ctx=8192)
+    llama(tiny, n_ctx=8192, adakv_budget=None, adakv_window=None)  # eviction off: llama-cpp-python's behaviour
+    llama(tiny, n_ctx=8192, rope_freq_scale=0.5)  # RoPE scaling asked for: allowed

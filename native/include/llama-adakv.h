@@ -44,8 +44,12 @@ LLAMA_API int32_t llama_adakv_abi_version(void);
 // git commit of the pinned llama.cpp this library was built from ("unknown (...)" for a custom source)
 LLAMA_API const char * llama_adakv_llama_cpp_commit(void);
 
-// message of the last failed call on this thread ("" if none)
+// message of the last failed call on this thread ("" if none); a state that llama_state_set_data
+// refused because of its eviction layout also leaves its reason here
 LLAMA_API const char * llama_adakv_last_error(void);
+
+// forgets that message (e.g. before llama_state_set_data, to tell its reason from an older one)
+LLAMA_API void llama_adakv_clear_last_error(void);
 
 //
 // per-head KV eviction on a context
