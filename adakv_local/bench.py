@@ -7,8 +7,10 @@ anything.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from .texts import documents
 
 @dataclass(frozen=True)
 class BenchRecord:
-    mode: str  # "full", "full-nofa" (no flash attention) or the eviction method
+    mode: str  # "full", "full-nofa" (no flash attention) or the eviction method ("method[mask]": attention path)
     prompt_tokens: int  # kv_cells_*: cells of the evicted layers; kv_bytes_*: all layers
     budget: int | None
     prefill_tps: float
@@ -78,19 +80,42 @@ def greedy_decode(llm: Any, n: int) -> float:
     return time.perf_counter() - t0
 
 
+ATTN_PATHS = ("auto", "mask", "heads")
+
+
+@contextlib.contextmanager
+def _attn_path(path: str) -> Iterator[None]:
+    """ADAKV_ATTN_PATH while a context is created (the library reads it when eviction is enabled)."""
+    old = os.environ.get("ADAKV_ATTN_PATH")
+    os.environ["ADAKV_ATTN_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["ADAKV_ATTN_PATH"]
+        else:
+            os.environ["ADAKV_ATTN_PATH"] = old
+
+
 def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: int | None, method: str,
-            n_threads: int, n_gpu_layers: int = 0, window: int = 32, flash_attn: bool = True) -> BenchRecord:
+            n_threads: int, n_gpu_layers: int = 0, window: int = 32, flash_attn: bool = True,
+            attn_path: str = "auto") -> BenchRecord:
     """One prompt: prefill, (compress,) decode. With a budget, the compression overhead is measured
     on the same state: the window is decoded once without and once with scoring + compaction.
-    ``flash_attn=False`` (full cache only) measures llama.cpp's other attention path."""
+    ``flash_attn=False`` (full cache only) measures llama.cpp's other attention path; ``attn_path``
+    (eviction only) how attention honours the start cells ("auto": the best the backend has)."""
     import llama_cpp
 
     if budget is not None and not flash_attn:
         raise ValueError("eviction needs flash attention")
+    if attn_path not in ATTN_PATHS:
+        raise ValueError(f"attn_path must be one of {', '.join(ATTN_PATHS)}, got {attn_path!r}")
     n_ctx = ((len(tokens) + n_decode + 64) // 256 + 1) * 256
     kw: dict[str, Any] = {"adakv_budget": budget, "adakv_method": method, "adakv_window": window} if budget else {}
-    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
-                n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False, **kw)
+    with _attn_path(attn_path):
+        llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                    n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False,
+                    **kw)
     try:
         seconds: dict[str, float] = {}
         overhead = 0.0
@@ -126,8 +151,11 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         dec = greedy_decode(llm, n_decode)
         st = llm.adakv_stats
         cells_after = st.cells_after if st is not None else len(tokens)
+        mode = "full" if flash_attn else "full-nofa"
+        if budget is not None:
+            mode = method if attn_path == "auto" else f"{method}[{attn_path}]"
         return BenchRecord(
-            mode=method if budget is not None else "full" if flash_attn else "full-nofa",
+            mode=mode,
             prompt_tokens=len(tokens),
             budget=budget,
             prefill_tps=len(tokens) / prefill,
@@ -146,11 +174,14 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
 
 def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
         n_threads: int = 2, n_gpu_layers: int = 0, nofa_baseline: bool = False,
+        attn_paths: Sequence[str] = ("auto",),
         log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows.
 
     ``nofa_baseline``: also run the full cache without flash attention ("full-nofa", first), and
     give the eviction rows ``decode_speedup_nofa``, their decode speed over that baseline's.
+    ``attn_paths``: one eviction run per attention path (see ``ATTN_PATHS``), each against the
+    same full-cache run.
     """
     vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
     all_tokens = prompt_tokens(vocab, max(lengths))
@@ -164,20 +195,22 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
             out.append(asdict(nofa))
         full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
                        n_gpu_layers=n_gpu_layers)
-        ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
-                     n_gpu_layers=n_gpu_layers)
-        rf, re_ = asdict(full), asdict(ev)
-        re_["decode_speedup"] = ev.decode_tps / full.decode_tps
-        re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
-        if nofa is not None:
-            re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
-        out += [rf, re_]
-        log(f"{n:>6} tokens: decode {full.decode_tps:7.1f} -> {ev.decode_tps:7.1f} t/s "
-            f"(x{re_['decode_speedup']:.2f}), prefill {full.prefill_tps:7.1f} -> {ev.prefill_tps:7.1f} t/s, "
-            f"overhead {100 * ev.overhead_share:.1f}% of prefill, "
-            f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"
-            + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
-               f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
+        out.append(asdict(full))
+        for path in attn_paths:
+            ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
+                         n_gpu_layers=n_gpu_layers, attn_path=path)
+            re_ = asdict(ev)
+            re_["decode_speedup"] = ev.decode_tps / full.decode_tps
+            re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
+            if nofa is not None:
+                re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
+            out.append(re_)
+            log(f"{n:>6} tokens{'' if path == 'auto' else f' [{path}]'}: decode {full.decode_tps:7.1f} -> "
+                f"{ev.decode_tps:7.1f} t/s (x{re_['decode_speedup']:.2f}), prefill {full.prefill_tps:7.1f} -> "
+                f"{ev.prefill_tps:7.1f} t/s, overhead {100 * ev.overhead_share:.1f}% of prefill, "
+                f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"
+                + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
+                   f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
     return out
 
 

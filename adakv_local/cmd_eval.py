@@ -29,6 +29,18 @@ _EPILOG_BENCH = """examples:
 """
 
 
+def _attn_paths_arg(text: str) -> list[str]:
+    """--attn-paths: a comma-separated list of bench.ATTN_PATHS."""
+    from .bench import ATTN_PATHS
+
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in ATTN_PATHS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"--attn-paths: {', '.join(bad) or 'empty list'}: use a comma-separated list "
+                                         f"of {', '.join(ATTN_PATHS)}")
+    return items
+
+
 def _csv(kind: Any, name: str):
     def parse(text: str) -> list[Any]:
         try:
@@ -132,6 +144,10 @@ def add_parser(sub: Any) -> None:
                    help="eviction method (default: ada-snapkv)")
     b.add_argument("--decode-tokens", type=positive_int, default=64, metavar="N",
                    help="greedy tokens decoded after the prompt (default: 64)")
+    b.add_argument("--attn-paths", type=_attn_paths_arg, default=["auto"],
+                   help="one eviction run per way of honouring the start cells, e.g. auto,mask,heads: auto (the "
+                   "best the backend has: inside the kernel on the CPU), mask (a per-head mask on the stock "
+                   "kernel, Metal's path), heads (one stock call per KV head) (default: auto)")
     b.add_argument("--nofa-baseline", action="store_true",
                    help="also time the full cache without flash attention (llama.cpp's other attention path; "
                    "eviction always uses flash attention)")
@@ -291,10 +307,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     vocab.close()
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
                   n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
-                  log=_log(args))
+                  attn_paths=args.attn_paths, log=_log(args))
     config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
               "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
-              "nofa_baseline": args.nofa_baseline}
+              "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")

@@ -1,7 +1,8 @@
 """Python face of the op-level attention check in the native library (tests use it).
 
 :func:`flash_attn_cpu` runs ggml's flash attention with per-KV-head start cells on the CPU
-backend, through the fast path (patch 0001) or the portable per-head fallback.
+backend, through the fast path (patch 0001), the portable per-head fallback (one call per KV
+head) or the per-head mask path (one stock call with a mask plane per query head).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ._native import native
 
 FA_FAST = 0
 FA_FALLBACK = 1
+FA_MASK = 2
 
 # ggml_type ids of the KV cache types we support (checked against gguf's table in the tests)
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}

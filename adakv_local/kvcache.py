@@ -17,6 +17,8 @@ import numpy as np
 from ._native import Native, native
 
 GQA_REDUCE = {"mean": 0, "max": 1}
+# enum llama_adakv_attn_path: how attention honours the start cells (None: from the environment)
+ATTN_PATHS = {None: -1, "auto": 0, "heads": 1, "mask": 2}
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,24 @@ class KVCache:
     Enabling is refused with :class:`~adakv_local.errors.NativeInvalidArgument` (message from the
     C library) when flash attention is off, the context holds more than one sequence, or the
     model is not supported.
+
+    ``attn_path``: "auto" (the start cells inside the flash-attention kernel where the backend has
+    them, else the per-head mask, else one call per KV head), "heads", "mask", or None to read
+    ``ADAKV_ATTN_PATH`` (or ``ADAKV_FORCE_FALLBACK=1``, heads) from the environment.
+    ``force_fallback=True`` is ``attn_path="heads"``, ``False`` is "auto".
     """
 
-    def __init__(self, ctx: Any, *, gqa_reduce: str = "mean", force_fallback: bool | None = None) -> None:
+    def __init__(
+        self, ctx: Any, *, gqa_reduce: str = "mean", force_fallback: bool | None = None, attn_path: str | None = None
+    ) -> None:
         if gqa_reduce not in GQA_REDUCE:
             raise ValueError(f"gqa_reduce must be one of {sorted(GQA_REDUCE)}, got {gqa_reduce!r}")
+        if attn_path not in ATTN_PATHS:
+            raise ValueError(f"attn_path must be one of auto, heads, mask or None, got {attn_path!r}")
+        if force_fallback is not None:
+            if attn_path is not None:
+                raise ValueError("give attn_path or force_fallback, not both")
+            attn_path = "heads" if force_fallback else "auto"
         self._n: Native = native()
         ptr = ctx.value if isinstance(ctx, ctypes.c_void_p) else ctx
         if not ptr:
@@ -47,7 +62,7 @@ class KVCache:
         if not lib.llama_adakv_is_enabled(self._ctx):
             params = lib.llama_adakv_default_params()
             params.gqa_reduce = GQA_REDUCE[gqa_reduce]
-            params.force_fallback = -1 if force_fallback is None else int(force_fallback)
+            params.attn_path = ATTN_PATHS[attn_path]
             self._n.check(lib.llama_adakv_enable(self._ctx, params))
         n_layer = self._count(lib.llama_adakv_n_layer(self._ctx))
         ids = np.zeros(n_layer, dtype=np.int32)
@@ -94,6 +109,14 @@ class KVCache:
         out = np.zeros((self.n_layer, self.n_head_kv), dtype=np.int32)
         self._n.check(self._n.lib.llama_adakv_get_starts(self._ctx, self._ptr(out, "int32_t *")))
         return out
+
+    def attn_used(self) -> list[str]:
+        """Per evicted layer, how the last graph built applied the start cells: "stock" (nothing
+        compacted), "kernel" (inside the flash-attention kernel), "mask" (a per-head mask on the
+        stock kernel) or "heads" (one stock call per KV head)."""
+        out = np.zeros(self.n_layer, dtype=np.int32)
+        self._n.check(self._n.lib.llama_adakv_get_attn_used(self._ctx, self._ptr(out, "int32_t *")))
+        return [("stock", "kernel", "mask", "heads")[int(i)] for i in out]
 
     def positions(self, n_cells: int | None = None) -> np.ndarray:
         """int32 ``[n_layer, n_head_kv, n_cells]``: the original position of the token each cell holds

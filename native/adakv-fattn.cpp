@@ -60,6 +60,32 @@ ggml_tensor * llama_adakv_fa_fallback(
     return res;
 }
 
+ggml_tensor * llama_adakv_head_mask(
+        ggml_context * ctx, ggml_tensor * mask, ggml_tensor * start_f32, int64_t n_kv, int64_t n_q, int64_t n_head) {
+    const int64_t H = start_f32->ne[1];
+    const int64_t g = n_head / H;
+    GGML_ASSERT(n_head % H == 0);
+    GGML_ASSERT(mask == nullptr || (mask->ne[0] == n_kv && mask->ne[1] == n_q && mask->ne[2] == 1 && mask->ne[3] == 1));
+
+    // bias[c, 0, j, h] = log(step(c - start[h] + 0.5)): 0 from KV head h's start cell on, -inf below it,
+    // the same for its g query heads j
+    ggml_tensor * c    = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f);            // [n_kv]
+    ggml_tensor * tmpl = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, 1, g, H); // [n_kv, 1, g, H]
+    ggml_tensor * neg  = ggml_reshape_4d(ctx, ggml_scale(ctx, start_f32, -1.0f), 1, 1, 1, H);
+    ggml_tensor * d    = ggml_add(ctx, ggml_repeat(ctx, c, tmpl), neg);
+    ggml_tensor * bias = ggml_log(ctx, ggml_step(ctx, ggml_scale_bias(ctx, d, 1.0f, 0.5f)));
+
+    // [n_kv, n_q, g, H]: the layer's mask for every query head, plus the bias
+    ggml_tensor * full = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_q, g, H);
+    ggml_tensor * m    = mask ? ggml_add(ctx, ggml_repeat(ctx, ggml_cast(ctx, mask, GGML_TYPE_F32), full), bias)
+                              : ggml_repeat(ctx, bias, full);
+    return ggml_cast(ctx, ggml_reshape_4d(ctx, m, n_kv, n_q, n_head, 1), GGML_TYPE_F16);
+}
+
+size_t llama_adakv_head_mask_bytes(int64_t n_kv, int64_t n_q, int64_t n_head) {
+    return (size_t) n_kv * n_q * n_head * (2 * sizeof(float) + sizeof(ggml_fp16_t));
+}
+
 ggml_tensor * llama_adakv_window_scores(
         ggml_context * ctx,
         ggml_tensor * q,
@@ -285,12 +311,13 @@ int32_t llama_adakv_flash_attn_cpu(
     if (!v) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: v must not be NULL", __func__);
     }
-    if (path != LLAMA_ADAKV_FA_FAST && path != LLAMA_ADAKV_FA_FALLBACK) {
+    if (path != LLAMA_ADAKV_FA_FAST && path != LLAMA_ADAKV_FA_FALLBACK && path != LLAMA_ADAKV_FA_MASK) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: unknown path %d", __func__, path);
     }
     const ggml_type t = (ggml_type) kv_type;
-    // the fallback's per-head mask copies and results
-    const size_t n_tmp = (size_t) (n_head_kv + 1) * n_q * n_kv + 2 * (size_t) n_q * n_head * d_v;
+    // the fallback's per-head mask copies and results, the mask path's per-head mask
+    const size_t n_tmp = (size_t) (n_head_kv + 1) * n_q * n_kv + 2 * (size_t) n_q * n_head * d_v +
+                         (size_t) n_kv * (n_q + 1) * n_head * 3 + (size_t) n_head_kv;
     adakv_op_inputs in;
     if (!adakv_op_init(in, q, k, v, mask, n_q, n_kv, n_head, n_head_kv, d_k, d_v, t, n_tmp, n_threads)) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the op context", __func__);
@@ -303,6 +330,14 @@ int32_t llama_adakv_flash_attn_cpu(
         res = ggml_flash_attn_ext(in.ctx, in.q, in.k, in.v, in.m, scale, 0.0f, 0.0f);
         ggml_prec_set_acc(res, GGML_PREC_F32);
         ggml_flash_attn_ext_set_head_start(res, ts);
+    } else if (path == LLAMA_ADAKV_FA_MASK) {
+        ggml_tensor * ts = ggml_new_tensor_2d(in.ctx, GGML_TYPE_F32, 1, n_head_kv);
+        for (int32_t h = 0; h < n_head_kv; ++h) {
+            ((float *) ts->data)[h] = (float) starts[h];
+        }
+        ggml_tensor * hm = llama_adakv_head_mask(in.ctx, in.m, ts, n_kv, n_q, n_head);
+        res              = ggml_flash_attn_ext(in.ctx, in.q, in.k, in.v, hm, scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(res, GGML_PREC_F32);
     } else {
         res = llama_adakv_fa_fallback(in.ctx, in.q, in.k, in.v, in.m, starts, scale, 0.0f);
     }

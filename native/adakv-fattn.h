@@ -31,6 +31,20 @@ ggml_tensor * llama_adakv_fa_fallback(
         float scale,
         float logit_softcap);
 
+// The per-head mask path: the layer's mask with, for every query head, -inf added below the start
+// cell of its KV head, so that one stock ggml_flash_attn_ext per layer (mask->ne[2] == n_head)
+// honours the start cells on every backend whose kernels read such a mask (CPU, Metal, ...).
+//   mask      : F16 [n_kv, n_q, 1, 1] or NULL (then only the starts mask)
+//   start_f32 : F32 [1, n_head_kv] start cell of each KV head
+//   result    : F16 [n_kv, n_q, n_head, 1]; in the compute buffer it costs about
+//               llama_adakv_head_mask_bytes(n_kv, n_q, n_head): the bias is made in the graph from
+//               start_f32 (no memory that lives longer than the ubatch)
+ggml_tensor * llama_adakv_head_mask(
+        ggml_context * ctx, ggml_tensor * mask, ggml_tensor * start_f32, int64_t n_kv, int64_t n_q, int64_t n_head);
+
+// bytes of the intermediate tensors of llama_adakv_head_mask: the F32 repeat and sum, the F16 result
+size_t llama_adakv_head_mask_bytes(int64_t n_kv, int64_t n_q, int64_t n_head);
+
 // Window scores (SnapKV): for every cell c and KV head h,
 //   scores[c, h] = reduce over the query heads j of KV head h (mean or max) of
 //                  sum over window queries i of softmax_c(scale * q_i,j . k_c,h + mask[i, c] + bias[c, h])

@@ -31,6 +31,9 @@ llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) 
         captured_tokens = ak->captured_tokens;
         scored          = ak->scored;
         captured        = ak->captured;
+        for (const auto & l : ak->layers) {
+            attn_used.push_back(l.attn_used);
+        }
     }
 }
 
@@ -41,25 +44,49 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
         ak->captured_tokens = captured_tokens;
         ak->scored          = std::move(scored);
         ak->captured        = std::move(captured);
+        for (size_t i = 0; i < attn_used.size(); ++i) {
+            ak->layers[i].attn_used = attn_used[i];
+        }
     }
 }
 
-// the attention of one layer with the start cells applied: the stock node (nothing compacted),
-// the same node with per-head starts (backend supports it), or the per-head fallback
+// the per-head mask of one ubatch may take at most this much of the compute buffer; a larger
+// ubatch (a long prompt after a compaction) takes the one-call-per-KV-head path instead
+static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
+
+// the attention of one layer with the start cells applied, best first: the stock node (nothing
+// compacted), the same node with per-head starts (the backend's kernels honour them), the same
+// node with a per-head mask (stock kernels), or one stock call per KV head
 static ggml_tensor * llama_adakv_graph_heads(
         llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap) {
     if (ak->footprint == 0) {
+        l.attn_used = LLAMA_ADAKV_USED_STOCK;
         return fa; // nothing compacted: stock attention
     }
-    if (!ak->force_fallback) {
+    ggml_backend_dev_t dev = llama_adakv_dev_of(l.k);
+    if (ak->attn_path == LLAMA_ADAKV_ATTN_AUTO) {
         ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
-        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
+        if (ggml_backend_dev_supports_op(dev, fa)) {
+            l.attn_used = LLAMA_ADAKV_USED_KERNEL;
             return fa;
         }
         ggml_flash_attn_ext_set_head_start(fa, nullptr);
     }
+    ggml_tensor * q    = fa->src[0];
+    ggml_tensor * k    = fa->src[1];
+    ggml_tensor * mask = fa->src[3];
+    if (ak->attn_path != LLAMA_ADAKV_ATTN_HEADS && q->ne[3] == 1 &&
+        llama_adakv_head_mask_bytes(k->ne[1], q->ne[1], q->ne[2]) <= ADAKV_HEAD_MASK_MAX_BYTES) {
+        fa->src[3] = llama_adakv_head_mask(ctx, mask, l.start_f32, k->ne[1], mask ? mask->ne[1] : q->ne[1], q->ne[2]);
+        if (ggml_backend_dev_supports_op(dev, fa)) {
+            l.attn_used = LLAMA_ADAKV_USED_MASK;
+            return fa;
+        }
+        fa->src[3] = mask;
+    }
     GGML_ASSERT(fa->src[4] == nullptr && "adakv: the per-head fallback does not support attention sinks");
-    return llama_adakv_fa_fallback(ctx, fa->src[0], fa->src[1], fa->src[2], fa->src[3], l.start.data(), scale, softcap);
+    l.attn_used = LLAMA_ADAKV_USED_HEADS;
+    return llama_adakv_fa_fallback(ctx, q, k, fa->src[2], mask, l.start.data(), scale, softcap);
 }
 
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il) {

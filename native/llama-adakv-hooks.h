@@ -45,6 +45,7 @@ class llama_adakv_reserve_scope {
     int32_t captured_tokens = 0;
     std::vector<bool> scored;
     std::vector<bool> captured;
+    std::vector<int32_t> attn_used;
 };
 
 // called with each flash-attention node right after build_attn_mha built it; returns the

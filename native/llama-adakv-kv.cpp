@@ -256,9 +256,25 @@ llama_adakv * llama_adakv_of(const llama_context * ctx) {
 
 struct llama_adakv_params llama_adakv_default_params(void) {
     llama_adakv_params p;
-    p.gqa_reduce     = LLAMA_ADAKV_GQA_MEAN;
-    p.force_fallback = -1;
+    p.gqa_reduce = LLAMA_ADAKV_GQA_MEAN;
+    p.attn_path  = LLAMA_ADAKV_ATTN_ENV;
     return p;
+}
+
+// ADAKV_ATTN_PATH=auto|heads|mask, or ADAKV_FORCE_FALLBACK=1 (heads); anything else is auto
+static int32_t adakv_attn_path_from_env() {
+    const char * path = getenv("ADAKV_ATTN_PATH");
+    if (path != nullptr && strcmp(path, "heads") == 0) {
+        return LLAMA_ADAKV_ATTN_HEADS;
+    }
+    if (path != nullptr && strcmp(path, "mask") == 0) {
+        return LLAMA_ADAKV_ATTN_MASK;
+    }
+    if (path != nullptr && strcmp(path, "auto") != 0 && path[0] != '\0') {
+        LLAMA_LOG_WARN("%s: ignoring ADAKV_ATTN_PATH=%s (expected auto, heads or mask)\n", __func__, path);
+    }
+    const char * fallback = getenv("ADAKV_FORCE_FALLBACK");
+    return fallback != nullptr && atoi(fallback) != 0 ? LLAMA_ADAKV_ATTN_HEADS : LLAMA_ADAKV_ATTN_AUTO;
 }
 
 static const char * adakv_unsupported_model(const llama_model & model) {
@@ -294,6 +310,12 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     if (ctx->adakv != nullptr) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID, "%s: eviction is already enabled on this context", __func__);
+    }
+    if (params.attn_path < LLAMA_ADAKV_ATTN_ENV || params.attn_path > LLAMA_ADAKV_ATTN_MASK) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: attn_path must be -1 (environment), 0 (auto), 1 (heads) or 2 (mask), got %d", __func__,
+                params.attn_path);
     }
     if (params.gqa_reduce != LLAMA_ADAKV_GQA_MEAN && params.gqa_reduce != LLAMA_ADAKV_GQA_MAX) {
         return llama_adakv_set_error(
@@ -353,17 +375,12 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                 __func__);
     }
 
-    auto ak     = std::make_unique<llama_adakv>();
-    ak->lctx    = ctx;
-    ak->kv      = kv;
-    ak->params  = params;
-    ak->kv_size = kv->get_size();
-    if (params.force_fallback < 0) {
-        const char * env   = getenv("ADAKV_FORCE_FALLBACK");
-        ak->force_fallback = env != nullptr && atoi(env) != 0;
-    } else {
-        ak->force_fallback = params.force_fallback != 0;
-    }
+    auto ak       = std::make_unique<llama_adakv>();
+    ak->lctx      = ctx;
+    ak->kv        = kv;
+    ak->params    = params;
+    ak->kv_size   = kv->get_size();
+    ak->attn_path = params.attn_path == LLAMA_ADAKV_ATTN_ENV ? adakv_attn_path_from_env() : params.attn_path;
 
     ak->layers = llama_adakv_access::layers(*kv);
     if (ak->layers.empty()) {
@@ -514,6 +531,14 @@ int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * ou
                 dst[c] = adakv_cell_pos(*ak, ak->layers[i], cells, h, c);
             }
         }
+    }
+    return LLAMA_ADAKV_OK;
+}
+
+int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out) {
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    for (size_t i = 0; i < ak->layers.size(); ++i) {
+        out[i] = ak->layers[i].attn_used;
     }
     return LLAMA_ADAKV_OK;
 }

@@ -42,6 +42,8 @@ struct llama_adakv_layer {
 
     std::vector<int32_t> start; // host copy of start_i32
 
+    int32_t attn_used = LLAMA_ADAKV_USED_STOCK; // enum llama_adakv_attn_used of the last graph built
+
     // original position of the token that cell c < footprint holds for head h, at [h * footprint + c]
     // (-1 below the head's start); cells from the footprint on keep their own positions
     std::vector<llama_pos> kept_pos;
@@ -52,7 +54,7 @@ struct llama_adakv {
     llama_kv_cache * kv  = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
 
     llama_adakv_params params = {};
-    bool force_fallback       = false;
+    int32_t attn_path         = LLAMA_ADAKV_ATTN_AUTO; // enum llama_adakv_attn_path, never ENV
 
     uint32_t kv_size  = 0;
     int32_t n_head_kv = 0;

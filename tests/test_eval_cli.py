@@ -75,6 +75,16 @@ def test_bench_nofa_baseline(tiny):
     assert "without flash attention" in proc.stderr
 
 
+def test_bench_attn_paths(tiny):
+    proc = cli("bench", "--model", tiny, "--lengths", "200", "--budget", "48", "--decode-tokens", "4",
+               "--threads", "1", "--attn-paths", "auto,mask,heads", "--json", "-", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    recs = json.loads(proc.stdout)["records"]
+    assert [r["mode"] for r in recs] == ["full", "ada-snapkv", "ada-snapkv[mask]", "ada-snapkv[heads]"]
+    assert len({r["kv_cells_after"] for r in recs[1:]}) == 1  # the same selection, only the attention differs
+    assert json.loads(proc.stdout)["config"]["attn_paths"] == ["auto", "mask", "heads"]
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
     from adakv_local.bench import plot_bench

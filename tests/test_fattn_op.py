@@ -1,8 +1,9 @@
-"""Op level: flash attention with per-KV-head start cells (patch 0001 + native fallback).
+"""Op level: flash attention with per-KV-head start cells (patch 0001 + native fallbacks).
 
-The CPU fast path (one ggml_flash_attn_ext with starts), the portable fallback (one stock
-call per KV head over [start[h], n_kv)) and a float64 numpy reference of per-head masked
-attention must agree on random inputs.
+The CPU fast path (one ggml_flash_attn_ext with starts), the per-head mask path (one stock call
+with a mask plane per query head), the portable fallback (one stock call per KV head over
+[start[h], n_kv)) and a float64 numpy reference of per-head masked attention must agree on
+random inputs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import zlib
 import numpy as np
 import pytest
 
-from adakv_local.fattn import FA_FALLBACK, FA_FAST, GGML_TYPES, flash_attn_cpu
+from adakv_local.fattn import FA_FALLBACK, FA_FAST, FA_MASK, GGML_TYPES, flash_attn_cpu
 
 pytestmark = pytest.mark.exactness
 
@@ -80,6 +81,7 @@ def test_fast_and_fallback_match_reference(case, kv_type):
 
     fast, k_used, v_used = flash_attn_cpu(q, k, v, mask, starts, scale, kv_type=kv_type, path=FA_FAST)
     fall, _, _ = flash_attn_cpu(q, k, v, mask, starts, scale, kv_type=kv_type, path=FA_FALLBACK)
+    masked, _, _ = flash_attn_cpu(q, k, v, mask, starts, scale, kv_type=kv_type, path=FA_MASK)
     ref = reference(q, k_used, v_used, mask, starts, scale)
 
     info = f"case={case} kv_type={kv_type} starts={starts.tolist()}"
@@ -92,6 +94,10 @@ def test_fast_and_fallback_match_reference(case, kv_type):
     # same kernels per head: only the tiled / one-chunk choice differs (float32 rounding)
     err_pair = np.abs(fast - fall).max()
     assert err_pair <= 1e-5, f"fast path vs fallback: {err_pair:.3g} > 1e-5 ({info})"
+    # the mask path runs the stock kernel over every cell: exp(-inf) of the cells below a start
+    # adds exactly 0, so only the tile boundaries of the online softmax differ (float32 rounding)
+    err_mask = np.abs(masked - fast).max()
+    assert err_mask <= 1e-5, f"mask path vs fast path: {err_mask:.3g} > 1e-5 ({info})"
     # the case can fail: a kernel that ignored the starts would be off by more than 2 * tol
     ref_no_starts = reference(q, k_used, v_used, mask, np.zeros_like(starts), scale)
     assert np.abs(ref_no_starts - ref).max() > 2 * tol, info
@@ -148,6 +154,7 @@ def test_fast_path_clamps_starts_outside_the_cells(n_q, n_kv):
     [
         ({"starts": np.array([0, 50], dtype=np.int32), "path": FA_FALLBACK}, "outside"),
         ({"starts": np.array([-1, 0], dtype=np.int32), "path": FA_FALLBACK}, "outside"),
+        ({"starts": np.array([0, 50], dtype=np.int32), "path": FA_MASK}, "outside"),
         ({"kv_type": "q4_0", "d": 48}, "not a usable KV cache type"),
     ],
 )

@@ -142,7 +142,8 @@ def test_shift_after_the_block_is_refused_instead_of_aborting(tiny):
 def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
     """One stock attention per KV head adds ~7 graph nodes per head and layer; with 32 layers x 8
     KV heads that overflowed llama.cpp's graph budget (GGML_ASSERT in ggml_new_object). The
-    budget now counts them; the fallback must also equal the fast path."""
+    budget now counts them; the fallback ("heads") and the per-head mask path must also equal
+    the fast path, and fit the graph budget too."""
     from adakv_local.models.testmodel import write_llama_gguf
 
     path = str(write_llama_gguf(tmp_path / "l32.gguf", n_layer=32, n_embd=256, n_head=8, n_head_kv=8,
@@ -159,21 +160,27 @@ def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
         for t in llm.tokenize(b" alpha bravo charlie delta", add_bos=False):  # decode, one token at a time
             llm.eval([t])
         np.save(sys.argv[1], np.array(llm.scores[: llm.n_tokens]))
+        print(",".join(sorted(set(llm.adakv_kvcache.attn_used()))))
     """
     out = {}
-    for fallback in ("0", "1"):
-        dest = str(tmp_path / f"logits-{fallback}.npy")
-        env = dict(os.environ, ADAKV_FORCE_FALLBACK=fallback)
+    for path in ("auto", "heads", "mask"):
+        dest = str(tmp_path / f"logits-{path}.npy")
+        env = dict(os.environ, ADAKV_ATTN_PATH=path, ADAKV_FORCE_FALLBACK="0")
         proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), dest], capture_output=True, text=True,
                               timeout=900, env=env)
-        assert proc.returncode == 0, f"ADAKV_FORCE_FALLBACK={fallback}: {proc.stderr[-3000:]}"
-        out[fallback] = np.load(dest)
-    fast, fallback = out["0"], out["1"]
-    assert np.isfinite(fallback).all()
-    # the same kernels over the same cells, one head at a time: float32 rounding of the
-    # accumulation order only (tiled vs one-chunk), measured ~1e-6 of the logits' scale
+        assert proc.returncode == 0, f"ADAKV_ATTN_PATH={path}: {proc.stderr[-3000:]}"
+        used = {"auto": "kernel", "heads": "heads", "mask": "mask"}[path]  # in every layer
+        assert proc.stdout.strip().splitlines()[-1] == used, proc.stdout
+        out[path] = np.load(dest)
+    fast = out["auto"]
     scale = np.abs(fast).max()
-    assert np.abs(fast - fallback).max() <= 1e-4 * scale
+    for path in ("heads", "mask"):
+        assert np.isfinite(out[path]).all(), path
+        # the same kernels over the same cells (heads) or over every cell with exp(-inf) = 0 for
+        # those below a start (mask): float32 rounding of the accumulation order only, measured
+        # ~1e-6 of the logits' scale
+        err = np.abs(fast - out[path]).max()
+        assert err <= 1e-4 * scale, f"{path}: {err:.3g} > {1e-4 * scale:.3g}"
 
 
 # --- 4. save_state / load_state around compressions ----------------------------------------------

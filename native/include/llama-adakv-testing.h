@@ -20,6 +20,7 @@ extern "C" {
 enum llama_adakv_fa_path {
     LLAMA_ADAKV_FA_FAST     = 0, // one ggml_flash_attn_ext with per-head starts (patch 0001)
     LLAMA_ADAKV_FA_FALLBACK = 1, // one stock ggml_flash_attn_ext per KV head over cells [start[h], n_kv)
+    LLAMA_ADAKV_FA_MASK     = 2, // one stock ggml_flash_attn_ext with a per-query-head mask (-inf below the start)
 };
 
 // Computes out = softmax(scale * q k^T + mask) v per query head, where query head i uses
@@ -30,7 +31,7 @@ enum llama_adakv_fa_path {
 //   k      : F32 [n_head_kv][n_kv][d_k]
 //   v      : F32 [n_head_kv][n_kv][d_v]
 //   mask   : F32 [n_q][n_kv] added to the scores (-INFINITY allowed), or NULL for none
-//   starts : I32 [n_head_kv]; the fallback needs each in [0, n_kv); the fast path takes any
+//   starts : I32 [n_head_kv]; FALLBACK and MASK need each in [0, n_kv); the fast path takes any
 //            value, as the kernels clamp it: below 0 acts as 0, n_kv or more leaves the head
 //            no cell (its outputs are 0, as for a fully masked row)
 //   out    : F32 [n_q][n_head][d_v]

@@ -79,10 +79,28 @@ enum llama_adakv_gqa_reduce {
     LLAMA_ADAKV_GQA_MAX  = 1,
 };
 
+// how attention honours the start cells after a compaction (all give the same result)
+enum llama_adakv_attn_path {
+    LLAMA_ADAKV_ATTN_ENV   = -1, // from the environment: ADAKV_ATTN_PATH=auto|heads|mask, or
+                                 // ADAKV_FORCE_FALLBACK=1 for heads; else AUTO
+    LLAMA_ADAKV_ATTN_AUTO  = 0,  // the best the backend supports: the start cells inside the flash-attention
+                                 // kernel, else the per-head mask, else one call per KV head
+    LLAMA_ADAKV_ATTN_HEADS = 1,  // one stock flash-attention call per KV head over [start, n_kv), everywhere
+    LLAMA_ADAKV_ATTN_MASK  = 2,  // one stock call per layer with a mask that has one plane per query head
+                                 // (-inf below its KV head's start) where supported, else one call per KV head
+};
+
+// how the last graph built for a layer applied the start cells (llama_adakv_get_attn_used)
+enum llama_adakv_attn_used {
+    LLAMA_ADAKV_USED_STOCK  = 0, // nothing compacted: stock attention (or no graph built yet)
+    LLAMA_ADAKV_USED_KERNEL = 1, // the start cells inside the flash-attention kernel
+    LLAMA_ADAKV_USED_MASK   = 2, // one stock call with a per-head mask
+    LLAMA_ADAKV_USED_HEADS  = 3, // one stock call per KV head
+};
+
 struct llama_adakv_params {
-    int32_t gqa_reduce;     // enum llama_adakv_gqa_reduce (default: LLAMA_ADAKV_GQA_MEAN)
-    int32_t force_fallback; // 1: per-head fallback attention everywhere, 0: fast path where the
-                            // backend has it, -1 (default): 1 if env ADAKV_FORCE_FALLBACK is set non-zero
+    int32_t gqa_reduce; // enum llama_adakv_gqa_reduce (default: LLAMA_ADAKV_GQA_MEAN)
+    int32_t attn_path;  // enum llama_adakv_attn_path (default: LLAMA_ADAKV_ATTN_ENV)
 };
 
 LLAMA_API struct llama_adakv_params llama_adakv_default_params(void);
@@ -128,6 +146,10 @@ LLAMA_API int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t 
 
 // out[n_layer][n_head_kv]: the start cell of every head (all 0 before a compaction)
 LLAMA_API int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out);
+
+// out[n_layer]: enum llama_adakv_attn_used, how the last graph that was computed or built for a
+// decode applied the start cells in each layer (for tests and device checks)
+LLAMA_API int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out);
 
 // R, the cells of the compacted block (0 if nothing is compacted), or an error code
 LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
