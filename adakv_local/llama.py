@@ -111,10 +111,13 @@ class Llama(llama_cpp.Llama):
             if kwargs.get("flash_attn") is False:
                 raise ValueError("adakv_budget needs flash attention; remove flash_attn=False")
             kwargs["flash_attn"] = True
-            n_ubatch = kwargs.get("n_ubatch", 512)
-            if n_ubatch < config.window:
-                raise ConfigError("window", f"({config.window}) must fit in one ubatch: raise n_ubatch "
-                                  f"(now {n_ubatch}) or lower the window").named("adakv_window")
+            # llama-cpp-python runs ubatches of min(n_batch, n_ubatch) tokens, and n_batch <= n_ctx
+            n_batch, n_ubatch = kwargs.get("n_batch", 512), kwargs.get("n_ubatch", 512)
+            n_ctx = kwargs.get("n_ctx", 512) or n_batch  # 0: the model's trained context
+            if min(n_batch, n_ubatch, n_ctx) < config.window:
+                raise ConfigError("window", f"({config.window}) must fit in one ubatch of min(n_batch, n_ubatch, "
+                                  f"n_ctx) tokens: raise n_batch (now {n_batch}), n_ubatch (now {n_ubatch}) and "
+                                  f"n_ctx (now {n_ctx}) or lower the window").named("adakv_window")
         self.adakv_config: AdaKVConfig | None = config
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
@@ -262,12 +265,14 @@ class Llama(llama_cpp.Llama):
     def adakv_kept_positions(self) -> list[list[np.ndarray]]:
         """Per model layer, per KV head: the sorted original token positions the cache holds now.
 
+        Only the history llama-cpp-python tracks counts (positions below ``n_tokens``): after
+        ``reset()``, which leaves the cells to be removed by the next evaluation, nothing is held.
         Layers that are not evicted (sliding-window layers) list every position of the sequence.
         """
         kv = self._adakv
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")
-        per_layer = self._cell_positions(kv.n_cells())
+        per_layer = [[p[p < self.n_tokens] for p in layer] for layer in self._cell_positions(kv.n_cells())]
         everything = np.arange(self.n_tokens, dtype=np.int64)
         out: list[list[np.ndarray]] = [[everything] * kv.n_head_kv for _ in range(self._n_layer())]
         for i, il in enumerate(kv.layout.layer_ids):

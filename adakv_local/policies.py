@@ -15,9 +15,10 @@ Vocabulary
 * ``B = cfg.budget`` is the average number of cells kept per KV head, window included;
   ``B' = B - w`` is the average selectable budget per head (``B' <= 0``: only the window
   is kept).  A layer with ``H`` KV heads has ``H * B'`` selectable slots.
-* ``cfg.sinks``: the first ``sinks`` cells are kept by every head (where valid) and count
-  against its budget: :meth:`Policy.rank` gives them a ``+inf`` ranking score, so every
-  allocation below takes them before any scored cell.  They are the first cells of the
+* ``cfg.sinks``: the first ``sinks`` valid cells of every head (its first tokens: after a
+  compaction they begin at the head's start cell) are kept and count against its budget:
+  :meth:`Policy.rank` gives them a ``+inf`` ranking score, so every allocation below takes
+  them before any scored cell.  They are the first cells of the
   budget: with ``B' < sinks`` a head keeps only the first ``B'`` sinks.
 
 Pipeline (:func:`keep_sets`): pool the selectable prefix (:mod:`adakv_local.pooling`),
@@ -388,15 +389,16 @@ class Policy(Protocol):
 
 
 def _with_sinks(layers: list[np.ndarray], sinks: int) -> list[np.ndarray]:
+    """The first ``sinks`` valid cells of every head ranked +inf: its first tokens. After a
+    compaction a head's valid cells begin at its start cell, where the first tokens it kept
+    (its sinks among them) were moved, so the sinks are found there, not at cell 0."""
     if sinks <= 0:
         return layers
     out = []
     for a in layers:
-        s = min(sinks, a.shape[1])
-        if s:
-            a = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True)
-            head = a[:, :s]
-            head[head != -np.inf] = np.inf
+        a = np.array(a, dtype=np.result_type(a.dtype, np.float32), copy=True)
+        for row in a:
+            row[np.flatnonzero(row != -np.inf)[:sinks]] = np.inf
         out.append(a)
     return out
 

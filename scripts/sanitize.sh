@@ -22,15 +22,30 @@ fi
 cmake --build "$build" -j "$(nproc)"
 
 asan="$(${CC:-cc} -print-file-name=libasan.so)"
-if [ ! -f "$asan" ]; then
-    echo "scripts/sanitize.sh: the ASan runtime (libasan.so) was not found by ${CC:-cc}" >&2
-    exit 1
-fi
+# libstdc++ must be there when the ASan runtime starts, or its __cxa_throw interceptor finds no
+# real function to call and the first C++ exception aborts ("CHECK failed: asan_interceptors.cpp")
+cxx="$(${CXX:-c++} -print-file-name=libstdc++.so.6)"
+for lib in "$asan" "$cxx"; do
+    if [ ! -f "$lib" ]; then
+        echo "scripts/sanitize.sh: $(basename "$lib") was not found by the compiler (\$CC / \$CXX)" >&2
+        exit 1
+    fi
+done
 
-tests=(tests/test_fattn_op.py tests/test_eviction.py tests/test_reliability.py tests/test_llama.py)
+tests=(tests/test_fattn_op.py tests/test_eviction.py tests/test_reliability.py tests/test_llama.py tests/test_random_api.py)
 echo "[sanitize] running ${tests[*]} on $build/bin under ASan + UBSan" >&2
+# pytest captures the output of each test: a report must go to a file that survives the abort
+reports="$(mktemp -d)"
+status=0
 ADAKV_LIB_DIR="$root/$build/bin" \
-LD_PRELOAD="$asan" \
-ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1" \
-UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-    "$py" -m pytest -p no:cacheprovider -q -m "not slow" "${tests[@]}" "$@"
+LD_PRELOAD="$asan $cxx" \
+ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$reports/asan" \
+UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$reports/ubsan" \
+    "$py" -m pytest -p no:cacheprovider -q -m "not slow" "${tests[@]}" "$@" || status=$?
+if compgen -G "$reports/*" >/dev/null; then
+    echo "[sanitize] sanitizer reports:" >&2
+    cat "$reports"/* >&2
+    status=1
+fi
+rm -rf "$reports"
+exit "$status"

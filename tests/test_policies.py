@@ -178,7 +178,8 @@ def ref_ranked(case, scores, n_cells, cfg, kernel, pooling, valid_from):
         else:
             r = np.array([ref_pool(row, kernel, pooling) for row in p]).reshape(p.shape)
             sinks = cfg.sinks
-        r[:, :sinks][r[:, :sinks] != NEG] = np.inf
+        for row in r:  # the first `sinks` valid cells of the head (from its start on)
+            row[np.flatnonzero(row != NEG)[:sinks]] = np.inf
         ranked.append(r)
     return ranked, n_sel
 
@@ -463,7 +464,8 @@ def test_kept_cells_are_the_best_of_their_head(case, sc):
     for i, layer in enumerate(selected(out, sc.n_sel)):
         for h, keep in enumerate(layer):
             row = pooled[i][h]
-            sink = np.arange(row.size) < cfg.sinks
+            sink = np.zeros(row.size, dtype=bool)
+            sink[np.flatnonzero(row != NEG)[: cfg.sinks]] = True
             kept = np.zeros(row.size, dtype=bool)
             kept[keep] = True
             inside, outside = row[kept & ~sink], row[~kept & ~sink & (row != NEG)]
@@ -597,6 +599,26 @@ def test_streamingllm_keeps_sinks_and_recent():
         assert keep.tolist() == [0, 1, 2, 3, *range(34, 50)]  # first 4 + last B - 4 = 16
     for keep in keep_sets(scores, 50, StreamingLLM(sinks=2), cfg)[0]:
         assert keep.tolist() == [0, 1, *range(32, 50)]
+
+
+def test_sinks_are_a_heads_first_valid_cells_after_a_compaction():
+    """After a compaction a head's cells start at its start cell, where its first tokens (its
+    sinks) were moved; the sinks used to be looked for at cells [0, sinks), invalid there, and
+    the second compression lost them."""
+    rng = np.random.default_rng(3)
+    n, window = 40, 4
+    scores = [rng.random((3, n)) for _ in range(2)]
+    starts = [np.array([0, 7, 15]), np.array([22, 3, 0])]
+    for method in ("ada-snapkv", "snapkv", "pyramidkv", "ada-pyramid", "streamingllm"):
+        cfg = AllocationConfig(budget=12, window=window, sinks=3)
+        out = keep_sets(scores, n, method, cfg, valid_from=starts)
+        for i, layer in enumerate(out):
+            for h, keep in enumerate(layer):
+                s = int(starts[i][h])
+                chosen = keep[keep < n - window]  # sinks are taken first, up to the head's budget
+                want = set(range(s, s + min(3, len(chosen))))
+                assert len(chosen) > 0 or method == "ada-pyramid" or method == "pyramidkv", (method, i, h)
+                assert want <= set(chosen.tolist()), (method, i, h, keep.tolist())
 
 
 def test_sinks_count_against_the_budget():

@@ -241,6 +241,42 @@ def test_a_state_that_cannot_be_restored_says_why_and_loses_nothing(tiny, tmp_pa
     assert greedy(llm, cont) == greedy(ref, cont)
 
 
+# --- found by the randomized test (tests/test_random_api.py) -------------------------------------
+
+
+def test_reset_leaves_no_kept_positions(tiny):
+    """reset() only sets n_tokens = 0 (the next eval removes the cells); the kept positions used to
+    list the cells that were still there."""
+    llm = llama(tiny)
+    llm.eval(llm.tokenize(text(30, 15).encode()))
+    assert all(len(p) for layer in llm.adakv_kept_positions() for p in layer)
+    llm.reset()
+    assert all(len(p) == 0 for layer in llm.adakv_kept_positions() for p in layer)
+
+
+def test_n_batch_below_the_window_is_refused(tiny):
+    """llama-cpp-python's ubatch is min(n_batch, n_ubatch): n_batch=4 used to pass and the first
+    compression then failed in llama_adakv_arm_scores."""
+    with pytest.raises(ValueError, match=r"adakv_window \(8\) must fit in one ubatch.*n_batch \(now 4\)"):
+        llama(tiny, n_batch=4)
+
+
+@pytest.mark.parametrize("method", ["ada-snapkv", "pyramidkv", "ada-pyramid", "snapkv", "streamingllm"])
+def test_sinks_survive_a_second_compression(tiny, method):
+    """After a compaction a head's first tokens sit at its start cell; the sinks used to be looked
+    for at cells [0, sinks), and a second compression dropped them from every head whose start > 0."""
+    llm = llama(tiny, adakv_budget=40, adakv_method=method, adakv_sinks=4)
+    llm.eval(llm.tokenize(text(40, 16).encode()))
+    # a head keeps min(4, its selectable budget) sinks: PyramidKV's last layers get only a few cells
+    first = [[set(p.tolist()) & {0, 1, 2, 3} for p in layer] for layer in llm.adakv_kept_positions()]
+    assert any(len(s) == 4 for layer in first for s in layer)
+    llm.eval(llm.tokenize((" " + text(6, 17)).encode(), add_bos=False))
+    assert llm.adakv_stats.prompt_tokens == llm.n_tokens  # compressed twice
+    for i, layer in enumerate(llm.adakv_kept_positions()):
+        for h, pos in enumerate(layer):
+            assert first[i][h] <= set(pos.tolist()), (method, i, h, sorted(first[i][h]), pos[:8].tolist())
+
+
 # --- 6. bad input through the Python API ---------------------------------------------------------
 
 
