@@ -77,8 +77,9 @@ class Llama(llama_cpp.Llama):
         ValueError: an option out of range (the message names it), flash attention off, a
             model architecture that cannot be evicted, ``n_ubatch`` smaller than the window, a
             model file that is not a valid GGUF (the message says what is wrong: truncated,
-            bad magic, ...), or, with a budget, ``n_ctx`` above the model's trained context
-            (unless RoPE scaling is asked for with ``rope_freq_scale`` or ``yarn_orig_ctx``).
+            bad magic, ...). An ``n_ctx`` above the model's trained context is accepted, as
+            llama-cpp-python accepts it (llama.cpp logs a warning; the CLI refuses it unless
+            ``--allow-context-overflow``).
 
     Examples:
         >>> llm = Llama(model_path="model.gguf", n_ctx=8192, adakv_budget=256)
@@ -129,15 +130,6 @@ class Llama(llama_cpp.Llama):
             check_gguf(model_path)  # llama.cpp would only say "Failed to load model from file"
         super().__init__(*args, **kwargs)
         if config is not None:
-            n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
-            rope_scaled = kwargs.get("rope_freq_scale", 0.0) not in (0.0, 1.0) or bool(kwargs.get("yarn_orig_ctx"))
-            n_ctx = self.n_ctx()
-            if 0 < n_train < n_ctx and not rope_scaled:
-                self.close()
-                raise ValueError(
-                    f"n_ctx ({n_ctx}) is above the {n_train} tokens the model was trained for; "
-                    f"positions past that break its RoPE and eviction would only hide it: use n_ctx <= {n_train}"
-                )
             try:
                 self._adakv = KVCache.from_llama(self, gqa_reduce=config.gqa)
             except NativeInvalidArgument as e:

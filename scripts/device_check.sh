@@ -1,40 +1,80 @@
 #!/usr/bin/env bash
-# GPU check: the eviction tests on a GPU against the CPU path, then a speed run, in one go.
+# GPU check (issue 11): CUDA against the CPU, then speed, in one call of at most ~8 minutes.
 #
-#   scripts/device_check.sh LIBS.tar.xz WHEELS_DIR OUT_DIR
+#   scripts/device_check.sh LIBS.tar.xz WHEELS_DIR OUT_DIR     on a machine with an NVIDIA GPU
+#   scripts/device_check.sh --dry-run OUT_DIR                  here: the same steps on the CPU
 #
-# Meant for a bare Linux machine with an NVIDIA GPU, CUDA 13 and python3 + numpy + pytest,
-# and nothing else (no network): LIBS.tar.xz holds libllama and libggml* built here with
+# The GPU form is meant for a bare x86-64 Linux machine with an NVIDIA GPU and its driver, CUDA 13
+# (cuBLAS: the toolkit's, or the nvidia-cublas wheel's), python3 with numpy and pytest, and no
+# network. The repository is the working directory. LIBS.tar.xz holds the libraries built here:
 #   cmake -S . -B build-cuda -G Ninja -DCMAKE_BUILD_TYPE=Release -DADAKV_CUDA=ON \
 #         -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_NO_VMM=ON && cmake --build build-cuda
-# and WHEELS_DIR the Python packages missing there (cffi, pycparser, gguf, diskcache and the
-# llama-cpp-python 0.3.36 bindings wheel). The repository itself is the working directory.
-# Writes OUT_DIR/pytest.log, OUT_DIR/bench-gpu.json and prints a short table.
+#   tar -C build-cuda/bin -cJf libs.tar.xz libllama.so libggml.so libggml-base.so libggml-cpu.so libggml-cuda.so
+# WHEELS_DIR the Python packages the machine lacks, for its Python (nvidia-h200's image: Python
+# 3.12 with numpy, pytest, pyyaml, tqdm, jinja2; so cffi, pycparser, gguf, diskcache and the
+# llama-cpp-python 0.3.36 bindings). The dry run uses the current environment and libraries
+# (ADAKV_LIB_DIR or the installed package) and a tiny model.
+#
+# 1. correctness (OUT_DIR/pytest.log): tests/test_gpu.py (one flash-attention op with starts on
+#    CUDA against a float64 reference: f16/q8_0/q4_0, head sizes 64/128, GQA 1/4/8, 1/2/32
+#    queries, starts 0, n_kv - n_q and inside a tile; supports_op exactly for the extended shapes;
+#    end-to-end attention and logits against the CPU path on tiny64 and on 32 layers x 8 KV heads;
+#    scoring adds no CPU split; fast path == fallback) and the gpu cases of tests/test_eviction.py
+#    (compaction bitwise, keeping every cell == no eviction);
+# 2. speed (OUT_DIR/speed.json, speed.log, a table): scripts/device_speed.py on a random
+#    Llama-3-8B-shaped Q4_K model it writes: prompts of 4K, 32K and 128K tokens; decode t/s with
+#    the full cache, with eviction at budget 2048 and with the forced per-head fallback; prefill
+#    time, compression overhead, device memory around the compression.
+# ADAKV_CHECK_TEST_TIMEOUT / ADAKV_CHECK_SPEED_TIMEOUT (seconds, default 240 / 330) bound the steps;
+# ADAKV_CHECK_SPEED_ARGS replaces the speed step's arguments (e.g. "--lengths 4096,32768").
+# Exit status: 0 everything passed, 1 a test or the speed run failed (or timed out), 2 setup failed.
 set -uo pipefail
-libs_tar=$1 wheels=$2 out=$3
-work=/tmp/adakv-device
-mkdir -p "$work/lib" "$out"
-tar -xJf "$libs_tar" -C "$work/lib" || exit 2
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
-    "$wheels"/*.whl || exit 2
-export PYTHONPATH="$work/site:$PWD" ADAKV_LIB_DIR="$work/lib" PYTHONUNBUFFERED=1
-# the machine's own cuBLAS (the libraries were linked against the PyPI wheel's)
-cublas="$(find /usr/local/cuda*/targets /usr/local/cuda*/lib64 -name 'libcublas.so.13*' 2>/dev/null | head -1)"
-[ -n "$cublas" ] && export LD_LIBRARY_PATH="$(dirname "$cublas"):${LD_LIBRARY_PATH:-}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+test_timeout="${ADAKV_CHECK_TEST_TIMEOUT:-240}"
+speed_timeout="${ADAKV_CHECK_SPEED_TIMEOUT:-330}"
+
+if [ "${1:-}" = "--dry-run" ]; then
+    out=${2:?usage: $0 --dry-run OUT_DIR}
+    mkdir -p "$out"
+    py="${PYTHON:-python3}"
+    speed_args=(--model "$out/tiny-q4k.gguf" --write-model --dims 2,256,4,2,64,512,1024 --lengths 512,2048
+                --budget 128 --decode 16 --gpu-layers 0 --threads 2)
+else
+    libs_tar=${1:?usage: $0 LIBS.tar.xz WHEELS_DIR OUT_DIR}
+    wheels=${2:?usage: $0 LIBS.tar.xz WHEELS_DIR OUT_DIR}
+    out=${3:?usage: $0 LIBS.tar.xz WHEELS_DIR OUT_DIR}
+    work=/tmp/adakv-device
+    mkdir -p "$work/lib" "$out"
+    tar -xJf "$libs_tar" -C "$work/lib" || exit 2
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" \
+        "$wheels"/*.whl || exit 2
+    export PYTHONPATH="$work/site:$root" ADAKV_LIB_DIR="$work/lib"
+    # the machine's own CUDA runtime and cuBLAS (toolkit or pip wheels), found by soname
+    for so in libcudart.so.13 libcublas.so.13; do
+        found="$(find /usr/local/cuda*/targets /usr/local/cuda*/lib64 "$(python3 -c 'import sys; print(sys.prefix)')" \
+            -name "$so*" 2>/dev/null | head -n 1)"
+        [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
+    done
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    py=python3
+    speed_args=(--model "$work/llama8b-q4k.gguf" --write-model --threads 8)
+fi
+export PYTHONUNBUFFERED=1
+if [ -n "${ADAKV_CHECK_SPEED_ARGS:-}" ]; then
+    read -r -a extra <<<"$ADAKV_CHECK_SPEED_ARGS"
+    speed_args+=("${extra[@]}")
+fi
+"$py" -c 'import adakv_local, cffi, gguf, llama_cpp; print("adakv-local", adakv_local.__file__)' || exit 2
 
 status=0
-python3 -m pytest tests/test_gpu.py tests/test_eviction.py -k gpu -m "not slow" -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log" || status=1
+t0=$SECONDS
+timeout "$test_timeout" "$py" -m pytest tests/test_gpu.py tests/test_eviction.py -k "gpu or cuda" -m "not slow" \
+    -q -rs -p no:cacheprovider --durations=10 2>&1 | tee "$out/pytest.log" || status=1
+echo "device_check: tests took $((SECONDS - t0)) s (status $status)"
 
-# speed: attention shaped like Llama-3-8B (32 query / 8 KV heads of 128), 8 layers, f16 random weights
-python3 - "$work/m.gguf" <<'EOF' || exit 2
-import sys, time
-from adakv_local.models.testmodel import write_llama_gguf
-t = time.perf_counter()
-write_llama_gguf(sys.argv[1], n_layer=8, n_embd=4096, n_head=32, n_head_kv=8, n_ff=4096,
-                 n_ctx_train=131072, dtype="f16", seed=3)
-print(f"random 8-layer model written in {time.perf_counter() - t:.1f} s", flush=True)
-EOF
-python3 -m adakv_local bench --model "$work/m.gguf" --lengths 4096,16384,32768 --budget 1024 \
-    --gpu-layers 999 --decode-tokens 128 --threads 4 --nofa-baseline --json "$out/bench-gpu.json" || status=1
+t0=$SECONDS
+timeout "$speed_timeout" "$py" scripts/device_speed.py "${speed_args[@]}" --json "$out/speed.json" 2>&1 |
+    tee "$out/speed.log" || status=1
+echo "device_check: speed took $((SECONDS - t0)) s (status $status)"
 exit $status

@@ -289,9 +289,3 @@ def test_truncated_model_file_names_the_reason(tiny, tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         Llama(model_path=str(cut), verbose=False, adakv_budget=64)
 
-
-def test_n_ctx_above_the_trained_context_is_refused_with_a_budget(tiny):
-    with pytest.raises(ValueError, match=r"n_ctx \(8192\) is above the 4096 tokens"):
-        llama(tiny, n_ctx=8192)
-    llama(tiny, n_ctx=8192, adakv_budget=None, adakv_window=None)  # eviction off: llama-cpp-python's behaviour
-    llama(tiny, n_ctx=8192, rope_freq_scale=0.5)  # RoPE scaling asked for: allowed
