@@ -293,24 +293,15 @@ def run_cli(d: Path, elf: bytes) -> tuple[list[str], bool]:
 
 
 def write_inputs(d: Path) -> bytes:
-    import gguf
-    import numpy as np
-
     from adakv_local._lib import libllama_path
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.models.testmodel import write_llama_gguf, write_unknown_arch_gguf
 
     tiny = write_llama_gguf(d / "tiny.gguf", n_embd=256, n_head=4, n_head_kv=2, n_ff=256, seed=5)
     data = tiny.read_bytes()
     (d / "cut.gguf").write_bytes(data[: len(data) // 2])
     (d / "magic.gguf").write_bytes(b"GGML" + data[4:])
     (d / "empty.gguf").write_bytes(b"")
-    w = gguf.GGUFWriter(str(d / "arch.gguf"), "no-such-arch")
-    w.add_context_length(2048)
-    w.add_tensor("x", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_unknown_arch_gguf(d / "arch.gguf")
     (d / "doc.md").write_text(f"# The lighthouse\n\n{DOC}\n")
     (d / "huge.txt").write_text(DOC * 7)
     (d / "empty.md").write_text("  \n")

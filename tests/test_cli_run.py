@@ -278,17 +278,9 @@ def test_broken_model_files_say_what_is_wrong(tiny, doc, tmp_path):
 
 
 def test_verbose_lets_llama_cpp_say_why_a_model_does_not_load(doc, tmp_path):
-    import gguf
-    import numpy as np
+    from adakv_local.models.testmodel import write_unknown_arch_gguf
 
-    path = tmp_path / "unknown-arch.gguf"  # a complete GGUF file that llama.cpp refuses
-    w = gguf.GGUFWriter(str(path), "no-such-arch")
-    w.add_context_length(2048)
-    w.add_tensor("x", np.zeros((4, 4), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_unknown_arch_gguf(tmp_path / "unknown-arch.gguf")  # a complete GGUF file that llama.cpp refuses
     proc = cli("summarize", str(doc), "--model", str(path))
     assert proc.returncode == 1
     assert "cannot load model" in one_line_error(proc) and "--verbose" in proc.stderr

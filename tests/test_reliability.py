@@ -289,3 +289,38 @@ def test_truncated_model_file_names_the_reason(tiny, tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         Llama(model_path=str(cut), verbose=False, adakv_budget=64)
 
+
+
+# --- the per-head mask path on a real model ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.exactness
+def test_mask_path_equals_the_fast_path_on_smollm2(monkeypatch):
+    """SmolLM2 (30 layers, 9 query / 3 KV heads): logits of a continuation after eviction, with
+    the start cells in the kernel and as a per-head mask on the stock kernel (Metal's route)."""
+    from adakv_local.models import model_path
+    from adakv_local.texts import documents
+
+    path = str(model_path("smollm2-135m", quiet=True))
+    out, used = {}, {}
+    for route in ("auto", "mask"):
+        monkeypatch.setenv("ADAKV_ATTN_PATH", route)  # read when eviction is enabled
+        llm = Llama(model_path=path, n_ctx=2048, n_threads=2, logits_all=True, verbose=False, adakv_budget=128)
+        text = " ".join(t for _, t in documents())[:6000]
+        toks = llm.tokenize(text.encode())[:1200]
+        llm.eval(toks[:1100])
+        assert llm.adakv_stats is not None and llm.adakv_stats.footprint < 1100
+        for t in toks[1100:]:  # decode: one token at a time
+            llm.eval([t])
+        out[route] = np.array(llm.scores[1100 : llm.n_tokens])
+        used[route] = set(llm.adakv_kvcache.attn_used())
+        llm.close()
+    assert used == {"auto": {"kernel"}, "mask": {"mask"}}
+    # the same kernel; the mask path walks the cells below a start with exp(-inf) = 0 terms, so
+    # only the accumulation order of the online softmax can differ (float32 rounding)
+    scale = np.abs(out["auto"]).max()
+    err = np.abs(out["mask"] - out["auto"]).max()
+    assert err <= 1e-3 * scale, f"{err:.3g} > {1e-3 * scale:.3g}"
+    # and the comparison can fail: top-1 agreement over the 100 decoded positions
+    assert (out["mask"].argmax(axis=1) == out["auto"].argmax(axis=1)).mean() >= 0.99

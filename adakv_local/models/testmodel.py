@@ -541,3 +541,16 @@ def write_gemma3_gguf(
         writer.add_tensor("output.weight", w.lm_head(_generatable(vocab), n_embd, logit_std))
 
     return _write_atomically(fill, Path(path), "gemma3")
+
+
+def write_unknown_arch_gguf(path: str | os.PathLike[str], arch: str = "no-such-arch") -> Path:
+    """A complete, valid GGUF file of an architecture llama.cpp does not know: it refuses to load
+    it, for tests of what the user is told."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(2048)
+    writer.add_tensor("x", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
