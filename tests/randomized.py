@@ -77,10 +77,9 @@ from typing import Any
 
 import numpy as np
 
-if __name__ == "__main__":  # run as a script: import this checkout's package, not an installed one
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import adakv_local  # noqa: E402, F401  (binds llama_cpp to our libllama before it is imported)
+# run as a script, this imports the installed adakv_local, or the one PYTHONPATH names (a checkout
+# whose libraries ADAKV_LIB_DIR points at): run_in_subprocess passes its own on
+import adakv_local  # (binds llama_cpp to our libllama before it is imported)
 from adakv_local import Llama  # noqa: E402
 from adakv_local.config import AdaKVConfig  # noqa: E402
 from adakv_local.fattn import GGML_TYPES  # noqa: E402
@@ -768,11 +767,13 @@ class Case:
 
 def run_in_subprocess(key: int | str, models: Path, timeout: float = 300) -> tuple[bool, str]:
     """Runs one case in a child process (a native abort fails that case only)."""
-    root = Path(__file__).resolve().parents[1]
+    # the child imports the adakv_local this process imported (a checkout with ADAKV_LIB_DIR, or
+    # the installed package), never the checkout's by accident of the working directory
+    root = Path(adakv_local.__file__).resolve().parents[1]
     path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, GGML_NO_BACKTRACE="1", ADAKV_RANDOM_MODELS=str(models), PYTHONPATH=path)
     proc = subprocess.run([sys.executable, __file__, str(key)], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=root)  # fmt: skip
+                          timeout=timeout, cwd=models)  # fmt: skip
     out = (proc.stdout + proc.stderr).strip()
     if proc.returncode == 0:
         return True, out

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,10 +111,14 @@ def test_refused_removal_leaves_the_sliding_window_cache_alone(tmp_path):
     np.testing.assert_array_equal(np.array(llm.scores[: llm.n_tokens]), np.array(ref.scores[: ref.n_tokens]))
 
 
-def _run_isolated(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+def _run_isolated(code: str, *args: str, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    """Runs code in a child Python that imports the adakv_local this process imported (not the
+    checkout's by accident of the working directory), with env added to the environment."""
+    root = str(Path(adakv_local.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=path, **env),
+                          cwd=tempfile.gettempdir())
 
 
 def test_shift_after_the_block_is_refused_instead_of_aborting(tiny):
@@ -165,9 +171,7 @@ def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
     out = {}
     for path in ("auto", "heads", "mask"):
         dest = str(tmp_path / f"logits-{path}.npy")
-        env = dict(os.environ, ADAKV_ATTN_PATH=path, ADAKV_FORCE_FALLBACK="0")
-        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), dest], capture_output=True, text=True,
-                              timeout=900, env=env)
+        proc = _run_isolated(code, dest, ADAKV_ATTN_PATH=path, ADAKV_FORCE_FALLBACK="0")
         assert proc.returncode == 0, f"ADAKV_ATTN_PATH={path}: {proc.stderr[-3000:]}"
         used = {"auto": "kernel", "heads": "heads", "mask": "mask"}[path]  # in every layer
         assert proc.stdout.strip().splitlines()[-1] == used, proc.stdout
