@@ -37,13 +37,17 @@ def test_llama_cpp_loads_the_library_inside_adakv_local():
 
 
 def test_native_version_and_commit():
+    import re
+
     from adakv_local import __version__
-    from adakv_local._native import native, version_info
+    from adakv_local._native import ABI_VERSION, header_path, native, version_info
 
     info = version_info()
     assert info["adakv_native"] == __version__
     assert info["llama_cpp_commit"] == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-    assert native().lib.llama_adakv_abi_version() == 3
+    # the library, its header and the Python binding agree on the ABI (4: kept positions in the state)
+    header = int(re.search(r"#define LLAMA_ADAKV_ABI_VERSION (\d+)", header_path().read_text()).group(1))
+    assert native().lib.llama_adakv_abi_version() == header == ABI_VERSION == 4
 
 
 def test_importing_llama_cpp_first_with_another_library_is_refused(tmp_path):
