@@ -168,7 +168,9 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
         io.write(l.start.data(), l.start.size() * sizeof(int32_t));
     }
     for (const auto & l : ak->layers) {
-        io.write(l.kept_pos.data(), l.kept_pos.size() * sizeof(llama_pos));
+        if (!l.kept_pos.empty()) { // no zero-size copy from a null pointer
+            io.write(l.kept_pos.data(), l.kept_pos.size() * sizeof(llama_pos));
+        }
     }
 }
 
@@ -207,7 +209,9 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         }
     }
     std::vector<llama_pos> kept(starts.size() * blk[0]);
-    io.read(kept.data(), kept.size() * sizeof(llama_pos));
+    if (!kept.empty()) {
+        io.read(kept.data(), kept.size() * sizeof(llama_pos));
+    }
 
     if (seq_id != -1 && blk[0] > 0) {
         adakv_state_error(
