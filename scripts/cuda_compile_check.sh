@@ -22,7 +22,8 @@
 #
 # Environment:
 #   ADAKV_CUDA_CHECK_ARCH  CMAKE_CUDA_ARCHITECTURES value (default 90: Hopper; 75 for Turing)
-#   ADAKV_CUDA_CHECK_DIR   work directory, reused by later runs (default /tmp/adakv-cuda-check)
+#   ADAKV_CUDA_CHECK_DIR   work directory, reused by later runs (default build-cuda-check/ in this
+#                          checkout: a build directory belongs to one source tree)
 #   ADAKV_CUDA_CHECK_JOBS  parallel compile jobs (default 2)
 #   ADAKV_CUBLAS_DIR       directory with include/cublas_v2.h, when the toolkit has no cuBLAS;
 #                          otherwise the headers are taken from the nvidia-cublas wheel
@@ -37,7 +38,7 @@ if ! command -v nvcc >/dev/null 2>&1; then
     exit 0
 fi
 arch="${ADAKV_CUDA_CHECK_ARCH:-90}"
-work="${ADAKV_CUDA_CHECK_DIR:-/tmp/adakv-cuda-check}"
+work="${ADAKV_CUDA_CHECK_DIR:-$root/build-cuda-check}"
 jobs="${ADAKV_CUDA_CHECK_JOBS:-2}"
 mkdir -p "$work"
 t0=$SECONDS

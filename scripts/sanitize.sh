@@ -19,7 +19,14 @@ if [ ! -f "$build/CMakeCache.txt" ]; then
     cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DADAKV_SANITIZE=ON \
         -DPython_EXECUTABLE="$(command -v "$py")" >/dev/null
 fi
-cmake --build "$build" -j "$(nproc)"
+# the instrumented build is long and noisy (compiler warnings of ggml's SIMD code): its output
+# goes to a log, whose tail is shown if it fails
+echo "[sanitize] building $build/ (log: $build/build.log)" >&2
+if ! cmake --build "$build" -j "$(nproc)" >"$build/build.log" 2>&1; then
+    tail -n 40 "$build/build.log" >&2
+    echo "[sanitize] the build failed" >&2
+    exit 1
+fi
 
 asan="$(${CC:-cc} -print-file-name=libasan.so)"
 # libstdc++ must be there when the ASan runtime starts, or its __cxa_throw interceptor finds no
