@@ -198,10 +198,12 @@ class Llama(llama_cpp.Llama):
         """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
 
         Raises:
-            RuntimeError: the state cannot be restored into this context (saved by a context without
-                eviction, from another model's layout, ...); the message says why. The KV cache and
-                the token history are left as they were (the next prompt re-evaluates its last token,
-                since the logits may have been overwritten).
+            RuntimeError: the state cannot be restored into this context. When its eviction layout
+                does not fit (saved by a context without eviction, from another model's layout, ...)
+                the message says why, and the KV cache and the token history are left as they were
+                (the next prompt re-evaluates its last token, since the logits may have been
+                overwritten). Any other failure leaves the cache half restored: the context is
+                reset, so the next prompt is evaluated from scratch.
         """
         kv = self._adakv
         if kv is None:
@@ -210,11 +212,14 @@ class Llama(llama_cpp.Llama):
         kv.clear_last_error()
         try:
             super().load_state(state)
-        except RuntimeError as e:
+        except RuntimeError:
+            reason = kv.last_error()  # set only by a refusal before anything of the cache changed
+            if not reason:
+                self.reset()
+                raise
             self.input_ids, self.n_tokens, self._seed = before[0], before[1], before[3]
             self.scores[: self.n_tokens] = before[2]
             self._requires_eval = True
-            reason = kv.last_error() or str(e)
             raise RuntimeError(f"cannot load this state: {reason}; the KV cache was left as it was") from None
         return None
 

@@ -245,6 +245,23 @@ def test_a_state_that_cannot_be_restored_says_why_and_loses_nothing(tiny, tmp_pa
     assert greedy(llm, cont) == greedy(ref, cont)
 
 
+def test_a_truncated_state_resets_the_context(tiny):
+    """A blob cut short fails inside llama.cpp's reader, after the cache was cleared: nothing can be
+    kept, so the context is reset and the next prompt is evaluated from scratch."""
+    import llama_cpp
+
+    llm, ref = llama(tiny), llama(tiny)
+    prompt = llm.tokenize(text(60, 18).encode())
+    llm.eval(prompt)
+    good = llm.save_state()
+    half = good.llama_state_size // 2
+    cut = llama_cpp.LlamaState(good.input_ids, good.scores, good.n_tokens, good.llama_state[:half], half, good.seed)
+    with pytest.raises(RuntimeError):
+        llm.load_state(cut)
+    assert llm.n_tokens == 0
+    assert greedy(llm, prompt) == greedy(ref, prompt)
+
+
 # --- found by the randomized test (tests/test_random_api.py) -------------------------------------
 
 
