@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import kvcache
 from .llama import Llama
 from .texts import documents
 
@@ -80,7 +81,9 @@ def greedy_decode(llm: Any, n: int) -> float:
     return time.perf_counter() - t0
 
 
-ATTN_PATHS = ("auto", "mask", "heads")
+# how attention honours the start cells: kvcache's names (None, "from the environment", is what
+# run_one sets itself)
+ATTN_PATHS = tuple(p for p in kvcache.ATTN_PATHS if p is not None)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@
 
 #include "ggml-cpu.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -60,6 +61,27 @@ ggml_tensor * llama_adakv_fa_fallback(
     return res;
 }
 
+// bias[c, 0, 0, h] = log(step(c - start[h] + 0.5)): 0 from KV head h's start cell on, -inf below it;
+// start_f32: F32 [1, H]; result: F32 [n_kv, 1, 1, H], to broadcast over the tokens and the query heads
+// of each KV head
+static ggml_tensor * adakv_start_bias(ggml_context * ctx, ggml_tensor * start_f32, int64_t n_kv) {
+    const int64_t H    = start_f32->ne[1];
+    ggml_tensor * c    = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f); // [n_kv]
+    ggml_tensor * tmpl = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, H);
+    ggml_tensor * d    = ggml_add(ctx, ggml_repeat(ctx, c, tmpl), ggml_scale(ctx, start_f32, -1.0f));
+    ggml_tensor * bias = ggml_log(ctx, ggml_step(ctx, ggml_scale_bias(ctx, d, 1.0f, 0.5f))); // [n_kv, H]
+    return ggml_reshape_4d(ctx, bias, n_kv, 1, 1, H);
+}
+
+// F32 [1, n_head_kv]: the start cells of the op checks, as the persistent start_f32 tensors hold them
+static ggml_tensor * adakv_starts_f32(ggml_context * ctx, const int32_t * starts, int32_t n_head_kv) {
+    ggml_tensor * ts = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_head_kv);
+    for (int32_t h = 0; h < n_head_kv; ++h) {
+        ((float *) ts->data)[h] = (float) starts[h];
+    }
+    return ts;
+}
+
 ggml_tensor * llama_adakv_head_mask(
         ggml_context * ctx, ggml_tensor * mask, ggml_tensor * start_f32, int64_t n_kv, int64_t n_q, int64_t n_head) {
     const int64_t H = start_f32->ne[1];
@@ -67,15 +89,8 @@ ggml_tensor * llama_adakv_head_mask(
     GGML_ASSERT(n_head % H == 0);
     GGML_ASSERT(mask == nullptr || (mask->ne[0] == n_kv && mask->ne[1] == n_q && mask->ne[2] == 1 && mask->ne[3] == 1));
 
-    // bias[c, 0, j, h] = log(step(c - start[h] + 0.5)): 0 from KV head h's start cell on, -inf below it,
-    // the same for its g query heads j
-    ggml_tensor * c    = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f);            // [n_kv]
-    ggml_tensor * tmpl = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, 1, g, H); // [n_kv, 1, g, H]
-    ggml_tensor * neg  = ggml_reshape_4d(ctx, ggml_scale(ctx, start_f32, -1.0f), 1, 1, 1, H);
-    ggml_tensor * d    = ggml_add(ctx, ggml_repeat(ctx, c, tmpl), neg);
-    ggml_tensor * bias = ggml_log(ctx, ggml_step(ctx, ggml_scale_bias(ctx, d, 1.0f, 0.5f)));
-
-    // [n_kv, n_q, g, H]: the layer's mask for every query head, plus the bias
+    // [n_kv, n_q, g, H]: the layer's mask for every query head, plus its KV head's start bias
+    ggml_tensor * bias = adakv_start_bias(ctx, start_f32, n_kv);
     ggml_tensor * full = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv, n_q, g, H);
     ggml_tensor * m    = mask ? ggml_add(ctx, ggml_repeat(ctx, ggml_cast(ctx, mask, GGML_TYPE_F32), full), bias)
                               : ggml_repeat(ctx, bias, full);
@@ -114,14 +129,9 @@ ggml_tensor * llama_adakv_window_scores(
     }
 
     if (start_f32) {
-        // bias[c, h] = log(step(c - start[h] + 0.5)): 0 from the start cell on, -inf below it
-        ggml_tensor * c    = ggml_arange(ctx, 0.0f, (float) n_kv, 1.0f); // [n_kv]
-        ggml_tensor * tmpl = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, H);
-        ggml_tensor * d    = ggml_add(ctx, ggml_repeat(ctx, c, tmpl), ggml_scale(ctx, start_f32, -1.0f));
-        ggml_tensor * bias = ggml_log(ctx, ggml_step(ctx, ggml_scale_bias(ctx, d, 1.0f, 0.5f))); // [n_kv, H]
-        kq                 = ggml_reshape_4d(ctx, kq, n_kv, n_tokens, g, H);
-        kq                 = ggml_add(ctx, kq, ggml_reshape_4d(ctx, bias, n_kv, 1, 1, H));
-        kq                 = ggml_reshape_3d(ctx, kq, n_kv, n_tokens, n_head);
+        kq = ggml_reshape_4d(ctx, kq, n_kv, n_tokens, g, H);
+        kq = ggml_add(ctx, kq, adakv_start_bias(ctx, start_f32, n_kv));
+        kq = ggml_reshape_3d(ctx, kq, n_kv, n_tokens, n_head);
     }
 
     ggml_tensor * p = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);    // [n_kv, n_tokens, n_head]
@@ -331,12 +341,9 @@ int32_t llama_adakv_flash_attn_cpu(
         ggml_prec_set_acc(res, GGML_PREC_F32);
         ggml_flash_attn_ext_set_head_start(res, ts);
     } else if (path == LLAMA_ADAKV_FA_MASK) {
-        ggml_tensor * ts = ggml_new_tensor_2d(in.ctx, GGML_TYPE_F32, 1, n_head_kv);
-        for (int32_t h = 0; h < n_head_kv; ++h) {
-            ((float *) ts->data)[h] = (float) starts[h];
-        }
-        ggml_tensor * hm = llama_adakv_head_mask(in.ctx, in.m, ts, n_kv, n_q, n_head);
-        res              = ggml_flash_attn_ext(in.ctx, in.q, in.k, in.v, hm, scale, 0.0f, 0.0f);
+        ggml_tensor * hm =
+                llama_adakv_head_mask(in.ctx, in.m, adakv_starts_f32(in.ctx, starts, n_head_kv), n_kv, n_q, n_head);
+        res = ggml_flash_attn_ext(in.ctx, in.q, in.k, in.v, hm, scale, 0.0f, 0.0f);
         ggml_prec_set_acc(res, GGML_PREC_F32);
     } else {
         res = llama_adakv_fa_fallback(in.ctx, in.q, in.k, in.v, in.m, starts, scale, 0.0f);
@@ -389,15 +396,9 @@ int32_t llama_adakv_window_scores_cpu(
     if (!adakv_op_init(in, q, k, nullptr, mask, n_q, n_kv, n_head, n_head_kv, d_k, d_k, t, n_tmp, n_threads)) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the op context", __func__);
     }
-    ggml_tensor * ts = nullptr;
-    for (int32_t h = 0; h < n_head_kv; ++h) {
-        if (starts[h] != 0 && ts == nullptr) {
-            ts = ggml_new_tensor_2d(in.ctx, GGML_TYPE_F32, 1, n_head_kv);
-            for (int32_t j = 0; j < n_head_kv; ++j) {
-                ((float *) ts->data)[j] = (float) starts[j];
-            }
-        }
-    }
+    // all zero: no start tensor, as the model's graph before any compaction
+    const bool any   = std::any_of(starts, starts + n_head_kv, [](int32_t s) { return s != 0; });
+    ggml_tensor * ts = any ? adakv_starts_f32(in.ctx, starts, n_head_kv) : nullptr;
     // [n_kv, n_head_kv] == out[n_head_kv][n_kv]
     ggml_tensor * res = llama_adakv_window_scores(in.ctx, in.q, in.k, in.m, ts, gqa_reduce, scale, 0.0f);
     rc                = adakv_op_compute(__func__, in, res, n_threads);
