@@ -195,8 +195,8 @@ def test_too_long_document_advice_fits_the_case(tiny, doc, tmp_path):
     (5000, 4, None, False, "its prompt alone is 5000 tokens; shorten or split", "--max-tokens"),
 ])
 def test_too_long_advice_by_case(prompt, max_tokens, n_ctx, allow, says, not_says):
-    from adakv_local.cli import CLIError
-    from adakv_local.cmd_summarize import choose_n_ctx
+    from adakv_local.cli.errors import CLIError
+    from adakv_local.cli.summarize import choose_n_ctx
 
     with pytest.raises(CLIError) as e:
         choose_n_ctx(prompt, max_tokens, 4096, n_ctx, allow)
@@ -204,7 +204,7 @@ def test_too_long_advice_by_case(prompt, max_tokens, n_ctx, allow, says, not_say
 
 
 def test_n_ctx_choice_when_it_fits():
-    from adakv_local.cmd_summarize import choose_n_ctx
+    from adakv_local.cli.summarize import choose_n_ctx
 
     assert choose_n_ctx(885, 100, 4096, None) == 1024  # prompt + max tokens + a margin, rounded up to 256
     assert choose_n_ctx(3900, 150, 4096, None) == 4096  # rounded up, then capped at the trained context

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_FAILURE, EXIT_USAGE, CLIError
-from .config import AdaKVConfig, ConfigError
-from .gguf_check import GGUFFileError, GGUFInfo, check_gguf
+from ..config import AdaKVConfig, ConfigError
+from ..gguf_check import GGUFFileError, GGUFInfo, check_gguf
+from .errors import EXIT_FAILURE, EXIT_USAGE, CLIError
 
 DEFAULT_MODEL = "smollm2-135m"
 _MIB = 1 << 20
@@ -86,7 +86,7 @@ def resolve_model_arg(name: str, quiet: bool = False) -> Path:
 
     Unknown names and folders exit 2; a file that is not a complete GGUF file exits 1 with the reason.
     """
-    from .models import MODELS, ModelFetchError, UnknownModelError, model_path, resolve_model
+    from ..models import MODELS, ModelFetchError, UnknownModelError, model_path, resolve_model
 
     if Path(name).expanduser().is_dir():
         raise CLIError(f"--model: {name} is a directory; give a .gguf file or a model name", EXIT_USAGE)
@@ -136,10 +136,10 @@ def load_failure(model: Path, e: Exception, args: argparse.Namespace) -> CLIErro
 
 def llama_cpp_module() -> Any:
     """llama_cpp, bound to adakv-local's patched library (a missing library exits 1)."""
-    from .errors import AdaKVError
+    from ..errors import AdaKVError
 
     try:
-        from . import llama as _llama  # binds the library before llama_cpp is imported
+        from .. import llama as _llama  # binds the library before llama_cpp is imported
 
         return _llama.llama_cpp
     except (AdaKVError, OSError) as e:
@@ -179,7 +179,7 @@ _METERED: Any = None
 def _metered_class() -> Any:
     global _METERED
     if _METERED is None:
-        from .llama import Llama
+        from ..llama import Llama
 
         class MeteredLlama(Llama):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -267,7 +267,7 @@ def kv_bytes_per_cell(llm: Any) -> tuple[int, int, int]:
 
 
 def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
-    """The stats of the last request (see the module docs of cmd_summarize for their meaning)."""
+    """The stats of the last request (see the module docs of cli.summarize for their meaning)."""
     m: Meter = llm.meter
     st = llm.adakv_stats
     full = cfg.method == "full"  # keeps every cell: no budget, nothing evicted

@@ -37,9 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_FAILURE, EXIT_OK, CLIError
-from .config import AdaKVConfig
-from .progress import PrefillProgress
+from ..config import AdaKVConfig
+from ..progress import PrefillProgress
+from .errors import EXIT_FAILURE, EXIT_OK, CLIError
 
 DEFAULT_BUDGET = 256
 SYSTEM = "You summarize documents accurately and briefly."
@@ -80,7 +80,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", default="-", metavar="FILE",
                    help="text or markdown file; - (the default) reads stdin")
-    from .cmd_common import add_model_arguments
+    from .common import add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None,
@@ -151,7 +151,7 @@ def count_prompt(model: Path, messages: list[dict[str, str]], args: argparse.Nam
     template (llama-cpp-python then falls back to another format) it is estimated generously. A
     template that refuses a system message gets the messages without it.
     """
-    from .cmd_common import llama_cpp_module, load_failure
+    from .common import llama_cpp_module, load_failure
 
     lc = llama_cpp_module()
     from llama_cpp import llama_chat_format
@@ -228,7 +228,7 @@ def choose_n_ctx(prompt: int, max_tokens: int, n_train: int | None, n_ctx: int |
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cmd_common import (
+    from .common import (
         check_n_ctx,
         config_from_args,
         format_stats,

@@ -12,9 +12,9 @@ import argparse
 import sys
 from typing import Any
 
-from .cli import EXIT_OK, CLIError
-from .config import AdaKVConfig
-from .progress import PrefillProgress
+from ..config import AdaKVConfig
+from ..progress import PrefillProgress
+from .errors import EXIT_OK, CLIError
 
 DEFAULT_BUDGET = 256
 DEFAULT_N_CTX = 4096
@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "cache is compressed with Ada-KV per-head eviction after each user turn that takes it above the budget.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .cmd_common import add_model_arguments
+    from .common import add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None,
@@ -100,7 +100,7 @@ class Chat:
 
     def command(self, line: str) -> bool:
         """Run a /command; False ends the chat."""
-        from .cmd_common import describe_adakv_stats, format_stats
+        from .common import describe_adakv_stats, format_stats
 
         name = line.split()[0].lower()
         if name in ("/exit", "/quit", "/bye"):
@@ -127,7 +127,7 @@ class Chat:
         print(text, flush=True)
 
     def turn(self, text: str) -> None:
-        from .cmd_common import request_stats, short_stats
+        from .common import request_stats, short_stats
 
         llm, args = self.llm, self.args
         self.history.append({"role": "user", "content": text})
@@ -189,7 +189,7 @@ class _NotAnswered(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cmd_common import check_n_ctx, config_from_args, load_llama, model_info, resolve_model_arg
+    from .common import check_n_ctx, config_from_args, load_llama, model_info, resolve_model_arg
 
     cfg = config_from_args(args)
     model = resolve_model_arg(args.model, quiet=args.quiet)

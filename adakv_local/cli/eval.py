@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import EXIT_OK, EXIT_USAGE, CLIError
-from .cmd_common import non_negative_int, positive_int, resolve_model_arg
-from .policies import METHODS
+from ..policies import METHODS
+from .common import non_negative_int, positive_int, resolve_model_arg
+from .errors import EXIT_OK, EXIT_USAGE, CLIError
 
 _EPILOG_FIDELITY = """examples:
   adakv-local eval fidelity --model smollm2-135m --methods ada-snapkv,snapkv --budgets 64,128,256 \\
@@ -31,7 +31,7 @@ _EPILOG_BENCH = """examples:
 
 def _attn_paths_arg(text: str) -> list[str]:
     """--attn-paths: a comma-separated list of bench.ATTN_PATHS."""
-    from .bench import ATTN_PATHS
+    from ..bench import ATTN_PATHS
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     bad = [x for x in items if x not in ATTN_PATHS]
@@ -164,7 +164,7 @@ def _log(args: argparse.Namespace):
 
 def _open_model(args: argparse.Namespace) -> tuple[Path, Any]:
     """--model, checked and loaded vocabulary-only (a model llama.cpp refuses exits 1 here, not mid-run)."""
-    from .llama import Llama
+    from ..llama import Llama
 
     model = resolve_model_arg(args.model, quiet=args.quiet)
     try:
@@ -214,7 +214,7 @@ def _plot(draw: Any, data: Any, path: Path, title: str) -> None:
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from .evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
+    from ..evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
 
     if args.window >= min(args.budgets):
         raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
@@ -254,7 +254,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from .tasks import TASKS, run_tasks, summarize
+    from ..tasks import TASKS, run_tasks, summarize
 
     tasks = [x.strip() for x in args.tasks.split(",") if x.strip()]
     bad = [x for x in tasks if x not in TASKS]
@@ -291,14 +291,14 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
               "window": args.window, "kernel": args.kernel}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
-        from .evaluate import plot_tasks
+        from ..evaluate import plot_tasks
 
         _plot(plot_tasks, summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import plot_bench, run
+    from ..bench import plot_bench, run
 
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
