@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,22 @@ class BenchRecord:
     kv_cells_after: int
     kv_bytes_before: int
     kv_bytes_after: int
-    seconds: dict[str, float]  # score (extra time of the window's decode), allocate, compact
-    overhead_share: float  # (score + allocate + compact) / prefill time without eviction
+    seconds: dict[str, float]  # the eviction's own steps (AdaKVStats.seconds): score, allocate, compact
+    # (eviction prefill time) / (full-cache prefill time of the same prompt, same run) - 1; set by run()
+    overhead_share: float | None
+    prefill_seconds: float = 0.0
+    n_ctx: int = 0
+    chunks: int = 1
+    compressions: int = 0
+    peak_cells: int = 0
+    kv_bytes_peak: int = 0
+    kv_bytes_allocated: int = 0
+    chunk_tokens: tuple[int, ...] = ()
+    chunk_seconds: tuple[float, ...] = ()
+    # full cache: (prompt tokens done, seconds since the prefill began) after every batch
+    timeline: tuple[tuple[int, float], ...] = ()
+    # eviction: per chunk, its time over the full cache's time for the same tokens (same run) - 1
+    chunk_overhead: tuple[float, ...] = ()
 
 
 def prompt_tokens(llm: Any, n: int) -> list[int]:
@@ -48,13 +62,12 @@ def prompt_tokens(llm: Any, n: int) -> list[int]:
 
 
 def kv_bytes_per_layer_cell(llm: Any) -> int:
-    """Bytes one cell takes in K and V of one layer (f16 cache)."""
-    import llama_cpp
+    """Bytes one cell takes in K and V of one layer (f16 cache; head sizes from the GGUF's
+    key_length / value_length, else n_embd / n_head)."""
+    from .cli.common import kv_bytes_per_cell
 
-    m = llm.model
-    n_head, n_head_kv = llama_cpp.llama_model_n_head(m), llama_cpp.llama_model_n_head_kv(m)
-    head_dim = llama_cpp.llama_model_n_embd(m) // n_head
-    return 2 * n_head_kv * head_dim * 2
+    evicted, other, _ = kv_bytes_per_cell(llm)
+    return (evicted + other) // _n_layer(llm)
 
 
 def kv_bytes(llm: Any, n_tokens: int) -> int:
@@ -102,61 +115,43 @@ def _attn_path(path: str) -> Iterator[None]:
 
 def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: int | None, method: str,
             n_threads: int, n_gpu_layers: int = 0, window: int = 32, flash_attn: bool = True,
-            attn_path: str = "auto") -> BenchRecord:
-    """One prompt: prefill, (compress,) decode. With a budget, the compression overhead is measured
-    on the same state: the window is decoded once without and once with scoring + compaction.
-    ``flash_attn=False`` (full cache only) measures llama.cpp's other attention path; ``attn_path``
-    (eviction only) how attention honours the start cells ("auto": the best the backend has)."""
-    import llama_cpp
-
+            attn_path: str = "auto", n_ctx: int | None = None, chunk: int | None = None) -> BenchRecord:
+    """One prompt: prefill (timed end to end, compression included), decode. ``n_ctx`` (eviction
+    only): a cache smaller than the prompt, read in chunks of at most ``chunk`` tokens; by default
+    the cache holds the prompt. ``flash_attn=False`` (full cache only) measures llama.cpp's other
+    attention path; ``attn_path`` (eviction only) how attention honours the start cells ("auto":
+    the best the backend has). ``overhead_share`` is left None: run() sets it against the full cache."""
     if budget is not None and not flash_attn:
         raise ValueError("eviction needs flash attention")
     if attn_path not in ATTN_PATHS:
         raise ValueError(f"attn_path must be one of {', '.join(ATTN_PATHS)}, got {attn_path!r}")
-    n_ctx = ((len(tokens) + n_decode + 64) // 256 + 1) * 256
-    kw: dict[str, Any] = {"adakv_budget": budget, "adakv_method": method, "adakv_window": window} if budget else {}
+    if n_ctx is not None and budget is None:
+        raise ValueError("a cache smaller than the prompt (n_ctx) needs eviction (a budget)")
+    n_ctx = n_ctx or ((len(tokens) + n_decode + 64) // 256 + 1) * 256
+    kw: dict[str, Any] = ({"adakv_budget": budget, "adakv_method": method, "adakv_window": window,
+                           "adakv_chunk": chunk} if budget else {})
     with _attn_path(attn_path):
         llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False,
                     **kw)
     try:
-        seconds: dict[str, float] = {}
-        overhead = 0.0
-        if budget is None:
-            t0 = time.perf_counter()
-            llm.eval(list(tokens))
-            prefill = time.perf_counter() - t0
-        else:
-            cfg = llm.adakv_config
-            t0 = time.perf_counter()
-            with llm.adakv_suspended():
-                llm.eval(list(tokens[:-window]))
-            t_prefix = time.perf_counter() - t0
-            state = llm.save_state()
-            llm.adakv_config = None  # the same window, without scoring or compaction
-            t0 = time.perf_counter()
-            llm.eval(list(tokens[-window:]))
-            t_plain = time.perf_counter() - t0
-            llm.load_state(state)
-            llm.adakv_config = cfg
-            t0 = time.perf_counter()
-            llm.eval(list(tokens[-window:]))
-            t_evict = time.perf_counter() - t0
-            st = llm.adakv_stats
-            assert st is not None
-            seconds = {"score": st.seconds["score"] - t_plain, "allocate": st.seconds["allocate"],
-                       "compact": st.seconds["compact"]}
-            prefill = t_prefix + t_plain
-            overhead = t_evict - t_plain
-        per_layer_cell = kv_bytes_per_layer_cell(llm)
-        n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
-        bytes_after = kv_bytes(llm, len(tokens))
+        timeline: list[tuple[int, float]] = []
+        t0 = time.perf_counter()
+        llm.progress_callback = lambda done, total: timeline.append((done, time.perf_counter() - t0))
+        llm.eval(list(tokens))
+        prefill = time.perf_counter() - t0
+        llm.progress_callback = None
+        st = llm.adakv_stats if budget is not None else None
+        bytes_after = st.kv_bytes if st is not None else kv_bytes(llm, len(tokens))
         dec = greedy_decode(llm, n_decode)
-        st = llm.adakv_stats
-        cells_after = st.cells_after if st is not None else len(tokens)
         mode = "full" if flash_attn else "full-nofa"
         if budget is not None:
             mode = method if attn_path == "auto" else f"{method}[{attn_path}]"
+        extra: dict[str, Any] = {}
+        if st is not None:
+            extra = dict(chunks=st.chunks, compressions=st.compressions, peak_cells=st.peak_cells,
+                         kv_bytes_peak=st.kv_bytes_peak, kv_bytes_allocated=st.kv_bytes_allocated,
+                         chunk_tokens=st.chunk_tokens, chunk_seconds=st.chunk_seconds)
         return BenchRecord(
             mode=mode,
             prompt_tokens=len(tokens),
@@ -165,22 +160,51 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
             decode_tps=n_decode / dec,
             decode_tokens=n_decode,
             kv_cells_before=len(tokens),
-            kv_cells_after=cells_after,
-            kv_bytes_before=len(tokens) * per_layer_cell * n_layer,
+            kv_cells_after=st.cells_after if st is not None else len(tokens),
+            kv_bytes_before=len(tokens) * kv_bytes_per_layer_cell(llm) * _n_layer(llm),
             kv_bytes_after=bytes_after,
-            seconds=seconds,
-            overhead_share=overhead / prefill,
+            seconds=dict(st.seconds) if st is not None else {},
+            overhead_share=None,
+            prefill_seconds=prefill,
+            n_ctx=n_ctx,
+            timeline=tuple(timeline),
+            **extra,
         )
     finally:
         llm.close()
 
 
+def _n_layer(llm: Any) -> int:
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_layer(llm.model))
+
+
+def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
+                   full_timeline: Sequence[tuple[int, float]], n_tokens: int) -> tuple[float, ...]:
+    """Per chunk of an eviction run: its time (compression included) over the time the full cache took
+    for the same prompt tokens in its one-batch-sequence prefill (``full_timeline``: tokens done and
+    seconds after each batch; interpolated between them), minus 1."""
+    done = np.array([0] + [d for d, _ in full_timeline], dtype=float)
+    secs = np.array([0.0] + [t for _, t in full_timeline])
+    ends = np.cumsum(chunk_tokens, dtype=float)
+    ends[-1] = n_tokens  # the last chunk holds the window too
+    starts = np.concatenate([[0.0], ends[:-1]])
+    base = np.interp(ends, done, secs) - np.interp(starts, done, secs)
+    return tuple(float(c / b - 1.0) for c, b in zip(chunk_seconds, base))
+
+
 def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
         n_threads: int = 2, n_gpu_layers: int = 0, nofa_baseline: bool = False,
-        attn_paths: Sequence[str] = ("auto",),
-        log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+        attn_paths: Sequence[str] = ("auto",), repeats: int = 1, n_ctx: int | None = None,
+        chunk: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows.
 
+    ``repeats``: the full cache and each eviction run alternate this many times per length; the
+    eviction rows' ``overhead_share`` is the median over the repeats of (eviction prefill time) /
+    (the full-cache prefill just before it) - 1, the compression overhead against what a user would
+    otherwise run. ``n_ctx``/``chunk``: eviction with a cache smaller than the prompt (chunked
+    prefill; the full cache always holds the whole prompt); the rows get ``chunk_overhead``.
     ``nofa_baseline``: also run the full cache without flash attention ("full-nofa", first), and
     give the eviction rows ``decode_speedup_nofa``, their decode speed over that baseline's.
     ``attn_paths``: one eviction run per attention path (see ``ATTN_PATHS``), each against the
@@ -196,25 +220,40 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
             nofa = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
                            n_gpu_layers=n_gpu_layers, flash_attn=False)
             out.append(asdict(nofa))
-        full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
-                       n_gpu_layers=n_gpu_layers)
-        out.append(asdict(full))
-        for path in attn_paths:
-            ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
-                         n_gpu_layers=n_gpu_layers, attn_path=path)
-            re_ = asdict(ev)
-            re_["decode_speedup"] = ev.decode_tps / full.decode_tps
-            re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
-            if nofa is not None:
-                re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
-            out.append(re_)
-            log(f"{n:>6} tokens{'' if path == 'auto' else f' [{path}]'}: decode {full.decode_tps:7.1f} -> "
-                f"{ev.decode_tps:7.1f} t/s (x{re_['decode_speedup']:.2f}), prefill {full.prefill_tps:7.1f} -> "
-                f"{ev.prefill_tps:7.1f} t/s, overhead {100 * ev.overhead_share:.1f}% of prefill, "
-                f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"
-                + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
-                   f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
+        for rep in range(repeats):
+            full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
+                           n_gpu_layers=n_gpu_layers)
+            out.append(dict(asdict(full), repeat=rep))
+            for path in attn_paths:
+                ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
+                             n_gpu_layers=n_gpu_layers, attn_path=path, n_ctx=n_ctx, chunk=chunk)
+                ev = replace(ev, overhead_share=ev.prefill_seconds / full.prefill_seconds - 1.0,
+                             chunk_overhead=(chunk_overhead(ev.chunk_tokens, ev.chunk_seconds, full.timeline, n)
+                                             if ev.chunks > 1 else ()))
+                re_ = dict(asdict(ev), repeat=rep)
+                re_["decode_speedup"] = ev.decode_tps / full.decode_tps
+                re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
+                if nofa is not None:
+                    re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
+                out.append(re_)
+                chunked = (f", {ev.chunks} chunks in {ev.n_ctx} cells (peak {ev.peak_cells}), per-chunk overhead "
+                           f"{', '.join(f'{100 * c:+.1f}%' for c in ev.chunk_overhead)}" if ev.chunks > 1 else "")
+                log(f"{n:>6} tokens{'' if path == 'auto' else f' [{path}]'}: decode {full.decode_tps:7.1f} -> "
+                    f"{ev.decode_tps:7.1f} t/s (x{re_['decode_speedup']:.2f}), prefill {full.prefill_seconds:.2f} -> "
+                    f"{ev.prefill_seconds:.2f} s (overhead {100 * ev.overhead_share:+.1f}%), "
+                    f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells{chunked}"
+                    + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
+                       f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
     return out
+
+
+def overhead_summary(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(eviction mode, prompt tokens) -> the median compression overhead over the repeats."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for r in records:
+        if r.get("overhead_share") is not None:
+            groups.setdefault((r["mode"], r["prompt_tokens"]), []).append(r["overhead_share"])
+    return {k: float(np.median(v)) for k, v in groups.items()}
 
 
 def plot_bench(records: Sequence[dict[str, Any]], out: Any, title: str) -> None:
@@ -225,7 +264,8 @@ def plot_bench(records: Sequence[dict[str, Any]], out: Any, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     labels = {"full": "full cache", "full-nofa": "full cache, no flash attention"}
     for mode in sorted({r["mode"] for r in records}, key=lambda m: (m not in labels, m)):
-        rs = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["prompt_tokens"])
+        rs = sorted((r for r in records if r["mode"] == mode and r.get("repeat", 0) == 0),
+                    key=lambda r: r["prompt_tokens"])
         label = labels.get(mode, f"{mode}, budget {rs[0]['budget']}")
         ax.plot([r["prompt_tokens"] for r in rs], [r["decode_tps"] for r in rs], marker="o", label=label)
     ax.set_xlabel("prompt tokens")

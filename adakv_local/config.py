@@ -59,6 +59,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1); bounds the cache footprint",
            "R"),
     Option("sinks", "first prompt cells always kept (StreamingLLM's sinks; a floor for the other methods)", "N"),
+    Option("chunk", "a prompt longer than the cache (n_ctx) is read in chunks of at most this many tokens, "
+           "compressed in between with the prompt's last window as a probe; default: as many as fit", "C"),
 )
 
 
@@ -96,6 +98,7 @@ class AdaKVConfig:
     alpha: float = 0.2
     max_ratio: float | None = None
     sinks: int = 0
+    chunk: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget", _whole(self.budget))  # 1e3 -> 1000
@@ -125,6 +128,11 @@ class AdaKVConfig:
             raise ConfigError("max_ratio", f"must be None or a number >= 1, got {self.max_ratio!r}")
         if not _is_int(self.sinks) or self.sinks < 0:
             raise ConfigError("sinks", f"must be an integer >= 0, got {self.sinks!r}")
+        if self.chunk is not None:
+            if _is_int(self.chunk) or (_is_real(self.chunk) and float(self.chunk) == int(self.chunk)):
+                object.__setattr__(self, "chunk", int(self.chunk))
+            if not _is_int(self.chunk) or self.chunk < 1:
+                raise ConfigError("chunk", f"must be None or an integer >= 1, got {self.chunk!r}")
 
     def cells_for(self, n_cells: int) -> int:
         """The budget in cells for a prompt of n_cells (a fraction is taken of the prompt)."""
@@ -155,7 +163,7 @@ class AdaKVConfig:
         defaults = {f.name: f.default for f in fields(AdaKVConfig)}
         defaults["budget"] = budget_default
         types = {"budget": _budget_arg, "window": int, "kernel": int, "alpha": float, "max_ratio": float,
-                 "sinks": int}
+                 "sinks": int, "chunk": int}
         group = parser.add_argument_group("KV-cache eviction")
         for opt in OPTIONS:
             default = defaults[opt.name]

@@ -25,3 +25,9 @@ class NativeAllocError(AdaKVError, MemoryError):
 
 class NativeBackendError(AdaKVError):
     """A ggml backend failed to compute (LLAMA_ADAKV_ERR_BACKEND)."""
+
+
+class CacheFullError(AdaKVError):
+    """The tokens to evaluate do not fit in the KV cache's free cells (n_ctx), and cannot be
+    compressed to fit (a generated token, or a prompt shorter than the window); nothing was
+    evaluated. ``Llama.generate`` ends the generation there (finish reason "length")."""

@@ -29,6 +29,31 @@ class KVCacheLayout:
     n_head_kv: int
 
 
+@dataclass(frozen=True)
+class KVMemory:
+    """The KV cache of a context: its cells and the bytes of K and V per cell.
+
+    ``cells``/``cell_bytes``: the evicted cache (every layer of most models; the global layers of
+    an iSWA model such as Gemma 3). ``swa_*``: the sliding-window cache of an iSWA model (zeros
+    otherwise), ``swa_used`` the cells it holds now.
+    """
+
+    cells: int
+    cell_bytes: int
+    swa_cells: int
+    swa_cell_bytes: int
+    swa_used: int
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of K and V allocated for the whole context (what the cache costs in memory)."""
+        return self.cells * self.cell_bytes + self.swa_cells * self.swa_cell_bytes
+
+    def used_bytes(self, n_cells: int) -> int:
+        """Bytes of K and V that hold tokens when the evicted cache holds ``n_cells`` cells."""
+        return n_cells * self.cell_bytes + self.swa_used * self.swa_cell_bytes
+
+
 class KVCache:
     """Per-head eviction on one llama.cpp context (sequence 0).
 
@@ -127,6 +152,12 @@ class KVCache:
         self._n.check(self._n.lib.llama_adakv_get_positions(self._ctx, self._ptr(out, "int32_t *"), int(n_cells)))
         return out
 
+    def memory(self) -> KVMemory:
+        """What the context's KV cache costs, in cells and bytes (sliding-window layers included)."""
+        out = self._n.ffi.new("struct llama_adakv_memory *")
+        self._n.check(self._n.lib.llama_adakv_get_memory(self._ctx, out))
+        return KVMemory(out.cells, out.cell_bytes, out.swa_cells, out.swa_cell_bytes, out.swa_used)
+
     def clear_last_error(self) -> None:
         """Forget the library's last error message (of this thread)."""
         self._n.lib.llama_adakv_clear_last_error()
@@ -138,7 +169,8 @@ class KVCache:
     # scores
 
     def arm_scores(self, window: int) -> None:
-        """Score the next decode call, whose tokens (one ubatch) are the observation window."""
+        """Score the next decode call: the last ``window`` tokens of its last ubatch are the
+        observation window (that ubatch may hold more tokens before them)."""
         self._n.check(self._n.lib.llama_adakv_arm_scores(self._ctx, int(window)))
 
     def read_scores(self, n_cells: int | None = None) -> np.ndarray:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ _lib.bind_llama_cpp()  # before llama_cpp is imported
 import llama_cpp  # noqa: E402
 
 from .config import AdaKVConfig, ConfigError  # noqa: E402
-from .errors import NativeInvalidArgument  # noqa: E402
+from .errors import CacheFullError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
@@ -38,10 +40,22 @@ class AdaKVStats:
 
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
     that are not evicted, such as sliding-window layers, show the full length). footprint: R,
-    the cells of the compacted block. freed: cells released for new tokens. seconds: ``score``
-    is the decode of the window's tokens, which computes the scores in the same graph (so an
-    upper bound of what scoring costs; ``adakv-local bench`` measures the real overhead against
-    the full cache), ``allocate`` the policy, ``compact`` the compaction.
+    the cells of the compacted block: every head of a layer costs R cells of memory, R being the
+    largest per-head budget (``adakv_max_ratio`` bounds it). freed: cells released for new
+    tokens. cells_before: the cells the prompt would need without eviction.
+
+    A prompt that does not fit the cache is read in ``chunks`` with a compression between them
+    (``compressions`` counts them all, the final one included). ``peak_cells``: the most cells the
+    evicted cache held at once while the prompt was read; ``kv_bytes`` / ``kv_bytes_peak``: bytes
+    of K and V those cells hold after the prompt / at that peak, sliding-window layers included;
+    ``kv_bytes_allocated``: the bytes allocated for the context's whole KV cache (n_ctx cells).
+    ``chunk_tokens`` / ``chunk_seconds``: the prompt tokens of each chunk and the wall time it took,
+    its compression included (one entry when the prompt fit).
+
+    seconds: ``score`` the decodes of the ubatches that carried the window (the scores are computed
+    in their graph; the prompt's own last ubatch, and per chunk the one with the probe),
+    ``allocate`` the policy, ``compact`` the compaction, each summed over the compressions.
+    ``adakv-local bench`` measures the overhead against a full-cache prefill of the same prompt.
     """
 
     prompt_tokens: int
@@ -54,6 +68,53 @@ class AdaKVStats:
     cells_before: int
     cells_after: int
     seconds: dict[str, float] = field(default_factory=dict)
+    compressions: int = 1
+    chunks: int = 1
+    peak_cells: int = 0
+    kv_bytes: int = 0
+    kv_bytes_peak: int = 0
+    kv_bytes_allocated: int = 0
+    chunk_tokens: tuple[int, ...] = ()
+    chunk_seconds: tuple[float, ...] = ()
+
+
+@dataclass
+class _Run:
+    """What the compressions of one eval call did, for AdaKVStats."""
+
+    peak_cells: int = 0
+    peak_bytes: int = 0
+    total_cells: int = 0
+    compressions: int = 0
+    chunks: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "compact": 0.0})
+    chunk_tokens: list[int] = field(default_factory=list)
+    chunk_seconds: list[float] = field(default_factory=list)
+    t_mark: float = field(default_factory=time.perf_counter)
+
+    def end_chunk(self, n_tokens: int) -> None:
+        now = time.perf_counter()
+        self.chunks += 1
+        self.chunk_tokens.append(n_tokens)
+        self.chunk_seconds.append(now - self.t_mark)
+        self.t_mark = now
+
+
+def _footprint_bound(cfg: AdaKVConfig, budget: int, n_head_kv: int) -> int:
+    """The most cells (R) a compression at this budget can leave: the largest budget one head can get.
+
+    A layer has n_head_kv * B selectable slots (twice that at most under the pyramid schedule); Ada
+    gives one head its safeguard floor(alpha * B) plus every slot the other heads do not reserve;
+    max_ratio caps it. (The final compression keeps B - w selectable cells plus the window: less.)
+    """
+    per_layer = 2 * budget if cfg.method in ("pyramidkv", "ada-pyramid") else budget
+    if cfg.method.startswith("ada-"):
+        per_head = n_head_kv * per_layer - (n_head_kv - 1) * int(cfg.alpha * per_layer)
+    else:
+        per_head = per_layer
+    if cfg.max_ratio is not None:
+        per_head = min(per_head, int(cfg.max_ratio * per_layer) + cfg.window)
+    return per_head
 
 
 class Llama(llama_cpp.Llama):
@@ -99,6 +160,7 @@ class Llama(llama_cpp.Llama):
         adakv_alpha: float | None = None,
         adakv_max_ratio: float | None = None,
         adakv_sinks: int | None = None,
+        adakv_chunk: int | None = None,
         **kwargs: Any,
     ) -> None:
         config = AdaKVConfig.from_llama_kwargs(
@@ -106,12 +168,16 @@ class Llama(llama_cpp.Llama):
                 "adakv_budget": adakv_budget, "adakv_method": adakv_method, "adakv_window": adakv_window,
                 "adakv_kernel": adakv_kernel, "adakv_pooling": adakv_pooling, "adakv_gqa": adakv_gqa,
                 "adakv_alpha": adakv_alpha, "adakv_max_ratio": adakv_max_ratio, "adakv_sinks": adakv_sinks,
+                "adakv_chunk": adakv_chunk,
             }
         )  # fmt: skip
         if config is not None:
             if kwargs.get("flash_attn") is False:
                 raise ValueError("adakv_budget needs flash attention; remove flash_attn=False")
             kwargs["flash_attn"] = True
+            # sliding-window layers (Gemma 3) keep a ring of the window's size, not n_ctx cells
+            if kwargs.get("swa_full") is None:
+                kwargs["swa_full"] = False
             # llama-cpp-python runs ubatches of min(n_batch, n_ubatch) tokens, and n_batch <= n_ctx
             n_batch, n_ubatch = kwargs.get("n_batch", 512), kwargs.get("n_ubatch", 512)
             n_ctx = kwargs.get("n_ctx", 512) or n_batch  # 0: the model's trained context
@@ -119,10 +185,15 @@ class Llama(llama_cpp.Llama):
                 raise ConfigError("window", f"({config.window}) must fit in one ubatch of min(n_batch, n_ubatch, "
                                   f"n_ctx) tokens: raise n_batch (now {n_batch}), n_ubatch (now {n_ubatch}) and "
                                   f"n_ctx (now {n_ctx}) or lower the window").named("adakv_window")
+            if config.chunk is not None and n_ctx and config.chunk > n_ctx - config.window:
+                raise ConfigError("chunk", f"({config.chunk}) must leave room for the window in the cache: at most "
+                                  f"n_ctx - window = {n_ctx - config.window}").named("adakv_chunk")
         self.adakv_config: AdaKVConfig | None = config
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
         self._adakv_suspended = False
+        self._progress = [0, 0]
+        self._stats_run = _Run()
         self.adakv_stats: AdaKVStats | None = None
         self._adakv: KVCache | None = None
         model_path = kwargs.get("model_path", args[0] if args else None)
@@ -135,6 +206,19 @@ class Llama(llama_cpp.Llama):
             except NativeInvalidArgument as e:
                 self.close()
                 raise ValueError(f"adakv: {e}") from None
+            if config.method != "full":
+                self._allow_long_prompts()
+
+    def _allow_long_prompts(self) -> None:
+        """With eviction, positions run to the model's trained context while the cache holds n_ctx
+        cells: llama-cpp-python's limits and token history follow the positions (its logits table
+        with ``logits_all=True`` stays at n_ctx rows, and eval refuses a longer prompt then)."""
+        n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        if n_train > self._n_ctx:
+            self._n_ctx = n_train
+            ids = np.zeros(n_train, dtype=self.input_ids.dtype)
+            ids[: self.input_ids.shape[0]] = self.input_ids
+            self.input_ids = ids
 
     def close(self) -> None:
         # __init__ may have refused the options before llama_cpp.Llama set anything up
@@ -146,53 +230,203 @@ class Llama(llama_cpp.Llama):
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens; a prompt that takes the cache above the budget is compressed after it.
 
+        A prompt that does not fit the cache's free cells is read in chunks (``adakv_chunk`` tokens at
+        most, else as many as fit), compressing in between so that the cache never holds more than
+        n_ctx cells. Every compression is question-aware: the prompt's last ``adakv_window`` tokens
+        (the question or instruction) are evaluated as a probe right after the chunk, score the cells,
+        and are removed again; the final compression is the ordinary one, with the window in place.
+
         Everything that describes the compressed cache (start cells, kept positions) is kept by the
         native library, so it travels with ``save_state()`` / ``load_state()``.
+
+        Raises:
+            ValueError: a prompt longer than the cache that cannot be read in chunks (it would run
+                past the model's trained context, ``logits_all=True``, or n_ctx leaves no room for
+                a chunk after a compressed block); nothing was evaluated.
+            CacheFullError: tokens that neither fit nor can be compressed (a generated token, or a
+                prompt shorter than the window, when the cache is full); nothing was evaluated.
         """
         kv, cfg = self._adakv, self.adakv_config
+        self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
             return self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
         self._rewind()
+        tokens = list(tokens)
+        n_cells = kv.n_cells()
+        if n_cells + len(tokens) <= self.n_ctx():
+            if self._adakv_suspended or len(tokens) < cfg.window:
+                return self._eval_batches(tokens)
+            self._stats_run = _Run(peak_cells=n_cells + len(tokens))
+            return self._eval_prompt(tokens)
         if self._adakv_suspended or len(tokens) < cfg.window:
-            return self._eval_batches(tokens)
-        n_before = kv.n_cells()
-        starts = kv.starts()
-        n_after = n_before + len(tokens)
-        budget = cfg.cells_for(n_after)
-        if n_after - float(starts.mean()) <= budget:
-            return self._eval_batches(tokens)
+            raise CacheFullError(
+                f"the KV cache is full: {len(tokens)} more token(s) do not fit in its {self.n_ctx()} cells "
+                f"({n_cells} in use) and too few to be compressed; start again (reset()) or raise n_ctx"
+            )
+        self._check_chunking(tokens, n_cells)
+        return self._eval_chunked(tokens)
 
-        w = cfg.window
-        if len(tokens) > w:
-            self._eval_batches(tokens[:-w], total=len(tokens))
+    def _eval_prompt(self, tokens: list[int], budget: int | None = None) -> None:
+        """A prompt that fits: evaluate it, scoring its window in its last ubatch, and compress."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        n_after = kv.n_cells() + len(tokens)
+        budget = cfg.cells_for(n_after) if budget is None else budget
+        if n_after - float(kv.starts().mean()) <= budget:
+            self._eval_batches(tokens)
+        else:
+            scores = self._eval_scored(tokens, cfg.window)
+            self._compress(scores, n_after, budget, cfg.window)
+        self._stats_run.end_chunk(len(tokens))
+        self._finish_stats(n_after, budget)
+        return None
+
+    def _eval_chunked(self, tokens: list[int]) -> None:
+        """A prompt longer than the free cells: chunks, each compressed with the question as a probe."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        w, n_ctx = cfg.window, self.n_ctx()
+        doc, probe = tokens[:-w], tokens[-w:]
+        self._stats_run = _Run(peak_cells=kv.n_cells(), total_cells=kv.n_cells() + len(tokens))
+        budget = cfg.cells_for(self._stats_run.total_cells)
+        i = 0
+        while True:
+            left, room = len(doc) - i, n_ctx - kv.n_cells() - w
+            if left <= room and (cfg.chunk is None or left <= cfg.chunk):
+                return self._eval_prompt(doc[i:] + probe, budget)  # the last chunk and the window, as usual
+            if room < min(w, left):  # no useful room left (a long history before this prompt)
+                self._eval_probe([], probe, budget)
+                continue
+            take = min(left, room, cfg.chunk or left)
+            n_next = kv.n_cells() + take
+            left_next = left - take
+            compress = left_next > 0 and min(left_next, cfg.chunk or left_next) > n_ctx - n_next - w
+            if compress:
+                self._eval_probe(doc[i : i + take], probe, budget)
+            else:
+                self._eval_batches(doc[i : i + take])
+                self._note_peak()
+            self._stats_run.end_chunk(take)
+            i += take
+
+    def _eval_probe(self, chunk: list[int], probe: list[int], budget: int) -> None:
+        """Evaluate a chunk with the probe after it (scored in the same last ubatch), remove the
+        probe, and compress the cells before it (no window is kept: the probe is not the prompt)."""
+        kv = self._adakv
+        assert kv is not None
+        n_doc = kv.n_cells() + len(chunk)
+        scores = self._eval_scored(chunk + probe, len(probe), count=len(chunk))
+        self.n_tokens -= len(probe)
+        if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):  # after any compacted block: never refused
+            raise RuntimeError(f"adakv: could not remove the probe at position {self.n_tokens}")
+        footprint = self._compress(scores, n_doc, budget, 0)
+        if self.n_ctx() - footprint - len(probe) < len(probe):
+            self.reset()
+            raise ValueError(
+                f"adakv: a compression left {footprint} cells (R) of the cache's {self.n_ctx()}, too few to read "
+                "the rest of the prompt; raise n_ctx, lower the budget or bound R with adakv_max_ratio (the "
+                "context was reset)"
+            )
+
+    def _eval_scored(self, tokens: list[int], window: int, count: int | None = None) -> np.ndarray:
+        """Evaluate tokens with the last ``window`` scored inside the last ubatch; the scores of every cell."""
+        kv = self._adakv
+        assert kv is not None
+        n_after = kv.n_cells() + len(tokens)
+        k = min(len(tokens), self.n_batch, int(self.context_params.n_ubatch))  # the last piece: one ubatch
+        count = len(tokens) if count is None else count
+        if len(tokens) > k:
+            self._eval_batches(tokens[:-k], count=min(count, len(tokens) - k))
+        t0 = time.perf_counter()
+        kv.arm_scores(window)
+        super().eval(tokens[-k:])
+        self._note_peak()
+        self._advance(max(0, count - (len(tokens) - k)))
+        self._stats_run.seconds["score"] += time.perf_counter() - t0
+        return kv.read_scores(n_after)
+
+    def _compress(self, scores: np.ndarray, n_cells: int, budget: int, window: int) -> int:
+        """Allocate the budget over cells [start, n_cells) with these scores and compact; returns R."""
+        kv, cfg, run = self._adakv, self.adakv_config, self._stats_run
+        assert kv is not None and cfg is not None
+        t0 = time.perf_counter()
+        alloc = AllocationConfig(budget=budget, window=window, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
+                                 sinks=cfg.sinks)
+        kept = keep_sets(list(scores[:, :, :n_cells]), n_cells, cfg.method, alloc, kernel=cfg.kernel,
+                         pooling=cfg.pooling, valid_from=list(kv.starts()))
         t1 = time.perf_counter()
-        kv.arm_scores(w)
-        super().eval(tokens[-w:])
-        if self.progress_callback is not None:
-            self.progress_callback(len(tokens), len(tokens))
-        t2 = time.perf_counter()
-        scores = kv.read_scores(n_after)
-
-        alloc = AllocationConfig(budget=budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio, sinks=cfg.sinks)
-        kept = keep_sets(list(scores), n_after, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling,
-                         valid_from=list(starts))
-        t3 = time.perf_counter()
         footprint = kv.compact(kept)
-        t4 = time.perf_counter()
+        run.seconds["allocate"] += t1 - t0
+        run.seconds["compact"] += time.perf_counter() - t1
+        run.compressions += 1
+        return footprint
 
+    def _check_chunking(self, tokens: list[int], n_cells: int) -> None:
+        """Refuse, before anything is evaluated, a long prompt that cannot be read in chunks."""
+        cfg = self.adakv_config
+        assert cfg is not None
+        n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
+        n_pos = self.n_tokens + len(tokens)
+        if n_pos > n_train:
+            raise ValueError(
+                f"the prompt runs to position {n_pos}, past the {n_train} tokens this model was trained for; "
+                "eviction lets a prompt be longer than the cache, not than the model's context (positions "
+                "beyond it would break RoPE): shorten the prompt"
+            )
+        if self._logits_all:
+            raise ValueError(
+                f"a prompt longer than the cache ({n_cells} + {len(tokens)} tokens > n_ctx = {self.n_ctx()}) "
+                "cannot be read with logits_all=True (its logits table has n_ctx rows); turn logits_all off "
+                "or raise n_ctx"
+            )
+        budget = cfg.cells_for(n_cells + len(tokens))
+        bound = _footprint_bound(cfg, budget, self._adakv.n_head_kv if self._adakv else 1)
+        need = bound + 2 * cfg.window
+        if need > self.n_ctx():
+            raise ValueError(
+                f"n_ctx = {self.n_ctx()} is too small to read a {len(tokens)}-token prompt in chunks at budget "
+                f"{budget}: a compression may leave up to {bound} cells (R, the largest per-head budget), and "
+                f"the next chunk and the window need room after them; use n_ctx >= {need}, a smaller budget, "
+                "or bound R with adakv_max_ratio"
+            )
+
+    def _note_peak(self) -> None:
+        """Record the cells (and bytes) the cache holds now if that is the most so far."""
+        kv, run = self._adakv, self._stats_run
+        assert kv is not None
+        n = kv.n_cells()
+        if n >= run.peak_cells or run.peak_bytes == 0:
+            run.peak_cells = max(run.peak_cells, n)
+            run.peak_bytes = kv.memory().used_bytes(run.peak_cells)
+
+    def _finish_stats(self, n_after: int, budget: int) -> None:
+        kv, cfg, run = self._adakv, self.adakv_config, self._stats_run
+        assert kv is not None and cfg is not None
+        if run.compressions == 0:
+            return  # nothing compressed: the last stats stay
+        mem = kv.memory()
+        footprint = kv.footprint()
+        cells_before = max(run.total_cells, n_after)
         self.adakv_stats = AdaKVStats(
             prompt_tokens=self.n_tokens,
             budget=budget,
             method=cfg.method,
-            window=w,
+            window=cfg.window,
             kept=self._kept_matrix(),
             footprint=footprint,
-            freed=n_after - footprint,
-            cells_before=n_after,
+            freed=cells_before - footprint,
+            cells_before=cells_before,
             cells_after=footprint,
-            seconds={"score": t2 - t1, "allocate": t3 - t2, "compact": t4 - t3},
+            seconds=dict(run.seconds),
+            compressions=run.compressions,
+            chunks=run.chunks,
+            peak_cells=run.peak_cells,
+            kv_bytes=mem.used_bytes(kv.n_cells()),
+            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(run.peak_cells)),
+            kv_bytes_allocated=mem.allocated_bytes,
+            chunk_tokens=tuple(run.chunk_tokens),
+            chunk_seconds=tuple(run.chunk_seconds),
         )
-        return None
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
@@ -241,16 +475,69 @@ class Llama(llama_cpp.Llama):
         finally:
             self._adakv_suspended = False
 
-    def _eval_batches(self, tokens: Sequence[int], total: int | None = None) -> None:
-        """super().eval, one n_batch at a time when a progress callback wants to hear about it."""
-        cb = self.progress_callback
-        if cb is None or len(tokens) <= 1:
-            return super().eval(tokens)
-        total = len(tokens) if total is None else total
+    def _eval_batches(self, tokens: Sequence[int], count: int | None = None) -> None:
+        """super().eval, one n_batch at a time when a progress callback wants to hear about it.
+
+        count: how many of the tokens count as progress through the prompt (all by default)."""
+        count = len(tokens) if count is None else count
+        if self.progress_callback is None or len(tokens) <= 1:
+            super().eval(tokens)
+            self._advance(count if len(tokens) > 1 else 0)
+            return None
         for i in range(0, len(tokens), self.n_batch):
             super().eval(tokens[i : i + self.n_batch])
-            cb(min(i + self.n_batch, len(tokens)), total)
+            self._advance(max(0, min(count - i, self.n_batch)))
         return None
+
+    def _advance(self, n: int) -> None:
+        """n more prompt tokens are done: tell the progress callback."""
+        self._progress[0] += n
+        if n > 0 and self.progress_callback is not None:
+            self.progress_callback(min(self._progress[0], self._progress[1]), self._progress[1])
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
+        """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache ends
+        there (the completion's finish reason is "length"), since positions may run past n_ctx."""
+        gen = super().generate(tokens, *args, **kwargs)
+        sent: Any = None
+        produced = False
+        try:
+            while True:
+                token = gen.send(sent)
+                produced = True
+                sent = yield token
+        except StopIteration:
+            return
+        except CacheFullError:
+            if not produced:
+                raise
+            if self.verbose:
+                print(f"adakv: the KV cache ({self.n_ctx()} cells) is full; generation stops", file=sys.stderr)
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        gen = super()._create_completion(*args, **kwargs)
+        if self._n_ctx == self.n_ctx():
+            return gen
+        return self._trained_context_message(gen)
+
+    def _trained_context_message(self, gen: Iterator[Any]) -> Iterator[Any]:
+        """llama-cpp-python names the cache size (n_ctx) in its too-long-prompt error; with eviction
+        the limit is the model's trained context."""
+        try:
+            first = next(gen)
+        except StopIteration:
+            return
+        except ValueError as e:
+            m = re.match(r"Requested tokens \((\d+)\) exceed context window", str(e))
+            if m is None:
+                raise
+            raise ValueError(
+                f"Requested tokens ({m.group(1)}) exceed context window of {self._n_ctx}: the model's trained "
+                f"context (with eviction a prompt may be longer than the KV cache of n_ctx = {self.n_ctx()} cells, "
+                "not than the context the model was trained for)"
+            ) from None
+        yield first
+        yield from gen
 
     # -- inspection --------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 
 #include "ggml-backend.h"
 
+#include <algorithm>
 #include <cstring>
 
 uint64_t llama_adakv_graph_epoch(const llama_adakv * ak) {
@@ -110,12 +111,21 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
     memcpy(&softcap, (const float *) fa->op_params + 2, sizeof(float));
 
     if (ak->armed_window > 0) {
+        // the window is the ubatch's last w tokens: their rows of q [d_k, n_tokens, n_head] and of
+        // the mask [n_kv, n_tokens (padded), 1, 1], so that the prompt's last ubatch scores it in passing
+        const int64_t n_tokens = q->ne[1];
+        const int64_t w        = std::min<int64_t>(ak->armed_window, n_tokens);
+        ggml_tensor * q_w      = ggml_view_4d(
+                ctx, q, q->ne[0], w, q->ne[2], q->ne[3], q->nb[1], q->nb[2], q->nb[3], (n_tokens - w) * q->nb[1]);
+        ggml_tensor * mask_w = mask == nullptr ? nullptr :
+                                                 ggml_view_4d(ctx, mask, mask->ne[0], w, mask->ne[2], mask->ne[3],
+                                                              mask->nb[1], mask->nb[2], mask->nb[3], (n_tokens - w) * mask->nb[1]);
         // [n_kv, n_head_kv] into the persistent buffer, cells [0, n_kv) of every head
         ggml_tensor * s = llama_adakv_window_scores(
-                ctx, q, k, mask, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale, softcap);
+                ctx, q_w, k, mask_w, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale, softcap);
         ggml_tensor * dst = ggml_view_2d(ctx, l.scores, s->ne[0], s->ne[1], l.scores->nb[1], 0);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, s, dst));
-        ak->scored_tokens               = (int32_t) q->ne[1];
+        ak->scored_tokens               = (int32_t) w;
         ak->scored_n_kv                 = (uint32_t) k->ne[1];
         ak->scored[ak->layer_of_il[il]] = true;
     }

@@ -16,6 +16,7 @@ struct ggml_tensor;
 struct llama_adakv;
 class llama_io_write_i;
 class llama_io_read_i;
+class llama_kv_cache;
 
 // destroys the state (llama_context's destructor)
 void llama_adakv_free(llama_adakv * ak);
@@ -55,6 +56,12 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
 
 // llama_kv_cache::seq_rm: false refuses the removal (it would cut into a compacted block)
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+// llama_kv_cache_iswa::seq_rm, before either cache removes anything: false refuses a removal
+// after which the sliding-window cache `swa` would lack cells that the next token at p0 attends
+// to (they already left its ring, swa_full = false); llama-cpp-python then evaluates again
+bool llama_adakv_on_swa_seq_rm(
+        const llama_adakv * ak, const llama_kv_cache & swa, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 
 // llama_kv_cache::seq_add / seq_div (and the iSWA cache's, before either of its caches moves):
 // false refuses the shift of a compacted sequence

@@ -131,6 +131,32 @@ bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, 
     return false;
 }
 
+bool llama_adakv_on_swa_seq_rm(
+        const llama_adakv * ak, const llama_kv_cache & swa, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (ak == nullptr || seq_id > 0) {
+        return true;
+    }
+    p0                  = std::max<llama_pos>(p0, 0);
+    const llama_pos max = swa.seq_pos_max(0);
+    if (max < 0 || p0 == 0 || p0 > max || (p1 >= 0 && p1 <= max)) {
+        return true; // nothing of it, all of it, or not the tail: the ring keeps what the next token needs
+    }
+    // the next token is at p0: it attends to the positions [need, p0) that the SWA mask leaves visible
+    const auto & hp = ak->lctx->get_model().hparams;
+    llama_pos need  = p0;
+    while (need > 0 && !llama_hparams::is_masked_swa(hp.n_swa, hp.swa_type, need - 1, p0)) {
+        --need;
+    }
+    if (swa.seq_pos_min(0) <= need) {
+        return true;
+    }
+    LLAMA_LOG_WARN(
+            "%s: refusing to remove positions from %d of sequence %d: the sliding-window cache no longer "
+            "holds positions [%d, %d) that the next token attends to; evaluate the sequence again\n",
+            __func__, p0, seq_id, need, swa.seq_pos_min(0));
+    return false;
+}
+
 bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     if (!llama_adakv_is_compacted(ak) || seq_id > 0) {
         return true;
@@ -351,7 +377,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     }
 
     llama_memory_t mem  = ctx->get_memory();
-    llama_kv_cache * kv = nullptr;
+    llama_kv_cache * kv     = nullptr;
+    llama_kv_cache * kv_swa = nullptr;
     if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache)) {
         kv = static_cast<llama_kv_cache *>(mem);
         if (hp.is_swa_any()) {
@@ -362,7 +389,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                     __func__);
         }
     } else if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache_iswa)) {
-        kv = static_cast<llama_kv_cache_iswa *>(mem)->get_base();
+        kv     = static_cast<llama_kv_cache_iswa *>(mem)->get_base();
+        kv_swa = static_cast<llama_kv_cache_iswa *>(mem)->get_swa();
     } else {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID,
@@ -382,6 +410,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     auto ak       = std::make_unique<llama_adakv>();
     ak->lctx      = ctx;
     ak->kv        = kv;
+    ak->kv_swa    = kv_swa;
     ak->params    = params;
     ak->kv_size   = kv->get_size();
     ak->attn_path = params.attn_path == LLAMA_ADAKV_ATTN_ENV ? adakv_attn_path_from_env() : params.attn_path;
@@ -576,6 +605,31 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
     return LLAMA_ADAKV_OK;
 }
 
+int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out) {
+    llama_adakv_clear_error();
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
+    }
+    // bytes of K and V of one cell, summed over the layers of a cache
+    auto cell_bytes = [](const llama_kv_cache & kv) {
+        size_t bytes = 0;
+        for (const auto & l : llama_adakv_access::layers(kv)) {
+            bytes += ggml_nbytes(l.k) + ggml_nbytes(l.v);
+        }
+        return (int64_t) (bytes / kv.get_size());
+    };
+    *out            = {};
+    out->cells      = ak->kv->get_size();
+    out->cell_bytes = cell_bytes(*ak->kv);
+    if (ak->kv_swa != nullptr) {
+        out->swa_cells      = ak->kv_swa->get_size();
+        out->swa_cell_bytes = cell_bytes(*ak->kv_swa);
+        out->swa_used       = llama_adakv_access::cells(*ak->kv_swa).get_used();
+    }
+    return LLAMA_ADAKV_OK;
+}
+
 int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
@@ -589,8 +643,8 @@ int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t
     if (ak->scored_tokens != window || !all_scored) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID,
-                "%s: the decode call after arming had %d tokens in its "
-                "last ubatch; it must be one ubatch of exactly the %d window tokens",
+                "%s: the decode call after arming scored %d tokens of its last ubatch; "
+                "that ubatch must end with the %d window tokens",
                 __func__, ak->scored_tokens, window);
     }
     if (n_cells < 1 || (uint32_t) n_cells > ak->scored_n_kv) {

@@ -52,6 +52,7 @@ struct llama_adakv_layer {
 struct llama_adakv {
     llama_context * lctx = nullptr;
     llama_kv_cache * kv  = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
+    llama_kv_cache * kv_swa = nullptr; // the sliding-window cache of an iSWA model (not evicted), or null
 
     llama_adakv_params params = {};
     int32_t attn_path         = LLAMA_ADAKV_ATTN_AUTO; // enum llama_adakv_attn_path, never ENV

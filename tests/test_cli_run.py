@@ -157,17 +157,19 @@ def test_model_that_does_not_load_is_a_runtime_failure(doc, tmp_path):
 
 
 def test_too_long_document_advice_fits_the_case(tiny, doc, tmp_path):
-    # the prompt alone (~760 tokens) exceeds --n-ctx: a smaller --max-tokens cannot help, a larger --n-ctx can
-    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8")
+    # without eviction (--method full) the prompt alone (~760 tokens) exceeds --n-ctx: a smaller
+    # --max-tokens cannot help, a larger --n-ctx or eviction (chunked reading) can
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8", "--method", "full")
     assert proc.returncode == 1
     line = one_line_error(proc)
-    assert "too long" in line and "prompt alone" in line and "split" in line
+    assert "too long" in line and "prompt alone" in line and "split" in line and "drop --method full" in line
     assert "raise --n-ctx to at least" in line and "--max-tokens" not in line
     # the prompt fits, prompt + summary does not: the longest summary that fits, or a larger --n-ctx
     prompt = json.loads(cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "1", "--json", "--quiet",
                             "--threads", "1").stdout)["stats"]["prompt_tokens"]
     n_ctx = prompt + 50
-    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", str(n_ctx), "--max-tokens", "100")
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", str(n_ctx), "--max-tokens", "100",
+               "--method", "full")
     assert proc.returncode == 1
     line = one_line_error(proc)
     assert f"--max-tokens {n_ctx - prompt - 1} or less" in line and f"--n-ctx {prompt + 101}" in line, line
@@ -181,7 +183,29 @@ def test_too_long_document_advice_fits_the_case(tiny, doc, tmp_path):
     assert "--max-tokens" not in line and "--n-ctx" not in line
     proc = cli("summarize", str(huge), "--model", str(tiny), "--n-ctx", "4096")
     line = one_line_error(proc)
+    assert proc.returncode == 1 and "4096-token context the model was trained for" in line
+    assert "raise --n-ctx" not in line
+    proc = cli("summarize", str(huge), "--model", str(tiny), "--n-ctx", "4096", "--method", "full")
+    line = one_line_error(proc)
     assert proc.returncode == 1 and "trained for 4096" in line and "raise --n-ctx" not in line
+
+
+def test_document_longer_than_the_cache_is_read_in_chunks(tiny, doc):
+    """With eviction, --n-ctx below the prompt reads it in chunks; too small a cache for the budget says so."""
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8")
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert "--n-ctx = 512 is too small" in line and "budget 256" in line and "--n-ctx >= " in line, line
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8", "--budget", "64",
+               "--chunk", "200", "--json", "--quiet", *EVICT)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)["stats"]
+    assert s["n_ctx"] == 512 < s["prompt_tokens"] and s["compressed"]
+    assert s["chunks"] >= 4 and 2 <= s["compressions"] <= s["chunks"] and s["peak_cells"] <= 512
+    assert 0 < s["kv_bytes_peak"] <= s["kv_bytes_allocated"] and s["footprint"] == s["kv_cells_after"]
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "4", "--budget", "64",
+               *EVICT)
+    assert proc.returncode == 0 and "chunks" in proc.stderr and "compressions" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("prompt, max_tokens, n_ctx, allow, says, not_says", [

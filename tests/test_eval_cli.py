@@ -132,4 +132,10 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     rec = run_one(path, toks, 2, budget=48, method="snapkv", n_threads=1, window=16)
     assert rec.kv_cells_after < len(toks)
     assert rec.kv_bytes_before == per_cell * n_layer * len(toks)
+    # the evicted layers hold their cells, the sliding-window ring (512 cells here) every token
     assert rec.kv_bytes_after == per_cell * (n_evicted * rec.kv_cells_after + (n_layer - n_evicted) * len(toks))
+    mem_cell, mem_swa = per_cell * n_evicted, per_cell * (n_layer - n_evicted)  # what the library allocated per cell
+    llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
+    mem = llm.adakv_kvcache.memory()
+    llm.close()
+    assert (mem.cell_bytes, mem.swa_cell_bytes) == (mem_cell, mem_swa)

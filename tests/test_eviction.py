@@ -144,13 +144,14 @@ def test_model_scores_are_attention_mass(tiny64):
     assert np.all(mean >= 0)
 
 
-def test_scores_need_one_ubatch_of_the_window(tiny64):
+def test_scores_need_a_last_ubatch_that_ends_with_the_window(tiny64):
     llm, kv = make(tiny64)
     toks = llm.tokenize(PROMPT)
     llm.eval(toks[:-WINDOW])
     kv.arm_scores(WINDOW)
     llm.eval(toks[-WINDOW + 2 :])  # 6 tokens, not 8
-    with pytest.raises(NativeInvalidArgument, match="exactly the 8 window tokens"):
+    with pytest.raises(NativeInvalidArgument, match="scored 6 tokens of its last ubatch; that ubatch must end with "
+                       "the 8 window tokens"):
         kv.read_scores()
     with pytest.raises(NativeInvalidArgument, match="not armed"):
         kv.read_scores()

@@ -230,7 +230,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
         n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=args.verbose,
         adakv_budget=cfg.budget, adakv_method=cfg.method, adakv_window=cfg.window, adakv_kernel=cfg.kernel,
         adakv_pooling=cfg.pooling, adakv_gqa=cfg.gqa, adakv_alpha=cfg.alpha, adakv_max_ratio=cfg.max_ratio,
-        adakv_sinks=cfg.sinks,
+        adakv_sinks=cfg.sinks, adakv_chunk=cfg.chunk,
     )  # fmt: skip
     if args.seed is not None:
         kwargs["seed"] = args.seed
@@ -294,7 +294,19 @@ def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
         "decode_seconds": round(m.decode_s, 4),
         "decode_tps": round(m.generated / m.decode_s, 2) if m.decode_s > 0 else None,
         "seconds": {k: round(float(v), 4) for k, v in seconds.items()},
+        "footprint": st.footprint if compressed else m.cells_after,
+        "chunks": st.chunks if compressed else 1,
+        "compressions": st.compressions if compressed else 0,
+        "peak_cells": st.peak_cells if compressed else m.cells_after,
+        "kv_bytes_peak": st.kv_bytes_peak if compressed else m.cells_after * ev_bytes + other_cells * other_bytes,
+        "kv_bytes_allocated": _allocated_bytes(llm),
     }
+
+
+def _allocated_bytes(llm: Any) -> int | None:
+    """Bytes of K and V the context allocated (n_ctx cells, and the sliding-window ring), if known."""
+    kv = getattr(llm, "adakv_kvcache", None)
+    return kv.memory().allocated_bytes if kv is not None else None
 
 
 def format_stats(s: dict[str, Any]) -> list[str]:
@@ -317,6 +329,9 @@ def format_stats(s: dict[str, Any]) -> list[str]:
         )
         lines.append(f"eviction: score {t['score']:.3f} s, allocate {t['allocate']:.3f} s, "
                      f"compact {t['compact']:.3f} s")
+        if s["chunks"] > 1:
+            lines.append(f"read in {s['chunks']} chunks, {s['compressions']} compressions: at most "
+                         f"{s['peak_cells']} cells ({s['kv_bytes_peak'] / _MIB:.1f} MiB) held at once")
     elif s["budget"] is None:
         lines.append(f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; full cache, nothing evicted")
     else:

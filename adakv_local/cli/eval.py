@@ -26,6 +26,12 @@ _EPILOG_TASKS = """examples:
 
 _EPILOG_BENCH = """examples:
   adakv-local bench --model smollm2-135m --lengths 1000,4000,8000 --budget 256 --json bench.json --plot bench.png
+  adakv-local bench --lengths 4000,8000 --repeats 3 --decode-tokens 16       # compression overhead, medians
+  adakv-local bench --model gemma3-270m --lengths 24000 --n-ctx 4096         # chunked prefill, per chunk
+
+The compression overhead is the eviction prefill's time (the window's scores, allocation and
+compaction included; chunks and their probes too) over the full cache's prefill of the same
+prompt in one batch sequence, run just before it in the same process, minus 1.
 """
 
 
@@ -104,6 +110,28 @@ def add_parser(sub: Any) -> None:
     f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
     f.set_defaults(func=_cmd_fidelity)
 
+    c = esub.add_parser(
+        "chunked", help="chunked prefill (a cache smaller than the prompt) against one-shot eviction",
+        description="For every prompt, the full cache's greedy continuation is teacher-forced after the prompt "
+        "compressed once (one-shot, the cache holds the prompt) and after the prompt read in chunks through a "
+        "cache of --n-ctx cells; KL to the full cache, top-1 agreement, footprint R, peak cells and KV bytes.",
+        epilog="example (docs/RESULTS.md):\n  adakv-local eval chunked --model smollm2-135m --prompt-tokens 7000 "
+        "--n-prompts 8 --n-ctx 2048 --chunk 1024 --budget 256 --json chunked.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(c)
+    c.add_argument("--n-prompts", type=positive_int, default=8, metavar="N", help="built-in prompts (default: 8)")
+    c.add_argument("--prompt-tokens", type=positive_int, default=7000, metavar="N",
+                   help="prompt length in tokens (default: 7000)")
+    c.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
+                   help="the chunked run's cache, below --prompt-tokens (default: 2048)")
+    c.add_argument("--chunk", type=positive_int, default=1024, metavar="C", help="tokens per chunk (default: 1024)")
+    c.add_argument("--budget", type=positive_int, default=256, metavar="B", help="eviction budget (default: 256)")
+    c.add_argument("--method", default="ada-snapkv", choices=[m for m in METHODS if m != "full"],
+                   help="eviction method (default: ada-snapkv)")
+    c.add_argument("--continuation", type=positive_int, default=64, metavar="N",
+                   help="teacher-forced tokens after the prompt (default: 64)")
+    c.set_defaults(func=_cmd_chunked)
+
     t = esub.add_parser(
         "tasks", help="synthetic long-context tasks: passkey, needle, multi-key needle, variable tracking",
         description="Generates seeded synthetic tasks locally and answers each with the full cache and with every "
@@ -134,7 +162,7 @@ def add_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench", help="prefill and decode speed, full cache vs eviction, in the same run",
         description="At every prompt length: full cache, then eviction, same model and threads; prints the "
-        "ratios. Compression overhead is the eviction run's score + allocate + compact time over its prefill time.",
+        "ratios. Compression overhead: the eviction prefill's time over the full cache's, minus 1.",
         epilog=_EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(b)
     b.add_argument("--lengths", type=_csv(positive_int, "--lengths"), default=[1000, 4000, 8000],
@@ -148,6 +176,13 @@ def add_parser(sub: Any) -> None:
                    help="one eviction run per way of honouring the start cells, e.g. auto,mask,heads: auto (the "
                    "best the backend has: inside the kernel on the CPU), mask (a per-head mask on the stock "
                    "kernel, Metal's path), heads (one stock call per KV head) (default: auto)")
+    b.add_argument("--repeats", type=positive_int, default=1, metavar="N",
+                   help="alternate the full cache and eviction N times per length; overheads are medians (default: 1)")
+    b.add_argument("--n-ctx", type=positive_int, default=None, metavar="N",
+                   help="eviction's cache size; below the prompt length the prompt is read in chunks (default: the "
+                   "prompt fits)")
+    b.add_argument("--chunk", type=positive_int, default=None, metavar="C",
+                   help="with --n-ctx: at most C prompt tokens per chunk (default: as many as fit)")
     b.add_argument("--nofa-baseline", action="store_true",
                    help="also time the full cache without flash attention (llama.cpp's other attention path; "
                    "eviction always uses flash attention)")
@@ -253,6 +288,48 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_chunked(args: argparse.Namespace) -> int:
+    from ..chunked_eval import run_chunked_fidelity, summarize_chunked
+    from ..config import AdaKVConfig
+    from ..evaluate import builtin_prompts
+
+    if args.n_ctx >= args.prompt_tokens:
+        raise CLIError(f"--n-ctx ({args.n_ctx}) must be below --prompt-tokens ({args.prompt_tokens})", EXIT_USAGE)
+    _check_outputs(args)
+    model, vocab = _open_model(args)
+    try:
+        prompts = builtin_prompts(vocab, args.n_prompts, args.prompt_tokens)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    finally:
+        vocab.close()
+    try:
+        cfg = AdaKVConfig(budget=args.budget, method=args.method)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    log = _log(args)
+    log(f"chunked: {len(prompts)} prompts of {args.prompt_tokens} tokens on {model.name}, budget {args.budget}, "
+        f"cache {args.n_ctx} cells, chunks of {args.chunk}")
+    try:
+        records = run_chunked_fidelity(str(model), prompts, cfg, n_ctx=args.n_ctx, chunk=args.chunk,
+                                       n_continuation=args.continuation, n_threads=args.threads,
+                                       n_gpu_layers=args.gpu_layers, progress=lambda d, t, m: log(f"[{d}/{t}] {m}"))
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    summary = summarize_chunked(records)
+    for mode in ("one-shot", "chunked"):
+        r = summary[mode]
+        peak, alloc = r["kv_bytes_peak"] / 2**20, r["kv_bytes_allocated"] / 2**20
+        log(f"{mode:>8}: KL {r['kl_mean']:.4f}, top-1 {100 * r['top1']:.1f}%, R {r['footprint']:.0f}, peak "
+            f"{r['peak_cells']:.0f} cells, {peak:.1f} MiB peak of {alloc:.1f} MiB allocated")
+    log(f"chunked / one-shot mean KL: {summary['kl_ratio']:.3f}")
+    config = {"model": str(model), "budget": args.budget, "method": args.method, "n_ctx": args.n_ctx,
+              "chunk": args.chunk, "prompt_tokens": args.prompt_tokens, "continuation": args.continuation,
+              "prompts": [name for name, _ in prompts], "threads": args.threads}
+    _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
+    return EXIT_OK
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from ..tasks import TASKS, run_tasks, summarize
 
@@ -298,7 +375,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import plot_bench, run
+    from ..bench import overhead_summary, plot_bench, run
 
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
@@ -307,10 +384,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     vocab.close()
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
                   n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
-                  attn_paths=args.attn_paths, log=_log(args))
+                  attn_paths=args.attn_paths, repeats=args.repeats, n_ctx=args.n_ctx, chunk=args.chunk,
+                  log=_log(args))
+    for (mode, n), share in sorted(overhead_summary(records).items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        _log(args)(f"compression overhead, {mode} at {n} tokens: {100 * share:+.2f}% of the full cache's prefill "
+                   f"(median of {args.repeats})")
     config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
               "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
-              "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths}
+              "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths, "repeats": args.repeats,
+              "n_ctx": args.n_ctx, "chunk": args.chunk}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")

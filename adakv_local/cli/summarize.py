@@ -16,13 +16,20 @@ before the summary was generated:
   the average number of tokens a KV head actually kept.
 - ``kv_bytes_before`` / ``kv_bytes_after``: those cells in bytes (f16 K and V of every KV head of
   every layer). Sliding-window layers (iSWA models) are never evicted; they count the min(prompt,
-  n_swa) cells their attention reaches, in both (llama.cpp's SWA cache, full-size by default,
-  leaves older cells in place until it reuses them).
+  n_swa) cells their attention reaches, in both (with eviction their cache is a ring of about
+  n_swa + a batch cells, swa_full off).
+- ``footprint``: R, the cells of the compacted block (= ``kv_cells_after``). Every head of a layer
+  costs R cells, R being the largest per-head budget; ``--max-ratio`` bounds it.
+- ``chunks`` / ``compressions``: a document longer than the cache is read in chunks with a
+  compression between them (1 / 1 when it fits). ``peak_cells``: the most cells the cache held at
+  once; ``kv_bytes_peak``: the bytes those held (sliding-window layers included);
+  ``kv_bytes_allocated``: the bytes allocated for the whole cache (``n_ctx`` cells and the ring).
 - ``prefill_tps``: prompt tokens per second of the prompt processing, eviction included;
   ``decode_tps``: generated tokens per second of wall time after the prompt.
-- ``seconds``: the eviction's steps: score (extra graph work of the observation window), allocate,
-  compact. ``compressed``: whether the prompt exceeded the budget (else nothing was evicted; always
-  false with ``--method full``, which keeps every cell).
+- ``seconds``: the eviction's steps: score (the decodes of the ubatches that carried the window, its
+  scores computed in their graph), allocate, compact; summed over the compressions.
+  ``compressed``: whether the prompt exceeded the budget (else nothing was evicted; always false
+  with ``--method full``, which keeps every cell).
 - also: ``prefill_tokens`` (prompt tokens evaluated, = prompt_tokens here), ``completion_tokens``,
   ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells; null with ``--method full``), ``window``,
   ``n_ctx``.
@@ -39,7 +46,7 @@ from typing import Any
 
 from ..config import AdaKVConfig
 from ..progress import PrefillProgress
-from .errors import EXIT_FAILURE, EXIT_OK, CLIError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 DEFAULT_BUDGET = 256
 SYSTEM = "You summarize documents accurately and briefly."
@@ -48,6 +55,8 @@ SYSTEM = "You summarize documents accurately and briefly."
 INSTRUCTION = "Summarize the document above in a few sentences."
 _CTX_MARGIN = 16  # tokens left free beyond prompt + max tokens (llama-cpp-python wants a strict <)
 _CTX_ROUND = 256
+# the default cache with eviction: a longer document is read in chunks, compressed in between
+DEFAULT_N_CTX = 4096
 
 EPILOG = f"""examples:
   adakv-local summarize examples/ada-kv.md
@@ -65,8 +74,13 @@ A prompt shorter than the budget is not evicted at all; --method full keeps ever
 
 The instruction comes after the document, so that the observation window (the prompt's last
 --window tokens, whose attention decides what is kept) is the request to summarize.
-Chunked prefill is not implemented yet: the whole document must fit in the context (--n-ctx,
-at most the model's trained context) before it is compressed.
+
+A document longer than the cache (--n-ctx, by default what the document needs but at most
+{DEFAULT_N_CTX} cells) is read in chunks: whenever the next chunk would not fit, the cache is
+compressed to the budget, with the instruction evaluated after the chunk as a probe so that each
+compression keeps what the summary needs. Memory is then set by --n-ctx, not by the document,
+which can be as long as the model's trained context. --method full needs the whole document in
+the cache.
 """
 
 
@@ -84,8 +98,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
     add_model_arguments(
         p, n_ctx_default=None,
-        n_ctx_help="context size in tokens (default: what the document needs: prompt + --max-tokens + a "
-        f"margin, rounded up to a multiple of {_CTX_ROUND}, at most the model's trained context; more needs "
+        n_ctx_help="KV cache size in cells (default: what the document needs: prompt + --max-tokens + a "
+        f"margin, rounded up to a multiple of {_CTX_ROUND}, at most {DEFAULT_N_CTX} with eviction (a longer "
+        "document is read in chunks) and at most the model's trained context; more needs "
         "--allow-context-overflow)",
         max_tokens_help="longest summary, in tokens (default: 256)",
     )
@@ -187,12 +202,12 @@ def count_prompt(model: Path, messages: list[dict[str, str]], args: argparse.Nam
 
 
 def _too_long(prompt: int, max_tokens: int, limit: int, n_train: int | None, explicit: bool,
-              allow_overflow: bool) -> CLIError:
+              allow_overflow: bool, chunked: bool = False) -> CLIError:
     """Why the prompt and summary do not fit in limit tokens, and the advice that can help in this case."""
     where = f"--n-ctx {limit}" if explicit else f"the {limit}-token context the model was trained for"
     ceiling = None if allow_overflow or not n_train else n_train  # the largest --n-ctx that is allowed
     want = prompt + max_tokens + 1  # llama-cpp-python wants prompt + max tokens < n_ctx
-    split = "split the document (chunked prefill is not implemented yet)"
+    split = "split the document" + ("" if chunked else " (or let eviction read it in chunks: drop --method full)")
     room = limit - prompt - 1  # the longest summary that fits
     if room >= 1:  # the prompt fits, the summary does not
         fix = f"use --max-tokens {room} or less"
@@ -213,17 +228,26 @@ def _too_long(prompt: int, max_tokens: int, limit: int, n_train: int | None, exp
 
 
 def choose_n_ctx(prompt: int, max_tokens: int, n_train: int | None, n_ctx: int | None,
-                 allow_overflow: bool = False) -> int:
-    """--n-ctx if given and large enough, else what the prompt and summary need, at most the trained context."""
+                 allow_overflow: bool = False, chunked: bool = False) -> int:
+    """--n-ctx if given and large enough, else what the prompt and summary need, at most the trained context.
+
+    chunked: eviction is on, so a prompt longer than the cache is read in chunks: only the positions
+    (prompt + summary) must stay within the trained context, and the default cache is at most
+    DEFAULT_N_CTX cells.
+    """
     need = prompt + max_tokens  # llama-cpp-python wants need < n_ctx
+    if chunked and n_train and need >= n_train and (n_ctx is None or n_ctx < need or not allow_overflow):
+        raise _too_long(prompt, max_tokens, n_train, n_train, False, False, chunked=True)
     if n_ctx is not None:
-        if need >= n_ctx:
+        if need >= n_ctx and not chunked:
             raise _too_long(prompt, max_tokens, n_ctx, n_train, True, allow_overflow)
         return n_ctx
     ceiling = None if allow_overflow or not n_train else n_train
     if ceiling is not None and need >= ceiling:
         raise _too_long(prompt, max_tokens, ceiling, n_train, False, allow_overflow)
     size = -(-(need + _CTX_MARGIN) // _CTX_ROUND) * _CTX_ROUND
+    if chunked:
+        size = min(size, DEFAULT_N_CTX)
     return size if ceiling is None else min(size, ceiling)
 
 
@@ -244,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     check_n_ctx(args.n_ctx, model, model_info(model).n_ctx_train, args)
     messages = messages_for(text)
     prompt_tokens, n_train, messages = count_prompt(model, messages, args)
-    n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx, args.allow_context_overflow)
+    n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx, args.allow_context_overflow,
+                         chunked=cfg.method != "full")
     llm = load_llama(model, cfg, args, n_ctx)
     try:
         progress = PrefillProgress("reading the document", enabled=not args.quiet)
@@ -287,6 +312,9 @@ def _generate(llm: Any, messages: list[dict[str, str]], args: argparse.Namespace
         if "exceed context window" in str(e):  # our count was off (a chat format without a template)
             raise CLIError(f"the document is too long for the {llm.n_ctx()}-token context: {e}; use a larger "
                            "--n-ctx, a smaller --max-tokens or split the document", EXIT_FAILURE) from None
+        if str(e).startswith("n_ctx = "):  # too small a cache for the budget to read the document in chunks
+            msg = str(e).replace("n_ctx", "--n-ctx").replace("adakv_max_ratio", "--max-ratio")
+            raise CLIError(msg.replace("a smaller budget", "a smaller --budget"), EXIT_USAGE) from None
         raise CLIError(f"generation failed: {e}") from None  # e.g. the chat template's checks
     except RuntimeError as e:
         raise CLIError(f"generation failed: {e}") from None

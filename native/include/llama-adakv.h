@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 4
+#define LLAMA_ADAKV_ABI_VERSION 5
 
 #ifdef __cplusplus
 extern "C" {
@@ -56,8 +56,8 @@ LLAMA_API void llama_adakv_clear_last_error(void);
 //
 // Flow for one prompt (sequence 0, the only one):
 //   llama_adakv_enable(ctx, params)                     once, after the context is created
-//   llama_decode(prompt minus its last w tokens)
-//   llama_adakv_arm_scores(ctx, w); llama_decode(last w tokens, one ubatch)
+//   llama_decode(the prompt's tokens before its last ubatch)
+//   llama_adakv_arm_scores(ctx, w); llama_decode(the last ubatch, which ends with the w window tokens)
 //   llama_adakv_read_scores(ctx, scores, n_cells)     scores of every cell, head, layer
 //   ... choose the kept cells of every (layer, KV head) ...
 //   llama_adakv_compact(ctx, counts, cells)            then decode on as usual
@@ -125,15 +125,16 @@ LLAMA_API int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_
 // cells held by sequence 0 (they are [0, n)), or an error code if its cells are not laid out so
 LLAMA_API int32_t llama_adakv_n_cells(const struct llama_context * ctx);
 
-// Arms window scoring for the next llama_decode, whose tokens (one ubatch, 1 <= n_window <=
-// n_ubatch) are the observation window.
+// Arms window scoring for the next llama_decode, whose last ubatch ends with the observation
+// window: its last n_window tokens (1 <= n_window <= n_ubatch, and <= that ubatch's tokens) are
+// scored. Scoring them inside a larger ubatch (the prompt's last one) costs no separate decode.
 LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window);
 
 // Reads the scores of that decode and disarms:
 //   out: F32 [n_layer][n_head_kv][n_cells]; out[l][h][c] = sum over window queries of the
 //   softmax attention of cell c, reduced over the query heads of KV head h (mean or max);
 //   cells below a head's start score 0.
-// INVALID if scoring was not armed or the decode was not one ubatch of the window.
+// INVALID if scoring was not armed or the decode's last ubatch had fewer than n_window tokens.
 LLAMA_API int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells);
 
 // Keeps, for every layer l and KV head h, counts[l*n_head_kv + h] >= 1 cells: the next that
@@ -151,6 +152,15 @@ LLAMA_API int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32
 // decode applied the start cells in each layer (for tests and device checks)
 LLAMA_API int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out);
 
+// what the KV cache of a context costs: cells and the bytes of K and V per cell
+struct llama_adakv_memory {
+    int64_t cells;          // cells of the evicted cache (its size: n_ctx)
+    int64_t cell_bytes;     // K and V bytes of one of its cells, all its layers and heads together
+    int64_t swa_cells;      // cells of the sliding-window cache of an iSWA model (0 if there is none)
+    int64_t swa_cell_bytes; // K and V bytes of one of those cells, all sliding-window layers together
+    int64_t swa_used;       // cells the sliding-window cache holds now
+};
+LLAMA_API int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out);
 // R, the cells of the compacted block (0 if nothing is compacted), or an error code
 LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
 

@@ -1,0 +1,121 @@
+"""``adakv-local eval chunked``: fidelity of chunked prefill against one-shot eviction (issue #12).
+
+For every prompt (one that also fits a full cache), three runs teacher-force the same continuation,
+the full cache's greedy one, one token per decode so that all three read their logits the same way:
+
+- ``full``: the whole prompt in a cache that holds it, nothing evicted (the reference);
+- ``one-shot``: the same cache size, the prompt compressed once after it was read;
+- ``chunked``: a cache of ``n_ctx`` cells, the prompt read in chunks of ``chunk`` tokens with a
+  question-aware compression between them (the prompt's last window as a probe), then the final one.
+
+Each compressed run is compared with the full one (KL(full || run) per position, top-1 agreement),
+with its footprint R, peak cells and KV bytes beside it (footprint honesty).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from .config import AdaKVConfig
+from .fidelity import compare
+from .llama import Llama
+
+
+def last_logits(llm: Any) -> np.ndarray:
+    """The logits of the last evaluated token (llama.cpp's own buffer, whatever logits_all is)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def forced_logits(llm: Llama, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
+    """Logits predicting each continuation token, [len(continuation), n_vocab], one decode per token
+    (works with logits_all off, which a prompt longer than the cache needs)."""
+    llm.reset()
+    llm.eval(list(prompt))
+    rows = [last_logits(llm)]
+    with llm.adakv_suspended():
+        for tok in continuation[:-1]:
+            llm.eval([int(tok)])
+            rows.append(last_logits(llm))
+    return np.stack(rows).astype(np.float32)
+
+
+def run_chunked_fidelity(
+    model_path: str,
+    prompts: Sequence[tuple[str, list[int]]],
+    config: AdaKVConfig,
+    *,
+    n_ctx: int,
+    chunk: int | None,
+    n_continuation: int = 64,
+    n_threads: int = 2,
+    n_gpu_layers: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Records {prompt, mode ("one-shot" or "chunked"), method, budget, kl_mean, kl_max, top1, footprint,
+    peak_cells, kv_bytes, kv_bytes_peak, kv_bytes_allocated, chunks, compressions, n_ctx}."""
+    longest = max(len(t) for _, t in prompts)
+    big = ((longest + n_continuation + 64) // 256 + 1) * 256
+    if n_ctx >= longest:
+        raise ValueError(f"n_ctx ({n_ctx}) must be below the prompts' length ({longest}) for the prompt to be chunked")
+    common = dict(model_path=model_path, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
+                  n_gpu_layers=n_gpu_layers, verbose=False, adakv_window=config.window)
+    full = Llama(n_ctx=big, adakv_budget=config.budget, adakv_method="full", **common)
+    one_shot = Llama(n_ctx=big, adakv_budget=config.budget, adakv_method=config.method,
+                     adakv_kernel=config.kernel, adakv_alpha=config.alpha, adakv_max_ratio=config.max_ratio,
+                     adakv_sinks=config.sinks, **common)
+    chunked = Llama(n_ctx=n_ctx, adakv_budget=config.budget, adakv_method=config.method, adakv_chunk=chunk,
+                    adakv_kernel=config.kernel, adakv_alpha=config.alpha, adakv_max_ratio=config.max_ratio,
+                    adakv_sinks=config.sinks, **common)
+    records: list[dict[str, Any]] = []
+    total, done = 3 * len(prompts), 0
+    try:
+        for name, toks in prompts:
+            # the full cache's greedy continuation, then its logits along it
+            full.reset()
+            full.eval(toks)
+            rows = [last_logits(full)]
+            cont = [int(rows[-1].argmax())]
+            for _ in range(n_continuation - 1):
+                full.eval([cont[-1]])
+                rows.append(last_logits(full))
+                cont.append(int(rows[-1].argmax()))
+            ref = np.stack(rows).astype(np.float32)
+            done += 1
+            if progress:
+                progress(done, total, f"{name}: full cache ({len(toks)} tokens)")
+            for mode, llm in (("one-shot", one_shot), ("chunked", chunked)):
+                got = forced_logits(llm, toks, cont)
+                st = llm.adakv_stats
+                assert st is not None and st.prompt_tokens == len(toks)
+                f = compare(ref, got)
+                records.append({
+                    "prompt": name, "mode": mode, "method": config.method, "budget": st.budget,
+                    "prompt_tokens": len(toks), "kl_mean": f.kl_mean, "kl_max": f.kl_max, "top1": f.top1,
+                    "footprint": st.footprint, "peak_cells": st.peak_cells, "kv_bytes": st.kv_bytes,
+                    "kv_bytes_peak": st.kv_bytes_peak, "kv_bytes_allocated": st.kv_bytes_allocated,
+                    "chunks": st.chunks, "compressions": st.compressions, "n_ctx": llm.n_ctx(),
+                })  # fmt: skip
+                done += 1
+                if progress:
+                    progress(done, total, f"{name}: {mode}: KL {f.kl_mean:.4f}, top-1 {100 * f.top1:.1f}%, "
+                             f"{st.chunks} chunks, peak {st.peak_cells} cells")
+    finally:
+        for llm in (full, one_shot, chunked):
+            llm.close()
+    return records
+
+
+def summarize_chunked(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean KL, top-1 and memory per mode, and chunked / one-shot mean KL (the issue's 1.5x bound)."""
+    out: dict[str, Any] = {}
+    for mode in ("one-shot", "chunked"):
+        rs = [r for r in records if r["mode"] == mode]
+        out[mode] = {k: float(np.mean([r[k] for r in rs])) for k in
+                     ("kl_mean", "top1", "footprint", "peak_cells", "kv_bytes_peak", "kv_bytes_allocated")}
+        out[mode]["n"] = len(rs)
+    out["kl_ratio"] = out["chunked"]["kl_mean"] / out["one-shot"]["kl_mean"] if out["one-shot"]["kl_mean"] else 1.0
+    return out
