@@ -37,6 +37,7 @@ class BenchRecord:
     # (eviction prefill time) / (full-cache prefill time of the same prompt, same run) - 1; set by run()
     overhead_share: float | None
     prefill_seconds: float = 0.0
+    prefill_cpu_seconds: float = 0.0  # process CPU time: the work, whatever else runs (with one thread)
     n_ctx: int = 0
     chunks: int = 1
     compressions: int = 0
@@ -45,10 +46,13 @@ class BenchRecord:
     kv_bytes_allocated: int = 0
     chunk_tokens: tuple[int, ...] = ()
     chunk_seconds: tuple[float, ...] = ()
-    # full cache: (prompt tokens done, seconds since the prefill began) after every batch
-    timeline: tuple[tuple[int, float], ...] = ()
+    chunk_cpu_seconds: tuple[float, ...] = ()
+    # (prompt tokens done, wall seconds, CPU seconds since the prefill began) after every batch
+    timeline: tuple[tuple[int, float, float], ...] = ()
     # eviction: per chunk, its time over the full cache's time for the same tokens (same run) - 1
     chunk_overhead: tuple[float, ...] = ()
+    chunk_cpu_overhead: tuple[float, ...] = ()
+    overhead_cpu_share: float | None = None  # as overhead_share, in process CPU time
 
 
 def prompt_tokens(llm: Any, n: int) -> list[int]:
@@ -135,11 +139,12 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False,
                     **kw)
     try:
-        timeline: list[tuple[int, float]] = []
-        t0 = time.perf_counter()
-        llm.progress_callback = lambda done, total: timeline.append((done, time.perf_counter() - t0))
+        timeline: list[tuple[int, float, float]] = []
+        t0, c0 = time.perf_counter(), time.process_time()
+        llm.progress_callback = lambda done, total: timeline.append(
+            (done, time.perf_counter() - t0, time.process_time() - c0))
         llm.eval(list(tokens))
-        prefill = time.perf_counter() - t0
+        prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         llm.progress_callback = None
         st = llm.adakv_stats if budget is not None else None
         bytes_after = st.kv_bytes if st is not None else kv_bytes(llm, len(tokens))
@@ -151,7 +156,8 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         if st is not None:
             extra = dict(chunks=st.chunks, compressions=st.compressions, peak_cells=st.peak_cells,
                          kv_bytes_peak=st.kv_bytes_peak, kv_bytes_allocated=st.kv_bytes_allocated,
-                         chunk_tokens=st.chunk_tokens, chunk_seconds=st.chunk_seconds)
+                         chunk_tokens=st.chunk_tokens, chunk_seconds=st.chunk_seconds,
+                         chunk_cpu_seconds=st.chunk_cpu_seconds)
         return BenchRecord(
             mode=mode,
             prompt_tokens=len(tokens),
@@ -166,6 +172,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
             seconds=dict(st.seconds) if st is not None else {},
             overhead_share=None,
             prefill_seconds=prefill,
+            prefill_cpu_seconds=prefill_cpu,
             n_ctx=n_ctx,
             timeline=tuple(timeline),
             **extra,
@@ -181,12 +188,12 @@ def _n_layer(llm: Any) -> int:
 
 
 def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
-                   full_timeline: Sequence[tuple[int, float]], n_tokens: int) -> tuple[float, ...]:
+                   full_timeline: Sequence[Sequence[float]], n_tokens: int, column: int = 1) -> tuple[float, ...]:
     """Per chunk of an eviction run: its time (compression included) over the time the full cache took
-    for the same prompt tokens in its one-batch-sequence prefill (``full_timeline``: tokens done and
-    seconds after each batch; interpolated between them), minus 1."""
-    done = np.array([0] + [d for d, _ in full_timeline], dtype=float)
-    secs = np.array([0.0] + [t for _, t in full_timeline])
+    for the same prompt tokens in its one-batch-sequence prefill (``full_timeline``: tokens done, then
+    the times after each batch, ``column`` picks one; interpolated between batches), minus 1."""
+    done = np.array([0] + [row[0] for row in full_timeline], dtype=float)
+    secs = np.array([0.0] + [row[column] for row in full_timeline])
     ends = np.cumsum(chunk_tokens, dtype=float)
     ends[-1] = n_tokens  # the last chunk holds the window too
     starts = np.concatenate([[0.0], ends[:-1]])
@@ -227,32 +234,39 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
             for path in attn_paths:
                 ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
                              n_gpu_layers=n_gpu_layers, attn_path=path, n_ctx=n_ctx, chunk=chunk)
+                chunked = ev.chunks > 1
                 ev = replace(ev, overhead_share=ev.prefill_seconds / full.prefill_seconds - 1.0,
+                             overhead_cpu_share=ev.prefill_cpu_seconds / full.prefill_cpu_seconds - 1.0,
                              chunk_overhead=(chunk_overhead(ev.chunk_tokens, ev.chunk_seconds, full.timeline, n)
-                                             if ev.chunks > 1 else ()))
+                                             if chunked else ()),
+                             chunk_cpu_overhead=(chunk_overhead(ev.chunk_tokens, ev.chunk_cpu_seconds, full.timeline,
+                                                                n, column=2) if chunked else ()))
                 re_ = dict(asdict(ev), repeat=rep)
                 re_["decode_speedup"] = ev.decode_tps / full.decode_tps
                 re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
                 if nofa is not None:
                     re_["decode_speedup_nofa"] = ev.decode_tps / nofa.decode_tps
                 out.append(re_)
-                chunked = (f", {ev.chunks} chunks in {ev.n_ctx} cells (peak {ev.peak_cells}), per-chunk overhead "
-                           f"{', '.join(f'{100 * c:+.1f}%' for c in ev.chunk_overhead)}" if ev.chunks > 1 else "")
+                pct = lambda xs: ", ".join(f"{100 * c:+.1f}%" for c in xs)  # noqa: E731
+                chunks = (f", {ev.chunks} chunks in {ev.n_ctx} cells (peak {ev.peak_cells}), per-chunk overhead "
+                          f"{pct(ev.chunk_overhead)} (CPU time {pct(ev.chunk_cpu_overhead)})" if chunked else "")
                 log(f"{n:>6} tokens{'' if path == 'auto' else f' [{path}]'}: decode {full.decode_tps:7.1f} -> "
                     f"{ev.decode_tps:7.1f} t/s (x{re_['decode_speedup']:.2f}), prefill {full.prefill_seconds:.2f} -> "
-                    f"{ev.prefill_seconds:.2f} s (overhead {100 * ev.overhead_share:+.1f}%), "
-                    f"KV {full.kv_cells_before} -> {ev.kv_cells_after} cells{chunked}"
+                    f"{ev.prefill_seconds:.2f} s (overhead {100 * ev.overhead_share:+.1f}%, CPU time "
+                    f"{100 * ev.overhead_cpu_share:+.1f}%), KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"
+                    f"{chunks}"
                     + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
                        f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
     return out
 
 
-def overhead_summary(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
-    """(eviction mode, prompt tokens) -> the median compression overhead over the repeats."""
+def overhead_summary(records: Sequence[dict[str, Any]], key: str = "overhead_share") -> dict[tuple[str, int], float]:
+    """(eviction mode, prompt tokens) -> the median compression overhead over the repeats (``key``:
+    "overhead_share" in wall time, "overhead_cpu_share" in CPU time)."""
     groups: dict[tuple[str, int], list[float]] = {}
     for r in records:
-        if r.get("overhead_share") is not None:
-            groups.setdefault((r["mode"], r["prompt_tokens"]), []).append(r["overhead_share"])
+        if r.get(key) is not None:
+            groups.setdefault((r["mode"], r["prompt_tokens"]), []).append(r[key])
     return {k: float(np.median(v)) for k, v in groups.items()}
 
 

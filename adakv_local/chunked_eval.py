@@ -43,6 +43,29 @@ def forced_logits(llm: Llama, prompt: Sequence[int], continuation: Sequence[int]
     return np.stack(rows).astype(np.float32)
 
 
+def stream_prompts(llm: Any, n_prompts: int, n_tokens: int) -> list[tuple[str, list[int]]]:
+    """n_prompts prompts of n_tokens tokens cut from the standard library's documentation read as one
+    stream (module after module, in adakv_local.texts' order), each named after the modules it spans:
+    few modules are long enough on their own for prompts of several thousand tokens."""
+    from .texts import documents
+
+    bos = llm.tokenize(b"")  # [BOS] or []
+    step = n_tokens - len(bos)
+    out: list[tuple[str, list[int]]] = []
+    names: list[str] = []
+    buf: list[int] = []
+    for name, text in documents():
+        names.append(name)
+        buf += llm.tokenize(text.encode() + b"\n\n")[len(bos) :]
+        while len(buf) >= step and len(out) < n_prompts:
+            out.append(("stdlib:" + "+".join(names), bos + buf[:step]))
+            buf, names = buf[step:], [name]
+    if len(out) < n_prompts:
+        raise ValueError(f"the standard library's documentation gives {len(out)} prompts of {n_tokens} tokens, "
+                         f"not {n_prompts}")
+    return out
+
+
 def run_chunked_fidelity(
     model_path: str,
     prompts: Sequence[tuple[str, list[int]]],

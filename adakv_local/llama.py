@@ -49,8 +49,9 @@ class AdaKVStats:
     evicted cache held at once while the prompt was read; ``kv_bytes`` / ``kv_bytes_peak``: bytes
     of K and V those cells hold after the prompt / at that peak, sliding-window layers included;
     ``kv_bytes_allocated``: the bytes allocated for the context's whole KV cache (n_ctx cells).
-    ``chunk_tokens`` / ``chunk_seconds``: the prompt tokens of each chunk and the wall time it took,
-    its compression included (one entry when the prompt fit).
+    ``chunk_tokens`` / ``chunk_seconds`` / ``chunk_cpu_seconds``: the prompt tokens of each chunk
+    and the wall time and process CPU time it took, its compression included (one entry when the
+    prompt fit; with one thread, CPU time is the work done, whatever else the machine runs).
 
     seconds: ``score`` the decodes of the ubatches that carried the window (the scores are computed
     in their graph; the prompt's own last ubatch, and per chunk the one with the probe),
@@ -76,6 +77,7 @@ class AdaKVStats:
     kv_bytes_allocated: int = 0
     chunk_tokens: tuple[int, ...] = ()
     chunk_seconds: tuple[float, ...] = ()
+    chunk_cpu_seconds: tuple[float, ...] = ()
 
 
 @dataclass
@@ -90,13 +92,15 @@ class _Run:
     seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "compact": 0.0})
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_seconds: list[float] = field(default_factory=list)
-    t_mark: float = field(default_factory=time.perf_counter)
+    chunk_cpu_seconds: list[float] = field(default_factory=list)
+    t_mark: tuple[float, float] = field(default_factory=lambda: (time.perf_counter(), time.process_time()))
 
     def end_chunk(self, n_tokens: int) -> None:
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         self.chunks += 1
         self.chunk_tokens.append(n_tokens)
-        self.chunk_seconds.append(now - self.t_mark)
+        self.chunk_seconds.append(now[0] - self.t_mark[0])
+        self.chunk_cpu_seconds.append(now[1] - self.t_mark[1])
         self.t_mark = now
 
 
@@ -211,10 +215,10 @@ class Llama(llama_cpp.Llama):
 
     def _allow_long_prompts(self) -> None:
         """With eviction, positions run to the model's trained context while the cache holds n_ctx
-        cells: llama-cpp-python's limits and token history follow the positions (its logits table
-        with ``logits_all=True`` stays at n_ctx rows, and eval refuses a longer prompt then)."""
+        cells: llama-cpp-python's limits and token history follow the positions. Not with
+        ``logits_all=True``: its logits table has a row per position, n_ctx of them."""
         n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
-        if n_train > self._n_ctx:
+        if n_train > self._n_ctx and not self._logits_all:
             self._n_ctx = n_train
             ids = np.zeros(n_train, dtype=self.input_ids.dtype)
             ids[: self.input_ids.shape[0]] = self.input_ids
@@ -241,8 +245,9 @@ class Llama(llama_cpp.Llama):
 
         Raises:
             ValueError: a prompt longer than the cache that cannot be read in chunks (it would run
-                past the model's trained context, ``logits_all=True``, or n_ctx leaves no room for
-                a chunk after a compressed block); nothing was evaluated.
+                past the model's trained context, or n_ctx leaves no room for a chunk after a
+                compressed block), or positions past n_ctx with ``logits_all=True``; nothing was
+                evaluated.
             CacheFullError: tokens that neither fit nor can be compressed (a generated token, or a
                 prompt shorter than the window, when the cache is full); nothing was evaluated.
         """
@@ -250,6 +255,13 @@ class Llama(llama_cpp.Llama):
         self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
             return self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
+        rows = self.scores.shape[0]
+        if self._logits_all and self.n_tokens + len(tokens) > rows:
+            raise ValueError(
+                f"logits_all=True keeps the logits of every position in a table of n_ctx = {rows} rows: "
+                f"{self.n_tokens} + {len(tokens)} tokens would run past it; turn logits_all off to read a "
+                "prompt longer than the cache, or raise n_ctx"
+            )
         self._rewind()
         tokens = list(tokens)
         n_cells = kv.n_cells()
@@ -373,12 +385,6 @@ class Llama(llama_cpp.Llama):
                 "eviction lets a prompt be longer than the cache, not than the model's context (positions "
                 "beyond it would break RoPE): shorten the prompt"
             )
-        if self._logits_all:
-            raise ValueError(
-                f"a prompt longer than the cache ({n_cells} + {len(tokens)} tokens > n_ctx = {self.n_ctx()}) "
-                "cannot be read with logits_all=True (its logits table has n_ctx rows); turn logits_all off "
-                "or raise n_ctx"
-            )
         budget = cfg.cells_for(n_cells + len(tokens))
         bound = _footprint_bound(cfg, budget, self._adakv.n_head_kv if self._adakv else 1)
         need = bound + 2 * cfg.window
@@ -426,6 +432,7 @@ class Llama(llama_cpp.Llama):
             kv_bytes_allocated=mem.allocated_bytes,
             chunk_tokens=tuple(run.chunk_tokens),
             chunk_seconds=tuple(run.chunk_seconds),
+            chunk_cpu_seconds=tuple(run.chunk_cpu_seconds),
         )
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:

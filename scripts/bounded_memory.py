@@ -55,9 +55,10 @@ def child(args: argparse.Namespace) -> None:
     else:
         llm = Llama(n_ctx=args.n_ctx, adakv_budget=args.budget, adakv_chunk=args.chunk, **kw)
     toks = llm.tokenize(prompt.encode())
-    timeline: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
-    llm.progress_callback = lambda done, total: timeline.append((done, time.perf_counter() - t0))
+    timeline: list[tuple[int, float, float]] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    llm.progress_callback = lambda done, total: timeline.append(
+        (done, time.perf_counter() - t0, time.process_time() - c0))
     llm.eval(toks)
     prefill = time.perf_counter() - t0
     llm.progress_callback = None
@@ -70,7 +71,8 @@ def child(args: argparse.Namespace) -> None:
     if st is not None:
         rec.update(footprint=st.footprint, chunks=st.chunks, compressions=st.compressions, peak_cells=st.peak_cells,
                    kv_bytes_peak=st.kv_bytes_peak, kv_bytes_allocated=st.kv_bytes_allocated,
-                   chunk_tokens=st.chunk_tokens, chunk_seconds=st.chunk_seconds, seconds=st.seconds)
+                   chunk_tokens=st.chunk_tokens, chunk_seconds=st.chunk_seconds,
+                   chunk_cpu_seconds=st.chunk_cpu_seconds, seconds=st.seconds)
     llm.close()
     print(json.dumps(rec), flush=True)
 
@@ -132,8 +134,11 @@ def main() -> None:
         ch, full = pair["chunked"], pair["full"]
         ch["chunk_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_seconds"], full["timeline"],
                                               ch["prompt_tokens"])
-        print(f"  per-chunk time vs the full cache's prefill of the same tokens: "
-              f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_overhead'])}", flush=True)
+        ch["chunk_cpu_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_cpu_seconds"], full["timeline"],
+                                                  ch["prompt_tokens"], column=2)
+        print(f"  per chunk, time vs the full cache's prefill of the same tokens: "
+              f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_overhead'])}; CPU time: "
+              f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_cpu_overhead'])}", flush=True)
         rows += [full, ch]
     for mode in ("full", "chunked"):
         rs = [r for r in rows if r["mode"] == mode]
