@@ -99,7 +99,9 @@ def run_fidelity(
     n_gpu_layers: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Records {prompt, method, budget, kl_mean, kl_max, top1, l1_attn, prompt_tokens, footprint}.
+    """Records {prompt, method, budget, kl_mean, kl_max, top1, l1_attn, prompt_tokens, footprint, kv_bytes}:
+    footprint is R, the cells of the compacted block, which every head of a layer pays for;
+    kv_bytes the K and V bytes the cache holds after the compression.
 
     ``l1_attn`` (:func:`~adakv_local.fidelity.attention_l1`) compares the attention outputs of
     every evicted layer on the teacher-forced continuation with the full cache's.
@@ -144,14 +146,15 @@ def run_fidelity(
                 for budget in budgets:
                     cfg = dataclasses.replace(base, method=method, budget=budget)
                     _continue_from(llm, prefix_state, toks[-window:], cfg)
-                    footprint = llm.adakv_stats.footprint if llm.adakv_stats else len(toks)
+                    st = llm.adakv_stats
+                    footprint, kv_bytes = (st.footprint, st.kv_bytes) if st else (len(toks), None)
                     got_attn = _teacher_force(llm, cont[:-1])
                     got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
                     f = compare(full, got)
                     records.append({
                         "prompt": name, "method": method, "budget": budget, "prompt_tokens": len(toks),
                         "kl_mean": f.kl_mean, "kl_max": f.kl_max, "top1": f.top1,
-                        "l1_attn": attention_l1(full_attn, got_attn), "footprint": footprint,
+                        "l1_attn": attention_l1(full_attn, got_attn), "footprint": footprint, "kv_bytes": kv_bytes,
                     })  # fmt: skip
                     done += 1
                     if progress:
@@ -169,8 +172,13 @@ def summarize(records: Iterable[dict[str, Any]], key: str = "kl_mean") -> list[d
     out = []
     for (method, budget), rs in sorted(groups.items()):
         mean, ci = _mean_ci([r[key] for r in rs])
-        out.append({"method": method, "budget": budget, "n": len(rs), key: mean, f"{key}_ci95": ci,
-                    "top1": float(np.mean([r["top1"] for r in rs]))})
+        row = {"method": method, "budget": budget, "n": len(rs), key: mean, f"{key}_ci95": ci,
+               "top1": float(np.mean([r["top1"] for r in rs]))}
+        if all("footprint" in r for r in rs):  # what the figure costs: R and the K/V bytes held
+            row["footprint"] = float(np.mean([r["footprint"] for r in rs]))
+        if all(r.get("kv_bytes") is not None for r in rs):
+            row["kv_bytes"] = float(np.mean([r["kv_bytes"] for r in rs]))
+        out.append(row)
     return out
 
 

@@ -524,6 +524,10 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                 rec = {"task": s.task, "method": method, "budget": budget, "length": s.n_tokens_target,
                        "depth": s.depth, "seed": s.seed, "correct": score(s, text), "output": text,
                        "prompt_tokens": n_prompt, "mode": mode, "seconds": time.perf_counter() - t0}
+                st = llm.adakv_stats if budget is not None else None
+                # what the answer cost in memory: R (cells of the compacted block) and the K/V bytes held
+                rec["footprint"] = st.footprint if st is not None else n_prompt
+                rec["kv_bytes"] = st.kv_bytes if st is not None else None
                 records.append(rec)
                 if progress is not None:
                     progress(len(records), total, rec)

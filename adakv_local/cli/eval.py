@@ -275,8 +275,10 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     summary, pairs = summarize(records), compare_pairs(records)
     summary_l1, pairs_l1 = summarize(records, "l1_attn"), compare_pairs(records, "l1_attn")
     for r, r1 in zip(summary, summary_l1):
+        cost = (f", R {r['footprint']:.0f} cells" if "footprint" in r else "") + (
+            f", KV {r['kv_bytes'] / 2**20:.1f} MiB" if "kv_bytes" in r else "")
         log(f"{r['method']:>12} @ {r['budget']:>5}: KL {r['kl_mean']:.4f} +- {r['kl_mean_ci95']:.4f}, "
-            f"top-1 {100 * r['top1']:.1f}%, attention L1 {r1['l1_attn']:.4f}")
+            f"top-1 {100 * r['top1']:.1f}%, attention L1 {r1['l1_attn']:.4f}{cost}")
     for r, r1 in zip(pairs, pairs_l1):
         log(f"{r['ada']} vs {r['baseline']} @ {r['budget']}: KL ratio {r['ratio']:.3f}, "
             f"Ada wins {r['ada_wins']}/{r['n']}; attention L1 ratio {r1['ratio']:.3f}, "
