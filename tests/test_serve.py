@@ -111,8 +111,9 @@ def stats_of(obj: Any) -> dict[str, Any]:
     return extra[STATS_FIELD]
 
 
-def chat(client: Any, messages: list[dict[str, str]], max_tokens: int = 12) -> tuple[str, dict[str, Any]]:
-    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0)
+def chat(client: Any, messages: list[dict[str, str]], max_tokens: int = 12, model: str = "tiny"
+         ) -> tuple[str, dict[str, Any]]:
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
     return r.choices[0].message.content, stats_of(r)
 
 
@@ -241,3 +242,38 @@ def test_serve_help_names_the_settings_it_changes():
     text = " ".join(proc.stdout.split())
     assert "flash attention is on" in text and "flash_attn=False" in text
     assert "--budget" in text and "--port" in text and STATS_FIELD in text
+
+
+@needs_server
+@pytest.mark.slow
+def test_smollm2_two_turns_then_an_edited_history(tmp_path):
+    """The same with a real model (SmolLM2-135M, ~1,500-token first message): turn 2 streamed and
+    evaluating only what is new, then an edited first message answered as by a fresh server."""
+    from adakv_local.texts import documents
+
+    name, text = next(documents(min_chars=8000))
+    first = f"{text[:6500]}\n\nWhat is this text about?"
+    a = Server(Path("smollm2-135m"), tmp_path / "a.log", "--n-ctx", "4096")
+    try:
+        client = a.client()
+        history = [{"role": "user", "content": first}]
+        reply1, s1 = chat(client, history, max_tokens=24, model="smollm2-135m")
+        assert 1200 <= s1["prompt_tokens"] <= 2000 and s1["compressed"], s1
+        history += [{"role": "assistant", "content": reply1}, {"role": "user", "content": "Say it in one line."}]
+        chunks = list(client.chat.completions.create(model="smollm2-135m", messages=history, max_tokens=24,
+                                                     temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+        s2 = stats_of([c for c in chunks if c.choices and c.choices[0].finish_reason][0])
+        assert 1 <= s2["prefill_tokens"] <= s2["prompt_tokens"] - s1["prompt_tokens"], (s1, s2)
+        edited = [{"role": "user", "content": "Read this carefully. " + first}, *history[1:]]
+        answer, s = chat(client, edited, max_tokens=24, model="smollm2-135m")
+        assert s["prefill_tokens"] == s["prompt_tokens"], s
+    finally:
+        a.stop()
+    b = Server(Path("smollm2-135m"), tmp_path / "b.log", "--n-ctx", "4096")
+    try:
+        fresh_answer, fresh_s = chat(b.client(), edited, max_tokens=24, model="smollm2-135m")
+    finally:
+        b.stop()
+    assert answer == fresh_answer, (name, answer, fresh_answer)
+    assert s["kv_cells_after"] == fresh_s["kv_cells_after"]
