@@ -277,3 +277,17 @@ def test_smollm2_two_turns_then_an_edited_history(tmp_path):
         b.stop()
     assert answer == fresh_answer, (name, answer, fresh_answer)
     assert s["kv_cells_after"] == fresh_s["kv_cells_after"]
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tiny, capsys):
+    from adakv_local import cli
+
+    if _missing:
+        pytest.skip(f"needs {', '.join(_missing)}")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--model", str(tiny), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adakv-local: error: cannot listen on 127.0.0.1:{port}: ") and "--port" in err, err

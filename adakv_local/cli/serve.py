@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import AdaKVConfig
-from .errors import EXIT_FAILURE, EXIT_OK, CLIError
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 DEFAULT_BUDGET = 256
 DEFAULT_N_CTX = 4096
@@ -99,9 +99,27 @@ def _port(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
     return value
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail before the model loads when host:port cannot be listened on (in use, not this machine's)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as e:
+        raise CLIError(f"--host {host}: {e.strerror or e}", EXIT_USAGE) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise CLIError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (or stop "
+                           "what is using it)", EXIT_FAILURE) from None
 
 
 def missing_server_modules() -> list[str]:
@@ -117,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"serve needs llama-cpp-python's server extra ({', '.join(missing)} not installed): "
                        "pip install 'adakv-local[server]'", EXIT_FAILURE)
     cfg = config_from_args(args)
+    check_listen(args.host, args.port)
     model = resolve_model_arg(args.model)
     n_train = model_info(model).n_ctx_train
     check_n_ctx(args.n_ctx, model, n_train, args)
