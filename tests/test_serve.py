@@ -186,9 +186,12 @@ def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
 
 
 @needs_server
-@pytest.mark.parametrize("case", ["negative max_tokens", "unknown model", "over the trained context",
-                                  "malformed JSON", "not a chat request"])
-def test_a_bad_request_gets_a_4xx_and_the_next_one_succeeds(server, case):
+@pytest.mark.parametrize("case, stream", [
+    ("negative max_tokens", False), ("unknown model", False), ("over the trained context", False),
+    ("negative max_tokens", True), ("unknown model", True), ("over the trained context", True),
+    ("malformed JSON", False), ("not a chat request", False),
+])
+def test_a_bad_request_gets_a_4xx_and_the_next_one_succeeds(server, case, stream):
     import openai
 
     client = server.client()
@@ -200,7 +203,7 @@ def test_a_bad_request_gets_a_4xx_and_the_next_one_succeeds(server, case):
         status, body = _post(f"{server.base_url}/chat/completions", json.dumps({"messages": "hi"}).encode())
         assert status == 422 and body["error"]["param"] == "messages", body
     else:
-        kwargs: dict[str, Any] = {"model": "tiny", "messages": user, "max_tokens": 4}
+        kwargs: dict[str, Any] = {"model": "tiny", "messages": user, "max_tokens": 4, "stream": stream}
         if case == "negative max_tokens":
             kwargs["max_tokens"] = -5
         elif case == "unknown model":

@@ -12,9 +12,10 @@ streaming, chat formats and its error responses. What this module adds:
   :mod:`adakv_local.cli.summarize`); ``prefill_tokens`` is what this request evaluated, the rest of
   ``prompt_tokens`` came from the cache;
 - one line on stderr per request: prompt tokens, tokens evaluated, cells kept, decode speed;
-- 400 instead of llama-cpp-python's defaults for a model name the server does not serve (it
-  would answer with its only model) and a negative ``max_tokens`` (it would generate until the
-  context is full), in llama-cpp-python's error format.
+- 4xx, in llama-cpp-python's error format, where llama-cpp-python 0.3.36 does otherwise: a model
+  name the server does not serve (it answers with its only model), a negative ``max_tokens`` (it
+  generates until the context is full), a body that is not JSON or not a valid request (500 under
+  current FastAPI), and a streamed request that fails before its first event (an empty 200).
 
 Multi-turn: a client sends the whole conversation every time; llama-cpp-python keeps the longest
 common prefix of the cached tokens and evaluates the rest, which eviction then compresses again.
@@ -205,7 +206,83 @@ def create_app(llm: Any, cfg: AdaKVConfig, *, alias: str, host: str = "127.0.0.1
         server_app.LlamaProxy = stock
     _answer_bad_requests(app, server_app.router)
     app.add_middleware(_StatsIntoResponse, llm=llm)
+    app.add_middleware(_StreamErrorsAsResponses, router=server_app.router)
     return app
+
+
+class _StreamErrorsAsResponses:
+    """A streamed request that fails before its first event gets an error response, not an empty 200.
+
+    llama-cpp-python starts a streamed response (200, text/event-stream) before it looks the model up
+    and tokenizes the prompt, so an unknown model or a conversation over the context raised inside
+    the stream, and the client got an empty 200. Here the response start is held until the first
+    event (or ping) goes out; if the app raises before that, the error is answered as
+    llama-cpp-python answers it for a request that is not streamed (its error formatters: 400 with
+    its message). Errors after the first event still end the stream, as there.
+    """
+
+    def __init__(self, app: Any, router: Any) -> None:
+        self.app, self.router = app, router
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith(("/chat/completions", "/completions")):
+            return await self.app(scope, receive, send)
+        request_body: list[bytes] = []
+        held: list[dict[str, Any]] = []
+        state = {"forwarded": False}
+
+        async def recording_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request":
+                request_body.append(message.get("body", b""))
+            return message
+
+        async def holding_send(message: dict[str, Any]) -> None:
+            if state["forwarded"]:
+                return await send(message)
+            if message["type"] == "http.response.start":
+                if dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream"):
+                    held.append(message)
+                    return
+            elif message["type"] == "http.response.body" and held:
+                held.append(message)
+                if not message.get("body"):  # sse-starlette closes a failed stream with an empty body, then raises
+                    return
+            state["forwarded"] = True
+            for m in held:
+                await send(m)
+            if not held:
+                await send(message)
+            held.clear()
+
+        try:
+            await self.app(scope, recording_receive, holding_send)
+        except Exception as exc:
+            if state["forwarded"]:
+                raise
+            from fastapi.responses import JSONResponse
+
+            status, error = self._error(exc, b"".join(request_body))
+            await JSONResponse({"error": error}, status_code=status)(scope, receive, send)
+            return
+        for m in held:  # a stream that ended without a single byte
+            await send(m)
+
+    def _error(self, exc: BaseException, raw: bytes) -> tuple[int, dict[str, Any]]:
+        import json
+
+        from llama_cpp.server.errors import RouteErrorHandler
+        from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+        while getattr(exc, "exceptions", None):  # an exception group from the stream's task group
+            exc = exc.exceptions[0]  # type: ignore[attr-defined]
+        try:
+            data = json.loads(raw)
+            body: Any = CreateChatCompletionRequest(**data) if "messages" in data else CreateCompletionRequest(**data)
+        except Exception:
+            body = None
+        route = next(r for r in self.router.routes if isinstance(r, RouteErrorHandler))
+        return route.error_message_wrapper(error=exc, body=body)
 
 
 class _StatsIntoResponse:
