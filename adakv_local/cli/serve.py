@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     llm = load_llama(model, cfg, args, n_ctx, cls=_serve_class(), chat_format=args.chat_format)
     try:
-        app = create_app(llm, cfg, alias=alias, host=args.host, port=args.port, api_key=args.api_key)
+        app = create_app(llm, alias=alias, host=args.host, port=args.port, api_key=args.api_key)
         eviction = "full cache" if cfg.method == "full" else f"{cfg.method}, budget {cfg.budget}"
         print(f"adakv-local serve: {alias} ({model.name}), {eviction}, context {llm.n_ctx()} tokens; "
               f"OpenAI base URL http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -164,9 +164,9 @@ def _url_host(host: str) -> str:
 # -- the app: llama-cpp-python's, with our model -------------------------------------------------------
 
 
-def create_app(llm: Any, cfg: AdaKVConfig, *, alias: str, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None) -> Any:
-    """llama-cpp-python's FastAPI app serving ``llm`` (an adakv-local Llama) under the name ``alias``.
+def create_app(llm: Any, *, alias: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
+               ) -> Any:
+    """llama-cpp-python's FastAPI app serving ``llm`` (a Llama of :func:`_serve_class`) as ``alias``.
 
     ``llama_cpp.server.app.create_app`` builds its ``LlamaProxy`` from the module's global name;
     for that one call the name is our proxy, which hands out ``llm`` instead of building a model.
@@ -175,7 +175,6 @@ def create_app(llm: Any, cfg: AdaKVConfig, *, alias: str, host: str = "127.0.0.1
     from llama_cpp.server.model import LlamaProxy
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    llm.adakv_serve_config = cfg
     _wrap_chat_handler(llm)
 
     class Proxy(LlamaProxy):
@@ -410,7 +409,6 @@ def _serve_class() -> Any:
         from .common import _metered_class, request_stats
 
         class ServeLlama(_metered_class()):  # type: ignore[misc]
-            adakv_serve_config: AdaKVConfig | None = None
             n_requests = 0
             last_request_stats: dict[str, Any] | None = None
 
@@ -450,8 +448,7 @@ def _serve_class() -> Any:
                     pending.pop(next(iter(pending)))
 
             def _finish(self, previous: Any, note: str = "") -> dict[str, Any]:
-                cfg = self.adakv_serve_config or self.adakv_config
-                stats = request_stats(self, cfg, previous)
+                stats = request_stats(self, self.adakv_config, previous)
                 stats["n_ctx"] = self.n_ctx()
                 self.last_request_stats = stats
                 print(f"adakv-local serve: {request_line(self.n_requests, stats)}{note}", file=sys.stderr, flush=True)
