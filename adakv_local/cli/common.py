@@ -67,7 +67,9 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
     g.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N",
                    help="layers offloaded to a GPU, for a GPU build (default: 0)")
     g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
-                   help="sampling seed (default: random; irrelevant with --temperature 0)")
+                   help="sampling seed (default: random; irrelevant with --temperature 0)" if generation else
+                   "sampling seed of the model, for requests that set none (default: random; irrelevant with "
+                   "temperature 0)")
     if generation:
         g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                        help="sampling temperature; 0 is greedy, deterministic (default: 0)")
