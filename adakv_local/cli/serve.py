@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
     add_model_arguments(
         p, n_ctx_default=None, generation=False,
-        n_ctx_help=f"context size in tokens: the longest conversation (default: {DEFAULT_N_CTX}, at most the "
+        n_ctx_help=f"context size in tokens, the cells of the KV cache (default: {DEFAULT_N_CTX}, at most the "
         "model's trained context; more needs --allow-context-overflow)",
     )
     s = p.add_argument_group("server")
