@@ -301,7 +301,7 @@ def serve_cases() -> list[tuple[str, str, bytes]]:
     def chat(**kw: Any) -> bytes:
         return json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **kw}).encode()
 
-    long = [{"role": "user", "content": "x" * 1200}]
+    long = [{"role": "user", "content": "x" * 4300}]  # over the 4096-token trained context
     return [
         ("a good request", "/v1/chat/completions", chat()),
         ("max_tokens negative", "/v1/chat/completions", chat(max_tokens=-5)),
@@ -310,7 +310,7 @@ def serve_cases() -> list[tuple[str, str, bytes]]:
          json.dumps({"prompt": "hi", "max_tokens": -5}).encode()),
         ("model unknown", "/v1/chat/completions", chat(model="gpt-4o")),
         ("same, streamed", "/v1/chat/completions", chat(model="gpt-4o", stream=True)),
-        ("conversation > --n-ctx", "/v1/chat/completions", chat(messages=long)),
+        ("conversation > trained context", "/v1/chat/completions", chat(messages=long)),
         ("same, streamed", "/v1/chat/completions", chat(messages=long, stream=True)),
         ("body not JSON", "/v1/chat/completions", b'{"messages": [{"role": "user"'),
         ("messages not a list", "/v1/chat/completions", json.dumps({"messages": "hello"}).encode()),
