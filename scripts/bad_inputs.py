@@ -34,8 +34,9 @@ changing a message). Models are tiny random-weight GGUF files (`adakv_local.mode
 CLI exit codes: 0 success; 1 runtime failure, including input that cannot be used (a missing,
 empty or binary document, a model file that is not a complete GGUF file); 2 usage error (a bad
 option value, an unknown model name, an `--n-ctx` above the trained context). Every error is one
-line on stderr, no traceback. The last table lists the llama.cpp memory and state calls that a
-compressed cache refuses, with what they return.
+line on stderr, no traceback. The next table lists the llama.cpp memory and state calls that a
+compressed cache refuses, with what they return; the last one what `adakv-local serve` answers to
+bad requests.
 """
 
 DOC = ("The harbour town woke early. Fishing boats left before dawn, and by the time the bakery opened the first "
@@ -263,6 +264,9 @@ def cli_cases() -> list[tuple[str, list[str], str | None]]:
         ("eval --tasks unknown", ["eval", "tasks", *m, "--tasks", "nope"], None),
         ("bench --json into a missing folder", ["bench", *m, "--json", "{d}/no/b.json"], None),
         ("bench --budget above a length", ["bench", *m, "--lengths", "200", "--budget", "256"], None),
+        ("serve --port 0", ["serve", *m, "--port", "0"], None),
+        ("serve --n-ctx above trained", ["serve", *m, "--n-ctx", "100000"], None),
+        ("serve --budget below the window", ["serve", *m, "--budget", "8"], None),
     ]
 
 
@@ -299,6 +303,79 @@ def run_cli(d: Path, elf: bytes) -> tuple[list[str], bool]:
     return rows, tracebacks
 
 
+def serve_cases() -> list[tuple[str, str, bytes]]:
+    """(what, path, body) of the requests sent to `adakv-local serve` (tiny model, --n-ctx 1024)."""
+    def chat(**kw: Any) -> bytes:
+        return json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **kw}).encode()
+
+    long = [{"role": "user", "content": "x" * 4300}]  # over the 4096-token trained context
+    return [
+        ("a good request", "/v1/chat/completions", chat()),
+        ("max_tokens negative", "/v1/chat/completions", chat(max_tokens=-5)),
+        ("same, streamed", "/v1/chat/completions", chat(max_tokens=-5, stream=True)),
+        ("completions, max_tokens negative", "/v1/completions",
+         json.dumps({"prompt": "hi", "max_tokens": -5}).encode()),
+        ("model unknown", "/v1/chat/completions", chat(model="gpt-4o")),
+        ("same, streamed", "/v1/chat/completions", chat(model="gpt-4o", stream=True)),
+        ("conversation > trained context", "/v1/chat/completions", chat(messages=long)),
+        ("same, streamed", "/v1/chat/completions", chat(messages=long, stream=True)),
+        ("body not JSON", "/v1/chat/completions", b'{"messages": [{"role": "user"'),
+        ("messages not a list", "/v1/chat/completions", json.dumps({"messages": "hello"}).encode()),
+        ("role unknown", "/v1/chat/completions", json.dumps({"messages": [{"role": "boss", "content": "x"}]}).encode()),
+        ("temperature a word", "/v1/chat/completions", chat(temperature="hot")),
+        ("after all that, a good request", "/v1/chat/completions", chat()),
+    ]
+
+
+def run_serve(d: Path) -> list[str]:
+    """One `adakv-local serve` (tiny model, --n-ctx 1024) and the requests of serve_cases, with urllib."""
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    from adakv_local.cli.serve import missing_server_modules
+
+    rows = ["## Server: `adakv-local serve --model DIR/tiny.gguf --n-ctx 1024 --threads 1`", ""]
+    if missing_server_modules():
+        return [*rows, f"(not run: {', '.join(missing_server_modules())} not installed)"]
+    rows += ["The answers of llama-cpp-python's server, with the fixes of `adakv_local.cli.serve`; the server "
+             "keeps serving after each.", "", "| case | request | status | answer |", "|---|---|---:|---|"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "adakv_local", "serve", "--model", str(d / "tiny.gguf"),
+                             "--threads", "1", "--n-ctx", "1024", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"{base}/v1/models", timeout=2).close()
+                break
+            time.sleep(0.3)
+        for what, path, body in serve_cases():
+            req = urllib.request.Request(base + path, data=body, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    status, text = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                status, text = e.code, e.read().decode()
+            try:
+                data = json.loads(text)
+                shown = data["error"]["message"] if "error" in data else "(a completion)"
+            except ValueError:
+                shown = "(an event stream)" if text.startswith("data:") else text[:120]
+            request = f"POST {path} {body.decode()}"
+            rows.append(f"| {what} | `{cell(request[:150] + ('...' if len(request) > 150 else ''))}` | {status} | "
+                        f"{cell(shown)} |")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return rows
+
+
 def write_inputs(d: Path) -> bytes:
     from adakv_local._lib import libllama_path
     from adakv_local.models.testmodel import write_llama_gguf, write_unknown_arch_gguf
@@ -327,12 +404,15 @@ def main() -> int:
         api = run_api(d)
         cli, tracebacks = run_cli(d, elf)
         cache = run_cache_ops(d)
+        serve = run_serve(d)
     print(HEADER)
     print("\n".join(api))
     print()
     print("\n".join(cli))
     print()
     print("\n".join(cache))
+    print()
+    print("\n".join(serve))
     return 1 if tracebacks else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -157,3 +158,79 @@ def test_cmake_configure_fails_loudly_on_a_broken_patch(tmp_path):
     out = proc.stdout + proc.stderr
     assert "patch 0002-broken.patch does not apply" in out
     assert "preparing the llama.cpp source failed" in out
+
+
+# -- llama_cpp on its own ----------------------------------------------------------------------------
+
+HOOK = ROOT / "cmake" / "site" / "_adakv_local_llama_cpp.py"
+ALONE = (
+    "import sys, llama_cpp\n"
+    "print(llama_cpp.llama_cpp.llama_print_system_info().decode())\n"
+    "lib = llama_cpp.llama_cpp._lib\n"
+    "print(lib._name)\n"
+    "print('adakv_local' in sys.modules, hasattr(lib, 'llama_adakv_version'))\n"
+)
+
+
+def _without(*names: str) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def _run_alone(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/", timeout=120)
+
+
+def _check_alone(proc: subprocess.CompletedProcess, lib_dir: Path) -> None:
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "CPU :" in lines[0], lines  # llama_print_system_info
+    assert Path(lines[-2]).resolve().parent == lib_dir.resolve(), lines
+    assert lines[-1] == "False True", lines  # adakv_local never imported; our library loaded
+
+
+def test_the_startup_hook_points_llama_cpp_at_adakv_lib_dir(tmp_path):
+    """The .pth hook, run by hand (a source tree has no .pth installed): llama_cpp alone loads ADAKV_LIB_DIR."""
+    from adakv_local._lib import lib_dir
+
+    ours = lib_dir()
+    run_hook = f"import runpy; runpy.run_path({str(HOOK)!r})\n"
+    env = {**_without("LLAMA_CPP_LIB_PATH", "PYTHONPATH"), "ADAKV_LIB_DIR": str(ours)}
+    _check_alone(_run_alone(run_hook + ALONE, env), ours)
+    # an explicit LLAMA_CPP_LIB_PATH wins; a folder without libllama is not used
+    show = run_hook + "import os; print(os.environ.get('LLAMA_CPP_LIB_PATH'))"
+    assert _run_alone(show, {**env, "LLAMA_CPP_LIB_PATH": "/somewhere/else"}).stdout.strip() == "/somewhere/else"
+    assert _run_alone(show, {**env, "ADAKV_LIB_DIR": str(tmp_path)}).stdout.strip() == "None"
+
+
+def _installed_site_dir() -> Path | None:
+    """The site-packages folder adakv_local is installed in, or None when it is imported from elsewhere."""
+    import sysconfig
+
+    import adakv_local
+
+    pkg = Path(adakv_local.__file__).resolve().parent
+    for key in ("purelib", "platlib"):
+        site = Path(sysconfig.get_paths()[key]).resolve()
+        if pkg.parent == site:
+            return site
+    return None
+
+
+def test_llama_cpp_alone_finds_the_installed_library():
+    """`import llama_cpp` in a process that never imports adakv_local, as LangChain or llama-cpp-python's
+    server would: the installed adakv-local.pth points it at adakv_local/lib."""
+    site = _installed_site_dir()
+    if site is None:
+        pytest.skip("adakv_local is imported from a source tree, not installed in site-packages: the .pth file "
+                    "comes with `pip install .`")
+    assert (site / "adakv-local.pth").is_file(), f"{site}/adakv-local.pth is missing: reinstall adakv-local"
+    env = _without("LLAMA_CPP_LIB_PATH", "ADAKV_LIB_DIR", "PYTHONPATH")
+    _check_alone(_run_alone(ALONE, env), site / "adakv_local" / "lib")
+    # adakv_local imported afterwards finds its own library already loaded: no LibraryMismatchError
+    proc = _run_alone("import llama_cpp\nimport adakv_local._lib as l\nprint(l.bind_llama_cpp())\n", env)
+    assert proc.returncode == 0, proc.stderr
+    # llama-cpp-python's own server starts far enough to print its options
+    if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "sse_starlette", "pydantic_settings")):
+        proc = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--help"], capture_output=True, text=True,
+                              env=env, cwd="/", timeout=120)
+        assert proc.returncode == 0, proc.stderr

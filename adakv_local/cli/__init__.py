@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import chat, info, models, summarize
+from . import chat, info, models, serve, summarize
 from . import eval as eval_cmd
 from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (models, info, summarize, chat, eval_cmd):
+    for command in (models, info, summarize, chat, eval_cmd, serve):
         command.add_parser(sub)
     return p
 

@@ -52,21 +52,27 @@ def non_negative_float(text: str) -> float:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_default: int | None,
-                        max_tokens_help: str) -> None:
-    g = p.add_argument_group("model and generation")
+                        max_tokens_help: str = "", generation: bool = True) -> None:
+    """The model options; ``generation=False`` leaves out --max-tokens and --temperature (``serve``:
+    each request sets them)."""
+    g = p.add_argument_group("model and generation" if generation else "model")
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="NAME|PATH",
                    help=f"a GGUF file, or a name from `adakv-local models list` (pulled on first use; "
                    f"default: {DEFAULT_MODEL})")
     g.add_argument("--n-ctx", type=positive_int, default=n_ctx_default, metavar="N", help=n_ctx_help)
-    g.add_argument("--max-tokens", type=positive_int, default=256, metavar="N", help=max_tokens_help)
+    if generation:
+        g.add_argument("--max-tokens", type=positive_int, default=256, metavar="N", help=max_tokens_help)
     g.add_argument("--threads", "-t", type=positive_int, default=None, metavar="N",
                    help="CPU threads (default: all cores, os.cpu_count())")
     g.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N",
                    help="layers offloaded to a GPU, for a GPU build (default: 0)")
     g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
-                   help="sampling seed (default: random; irrelevant with --temperature 0)")
-    g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 is greedy, deterministic (default: 0)")
+                   help="sampling seed (default: random; irrelevant with --temperature 0)" if generation else
+                   "sampling seed of the model, for requests that set none (default: random; irrelevant with "
+                   "temperature 0)")
+    if generation:
+        g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                       help="sampling temperature; 0 is greedy, deterministic (default: 0)")
     g.add_argument("--allow-context-overflow", action="store_true",
                    help="accept an --n-ctx above the context the model was trained for (GGUF <arch>.context_length); "
                    "past it the model's output degrades into nonsense")
@@ -220,10 +226,14 @@ def _cache_cells(llm: Any) -> tuple[int, float]:
     return n, float(n - kv.starts().mean())
 
 
-def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int) -> Any:
-    """The eviction-enabled Llama, measured (``llm.meter``). Load failures exit 1, bad options 2."""
+def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int, cls: Any = None,
+               **extra: Any) -> Any:
+    """The eviction-enabled Llama, measured (``llm.meter``). Load failures exit 1, bad options 2.
+
+    cls: a subclass of the measured Llama (default: that class); extra: more llama_cpp.Llama keywords.
+    """
     llama_cpp_module()
-    cls = _metered_class()
+    cls = cls or _metered_class()
     n_batch = max(512, cfg.window)
     kwargs: dict[str, Any] = dict(
         model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
@@ -234,6 +244,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     )  # fmt: skip
     if args.seed is not None:
         kwargs["seed"] = args.seed
+    kwargs.update(extra)
     try:
         llm = cls(**kwargs)
     except ConfigError as e:

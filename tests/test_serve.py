@@ -1,0 +1,296 @@
+"""`adakv-local serve`, started as a subprocess on a free localhost port and driven with the official
+`openai` client, as a chat front end would drive it.
+
+The model is a tiny random one (one token per character, never EOS, trained context 2048), so
+the ~1,500-character first message is ~1,500 tokens and replies always run to max_tokens. Replies
+are greedy (temperature 0), so two servers given the same conversation answer the same.
+Needs llama-cpp-python's server extra and the openai package (`pip install '.[test]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adakv_local.cli.serve import STATS_FIELD, missing_server_modules
+
+_missing = missing_server_modules() + [m for m in ("openai",) if __import__("importlib").util.find_spec(m) is None]
+needs_server = pytest.mark.skipif(bool(_missing), reason=f"needs the server extra and openai ({', '.join(_missing)} "
+                                  "not installed): pip install '.[test]'")
+
+N_CTX_TRAIN = 2048
+EVICT = ["--budget", "64", "--window", "16", "--threads", "1", "--seed", "7"]
+# ~1,500 characters, one token each: far above the budget of 64
+FIRST = " ".join(f"Line {i}: the keeper logged wind {i % 9} and fog {i % 4} at the harbour." for i in range(30))[:1500]
+SECOND = "What did the keeper log on line 7?"
+
+
+def _cmd() -> list[str]:
+    exe = shutil.which("adakv-local")
+    return [exe] if exe else [sys.executable, "-m", "adakv_local"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """One `adakv-local serve` process; stderr goes to a file (the per-request log lines)."""
+
+    def __init__(self, model: Path, log: Path, *extra: str) -> None:
+        self.port = _free_port()
+        self.log = log
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._err = log.open("w")
+        self.proc = subprocess.Popen([*_cmd(), "serve", "--model", str(model), "--port", str(self.port), *EVICT,
+                                      *extra], stdout=subprocess.DEVNULL, stderr=self._err)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}: {log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"serve did not answer within 120 s: {log.read_text()}")
+            time.sleep(0.3)
+
+    def client(self) -> Any:
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=120)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    return write_llama_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", n_embd=256, n_head=4, n_head_kv=2,
+                            n_ff=256, n_ctx_train=N_CTX_TRAIN, seed=5)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory) -> Iterator[Server]:
+    if _missing:
+        pytest.skip(f"needs {', '.join(_missing)}")
+    s = Server(tiny, tmp_path_factory.mktemp("serve-log") / "serve.log")
+    yield s
+    s.stop()
+
+
+def stats_of(obj: Any) -> dict[str, Any]:
+    extra = obj.model_extra or {}
+    assert STATS_FIELD in extra, f"no {STATS_FIELD!r} field in {obj}"
+    return extra[STATS_FIELD]
+
+
+def chat(client: Any, messages: list[dict[str, str]], max_tokens: int = 12, model: str = "tiny"
+         ) -> tuple[str, dict[str, Any]]:
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].message.content, stats_of(r)
+
+
+@needs_server
+def test_models_lists_the_alias(server):
+    assert [m.id for m in server.client().models.list().data] == ["tiny"]
+
+
+@needs_server
+def test_two_turns_the_second_streamed_evaluates_only_what_is_new(server):
+    client = server.client()
+    history = [{"role": "user", "content": FIRST}]
+    reply1, s1 = chat(client, history)
+    assert s1["prompt_tokens"] > 1400 and s1["prefill_tokens"] == s1["prompt_tokens"], s1
+    assert s1["compressed"] and s1["kv_cells_after"] < s1["prompt_tokens"] // 4, s1
+    assert s1["kv_cells_kept_mean"] == pytest.approx(64, abs=0.5), s1  # the budget, per KV head
+
+    history += [{"role": "assistant", "content": reply1}, {"role": "user", "content": SECOND}]
+    stream = client.chat.completions.create(model="tiny", messages=history, max_tokens=12, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip(), chunks
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finals) == 1
+    s2 = stats_of(finals[0])
+    new = s2["prompt_tokens"] - s1["prompt_tokens"]  # the reply, the new message, their template
+    assert new > len(SECOND)
+    # only what turn 1 did not evaluate: its reply's last token (sampled, never evaluated) and the rest
+    assert 1 <= s2["prefill_tokens"] <= new, (s1, s2)
+    assert s2["prefill_tokens"] < s2["prompt_tokens"] // 10, s2
+    assert s2["compressed"], s2  # compressed again, with the new turn's own window
+    assert s2["completion_tokens"] == 12
+
+    log = server.log.read_text()
+    lines = [ln for ln in log.splitlines() if "adakv-local serve: request" in ln]
+    assert f"prompt {s2['prompt_tokens']} tokens, evaluated {s2['prefill_tokens']}," in lines[-1], log
+    assert "t/s" in lines[-1] and "cells per layer" in lines[-1]
+
+
+@needs_server
+def test_an_edited_history_answers_as_a_fresh_server(server, tiny, tmp_path):
+    client = server.client()
+    history = [{"role": "user", "content": FIRST}]
+    reply1, _ = chat(client, history)
+    history += [{"role": "assistant", "content": reply1}, {"role": "user", "content": SECOND}]
+    chat(client, history)  # the cache now holds the compressed two turns
+    # edit the first message near its start: the history diverges inside the compressed block
+    edited = [{"role": "user", "content": "Line 0: calm." + FIRST[13:]}, *history[1:]]
+    answer, s = chat(client, edited)
+    assert s["prefill_tokens"] == s["prompt_tokens"], s  # evaluated again from an empty cache
+
+    fresh = Server(tiny, tmp_path / "fresh.log")
+    try:
+        fresh_answer, fresh_s = chat(fresh.client(), edited)
+    finally:
+        fresh.stop()
+    assert answer == fresh_answer
+    for key in ("prompt_tokens", "prefill_tokens", "kv_cells_after", "kv_cells_kept_mean", "completion_tokens"):
+        assert s[key] == fresh_s[key], (key, s, fresh_s)
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@needs_server
+@pytest.mark.parametrize("case, stream", [
+    ("negative max_tokens", False), ("unknown model", False), ("over the trained context", False),
+    ("negative max_tokens", True), ("unknown model", True), ("over the trained context", True),
+    ("malformed JSON", False), ("not a chat request", False),
+])
+def test_a_bad_request_gets_a_4xx_and_the_next_one_succeeds(server, case, stream):
+    import openai
+
+    client = server.client()
+    user = [{"role": "user", "content": "hello"}]
+    if case == "malformed JSON":
+        status, body = _post(f"{server.base_url}/chat/completions", b'{"messages": [{"role": "user"')
+        assert status == 400 and "not valid JSON" in body["error"]["message"], body
+    elif case == "not a chat request":
+        status, body = _post(f"{server.base_url}/chat/completions", json.dumps({"messages": "hi"}).encode())
+        assert status == 422 and body["error"]["param"] == "messages", body
+    else:
+        kwargs: dict[str, Any] = {"model": "tiny", "messages": user, "max_tokens": 4, "stream": stream}
+        if case == "negative max_tokens":
+            kwargs["max_tokens"] = -5
+        elif case == "unknown model":
+            kwargs["model"] = "gpt-4o"
+        else:
+            kwargs["messages"] = [{"role": "user", "content": "x" * (N_CTX_TRAIN + 100)}]
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**kwargs)
+        message = e.value.body["message"] if isinstance(e.value.body, dict) else str(e.value)
+        expected = {"negative max_tokens": "max_tokens must be 0 or more", "unknown model": "`gpt-4o` does not exist",
+                    "over the trained context": f"maximum context length is {N_CTX_TRAIN} tokens"}[case]
+        assert expected in message, message
+    reply, s = chat(client, user, max_tokens=3)
+    assert reply and s["completion_tokens"] == 3
+    assert server.proc.poll() is None
+
+
+@needs_server
+def test_plain_completions_carry_the_stats(server):
+    r = server.client().completions.create(model="tiny", prompt=FIRST, max_tokens=4, temperature=0)
+    s = stats_of(r)
+    assert s["compressed"] and s["completion_tokens"] == 4 and s["prompt_tokens"] > 1400
+
+
+def test_serve_without_the_server_extra_says_what_to_install(tiny, monkeypatch, capsys):
+    from adakv_local import cli
+    from adakv_local.cli import serve
+
+    monkeypatch.setattr(serve, "SERVER_MODULES", ("adakv_no_such_module",))
+    assert cli.main(["serve", "--model", str(tiny)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("adakv-local: error: serve needs llama-cpp-python's server extra (adakv_no_such_module not "
+                   "installed): pip install 'adakv-local[server]'")
+
+
+def test_serve_help_names_the_settings_it_changes():
+    proc = subprocess.run([*_cmd(), "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "flash attention is on" in text and "flash_attn=False" in text
+    assert "--budget" in text and "--port" in text and STATS_FIELD in text
+
+
+@needs_server
+@pytest.mark.slow
+def test_smollm2_two_turns_then_an_edited_history(tmp_path):
+    """The same with a real model (SmolLM2-135M, ~1,500-token first message): turn 2 streamed and
+    evaluating only what is new, then an edited first message answered as by a fresh server."""
+    from adakv_local.texts import documents
+
+    name, text = next(documents(min_chars=8000))
+    first = f"{text[:6500]}\n\nWhat is this text about?"
+    a = Server(Path("smollm2-135m"), tmp_path / "a.log", "--n-ctx", "4096")
+    try:
+        client = a.client()
+        history = [{"role": "user", "content": first}]
+        reply1, s1 = chat(client, history, max_tokens=24, model="smollm2-135m")
+        assert 1200 <= s1["prompt_tokens"] <= 2000 and s1["compressed"], s1
+        history += [{"role": "assistant", "content": reply1}, {"role": "user", "content": "Say it in one line."}]
+        chunks = list(client.chat.completions.create(model="smollm2-135m", messages=history, max_tokens=24,
+                                                     temperature=0, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+        s2 = stats_of([c for c in chunks if c.choices and c.choices[0].finish_reason][0])
+        assert 1 <= s2["prefill_tokens"] <= s2["prompt_tokens"] - s1["prompt_tokens"], (s1, s2)
+        edited = [{"role": "user", "content": "Read this carefully. " + first}, *history[1:]]
+        answer, s = chat(client, edited, max_tokens=24, model="smollm2-135m")
+        assert s["prefill_tokens"] == s["prompt_tokens"], s
+    finally:
+        a.stop()
+    b = Server(Path("smollm2-135m"), tmp_path / "b.log", "--n-ctx", "4096")
+    try:
+        fresh_answer, fresh_s = chat(b.client(), edited, max_tokens=24, model="smollm2-135m")
+    finally:
+        b.stop()
+    assert answer == fresh_answer, (name, answer, fresh_answer)
+    assert s["kv_cells_after"] == fresh_s["kv_cells_after"]
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tiny, capsys):
+    from adakv_local import cli
+
+    if _missing:
+        pytest.skip(f"needs {', '.join(_missing)}")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--model", str(tiny), "--port", str(port)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"adakv-local: error: cannot listen on 127.0.0.1:{port}: ") and "--port" in err, err
