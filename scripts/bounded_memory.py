@@ -94,6 +94,11 @@ def run_child(mode: str, prompt: str, args: argparse.Namespace) -> dict:
     return rec
 
 
+def write_json(args: argparse.Namespace, rows: list[dict]) -> None:
+    runs = [{k: v for k, v in r.items() if k != "timeline"} for r in rows]
+    args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "runs": runs}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m")
@@ -140,15 +145,13 @@ def main() -> None:
               f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_overhead'])}; CPU time: "
               f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_cpu_overhead'])}", flush=True)
         rows += [full, ch]
+        if args.json:  # after every depth, so that an interrupted run keeps what it measured
+            write_json(args, rows)
     for mode in ("full", "chunked"):
         rs = [r for r in rows if r["mode"] == mode]
         print(f"{mode:>7}: {sum(r['retrieved'] for r in rs)}/{len(rs)} pass keys, KV buffers "
               f"{max(r['kv_buffers_mib'] for r in rs):.1f} MiB, peak RSS {max(r['vm_hwm_kib'] for r in rs) / 1024:.0f} "
               f"MiB, prefill {sum(r['prefill_seconds'] for r in rs) / len(rs):.1f} s on average")
-    if args.json:
-        for r in rows:
-            r.pop("timeline", None)
-        args.json.write_text(json.dumps({"config": vars(args) | {"json": str(args.json)}, "runs": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -409,3 +409,18 @@ def test_readme_quickstart_command():
 def test_example_document_is_a_real_article():
     words = EXAMPLE.read_text().split()
     assert 1500 <= len(words) <= 2500
+
+
+def test_sampling_flags_reach_the_sampler(tiny, doc):
+    """--top-k 1 makes any temperature greedy; without it a high temperature samples something else."""
+    def summary(*flags: str) -> str:
+        proc = cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "12", "--json", "--quiet", *EVICT,
+                   *flags)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["summary"]
+
+    greedy = summary()
+    assert summary("--temperature", "1.5", "--top-k", "1", "--seed", "3") == greedy
+    assert summary("--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--seed", "3") != greedy
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--top-p", "1.5")
+    assert proc.returncode == 2 and "--top-p: must be a number from 0 to 1" in one_line_error(proc)

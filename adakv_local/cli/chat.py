@@ -166,8 +166,10 @@ class Chat:
             print(f"[adakv-local] {short_stats(self.last)}", file=sys.stderr)
 
     def _stream(self) -> Any:
+        from .common import sampling_kwargs
+
         llm, args = self.llm, self.args
-        kwargs = dict(messages=self.history, max_tokens=args.max_tokens, temperature=args.temperature, stream=True)
+        kwargs = dict(messages=self.history, max_tokens=args.max_tokens, stream=True, **sampling_kwargs(args))
         try:
             yield from llm.create_chat_completion(**kwargs)
         except ValueError as e:

@@ -72,12 +72,41 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
                    "temperature 0)")
     if generation:
         g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
-                       help="sampling temperature; 0 is greedy, deterministic (default: 0)")
+                       help="sampling temperature; 0 is greedy, deterministic (default: 0; llama-cpp-python's "
+                       "chat default is 0.2)")
+        g.add_argument("--top-p", type=_unit_float, default=0.95, metavar="P",
+                       help="nucleus sampling: keep the most likely tokens up to this probability mass, 0 to 1 "
+                       "(default: 0.95, llama-cpp-python's; no effect with --temperature 0)")
+        g.add_argument("--top-k", type=non_negative_int, default=40, metavar="K",
+                       help="sample among the K most likely tokens, 0 for all (default: 40, llama-cpp-python's; no "
+                       "effect with --temperature 0)")
+        g.add_argument("--repeat-penalty", type=_positive_float, default=1.0, metavar="R",
+                       help="divide the logits of tokens already in the context by R (> 1 discourages repeating "
+                       "them; default: 1.0, off, llama-cpp-python's)")
     g.add_argument("--allow-context-overflow", action="store_true",
                    help="accept an --n-ctx above the context the model was trained for (GGUF <arch>.context_length); "
                    "past it the model's output degrades into nonsense")
     g.add_argument("--verbose", "-v", action="store_true",
                    help="let llama.cpp's own log through to stderr (e.g. why a model does not load)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options for create_chat_completion."""
+    return dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repeat_penalty=args.repeat_penalty)
+
+
+def _unit_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def config_from_args(args: argparse.Namespace) -> AdaKVConfig:

@@ -289,12 +289,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(llm: Any, messages: list[dict[str, str]], args: argparse.Namespace, progress: PrefillProgress) -> str:
+    from .common import sampling_kwargs
+
     parts: list[str] = []
     llm.meter.reset()
     progress.start()
     try:
         chunks = llm.create_chat_completion(messages=messages, max_tokens=args.max_tokens,
-                                            temperature=args.temperature, stream=True)
+                                            stream=True, **sampling_kwargs(args))
         for chunk in chunks:
             piece = chunk["choices"][0]["delta"].get("content") or ""
             if not piece:
