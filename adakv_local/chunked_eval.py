@@ -4,7 +4,8 @@ For every prompt (one that also fits a full cache), three runs teacher-force the
 the full cache's greedy one, one token per decode so that all three read their logits the same way:
 
 - ``full``: the whole prompt in a cache that holds it, nothing evicted (the reference);
-- ``one-shot``: the same cache size, the prompt compressed once after it was read;
+- ``one-shot``: the same cache, the prompt compressed once after it was read (the prompt's prefix
+  before the window is evaluated once and saved, then restored for this run, as in eval fidelity);
 - ``chunked``: a cache of ``n_ctx`` cells, the prompt read in chunks of ``chunk`` tokens with a
   question-aware compression between them (the prompt's last window as a probe), then the final one.
 
@@ -14,6 +15,7 @@ with its footprint R, peak cells and KV bytes beside it (footprint honesty).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,11 +32,9 @@ def last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
 
 
-def forced_logits(llm: Llama, prompt: Sequence[int], continuation: Sequence[int]) -> np.ndarray:
-    """Logits predicting each continuation token, [len(continuation), n_vocab], one decode per token
-    (works with logits_all off, which a prompt longer than the cache needs)."""
-    llm.reset()
-    llm.eval(list(prompt))
+def forced_logits(llm: Llama, continuation: Sequence[int]) -> np.ndarray:
+    """Logits predicting each continuation token after what llm has evaluated, [len(continuation), n_vocab],
+    one decode per token (works with logits_all off, which a prompt longer than the cache needs)."""
     rows = [last_logits(llm)]
     with llm.adakv_suspended():
         for tok in continuation[:-1]:
@@ -81,37 +81,50 @@ def run_chunked_fidelity(
     """Records {prompt, mode ("one-shot" or "chunked"), method, budget, kl_mean, kl_max, top1, footprint,
     peak_cells, kv_bytes, kv_bytes_peak, kv_bytes_allocated, chunks, compressions, n_ctx}."""
     longest = max(len(t) for _, t in prompts)
-    big = ((longest + n_continuation + 64) // 256 + 1) * 256
+    big_ctx = ((longest + n_continuation + 64) // 256 + 1) * 256
     if n_ctx >= longest:
         raise ValueError(f"n_ctx ({n_ctx}) must be below the prompts' length ({longest}) for the prompt to be chunked")
     common = dict(model_path=model_path, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
-                  n_gpu_layers=n_gpu_layers, verbose=False, adakv_window=config.window)
-    full = Llama(n_ctx=big, adakv_budget=config.budget, adakv_method="full", **common)
-    one_shot = Llama(n_ctx=big, adakv_budget=config.budget, adakv_method=config.method,
-                     adakv_kernel=config.kernel, adakv_alpha=config.alpha, adakv_max_ratio=config.max_ratio,
-                     adakv_sinks=config.sinks, **common)
-    chunked = Llama(n_ctx=n_ctx, adakv_budget=config.budget, adakv_method=config.method, adakv_chunk=chunk,
-                    adakv_kernel=config.kernel, adakv_alpha=config.alpha, adakv_max_ratio=config.max_ratio,
-                    adakv_sinks=config.sinks, **common)
+                  n_gpu_layers=n_gpu_layers, verbose=False, adakv_window=config.window, adakv_budget=config.budget,
+                  adakv_method=config.method, adakv_kernel=config.kernel, adakv_alpha=config.alpha,
+                  adakv_max_ratio=config.max_ratio, adakv_sinks=config.sinks)
+    # the full cache and one-shot eviction share the prompt's prefix (evaluated once, saved); chunked
+    # reading has its own small cache
+    big = Llama(n_ctx=big_ctx, **common)
+    chunked = Llama(n_ctx=n_ctx, adakv_chunk=chunk, **common)
+    evict = big.adakv_config
+    assert evict is not None
     records: list[dict[str, Any]] = []
     total, done = 3 * len(prompts), 0
+    w = config.window
     try:
         for name, toks in prompts:
-            # the full cache's greedy continuation, then its logits along it
-            full.reset()
-            full.eval(toks)
-            rows = [last_logits(full)]
+            big.reset()
+            with big.adakv_suspended():
+                big.eval(toks[:-w])
+            prefix = big.save_state()
+            # the full cache: its greedy continuation, and its logits along it
+            big.adakv_config = dataclasses.replace(evict, method="full")
+            big.eval(toks[-w:])
+            rows = [last_logits(big)]
             cont = [int(rows[-1].argmax())]
             for _ in range(n_continuation - 1):
-                full.eval([cont[-1]])
-                rows.append(last_logits(full))
+                big.eval([cont[-1]])
+                rows.append(last_logits(big))
                 cont.append(int(rows[-1].argmax()))
             ref = np.stack(rows).astype(np.float32)
+            big.adakv_config = evict
             done += 1
             if progress:
                 progress(done, total, f"{name}: full cache ({len(toks)} tokens)")
-            for mode, llm in (("one-shot", one_shot), ("chunked", chunked)):
-                got = forced_logits(llm, toks, cont)
+            for mode, llm in (("one-shot", big), ("chunked", chunked)):
+                if mode == "one-shot":
+                    big.load_state(prefix)
+                    big.eval(toks[-w:])  # the window, then the compression
+                else:
+                    llm.reset()
+                    llm.eval(toks)
+                got = forced_logits(llm, cont)
                 st = llm.adakv_stats
                 assert st is not None and st.prompt_tokens == len(toks)
                 f = compare(ref, got)
@@ -127,8 +140,8 @@ def run_chunked_fidelity(
                     progress(done, total, f"{name}: {mode}: KL {f.kl_mean:.4f}, top-1 {100 * f.top1:.1f}%, "
                              f"{st.chunks} chunks, peak {st.peak_cells} cells")
     finally:
-        for llm in (full, one_shot, chunked):
-            llm.close()
+        big.close()
+        chunked.close()
     return records
 
 

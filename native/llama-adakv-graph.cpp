@@ -117,9 +117,12 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
         const int64_t w        = std::min<int64_t>(ak->armed_window, n_tokens);
         ggml_tensor * q_w      = ggml_view_4d(
                 ctx, q, q->ne[0], w, q->ne[2], q->ne[3], q->nb[1], q->nb[2], q->nb[3], (n_tokens - w) * q->nb[1]);
-        ggml_tensor * mask_w = mask == nullptr ? nullptr :
-                                                 ggml_view_4d(ctx, mask, mask->ne[0], w, mask->ne[2], mask->ne[3],
-                                                              mask->nb[1], mask->nb[2], mask->nb[3], (n_tokens - w) * mask->nb[1]);
+        ggml_tensor * mask_w = nullptr;
+        if (mask != nullptr) {
+            mask_w = ggml_view_4d(
+                    ctx, mask, mask->ne[0], w, mask->ne[2], mask->ne[3], mask->nb[1], mask->nb[2], mask->nb[3],
+                    (n_tokens - w) * mask->nb[1]);
+        }
         // [n_kv, n_head_kv] into the persistent buffer, cells [0, n_kv) of every head
         ggml_tensor * s = llama_adakv_window_scores(
                 ctx, q_w, k, mask_w, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale, softcap);

@@ -376,7 +376,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                 __func__, cparams.n_seq_max);
     }
 
-    llama_memory_t mem  = ctx->get_memory();
+    llama_memory_t mem      = ctx->get_memory();
     llama_kv_cache * kv     = nullptr;
     llama_kv_cache * kv_swa = nullptr;
     if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache)) {

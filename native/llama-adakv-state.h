@@ -50,8 +50,8 @@ struct llama_adakv_layer {
 };
 
 struct llama_adakv {
-    llama_context * lctx = nullptr;
-    llama_kv_cache * kv  = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
+    llama_context * lctx    = nullptr;
+    llama_kv_cache * kv     = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
     llama_kv_cache * kv_swa = nullptr; // the sliding-window cache of an iSWA model (not evicted), or null
 
     llama_adakv_params params = {};

@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--full-depths", default=None,
+                   help="the depths that also run the full cache (default: all; it is the slow run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-tokens", type=int, default=8)
@@ -124,10 +126,11 @@ def main() -> None:
 
     tok = Llama(model_path=str(model_path(args.model)), vocab_only=True, verbose=False)
     rows = []
+    full_depths = None if args.full_depths is None else {float(d) for d in args.full_depths.split(",")}
     for depth in (float(d) for d in args.depths.split(",")):
         sample = passkey(tok, args.tokens, depth, args.seed, mode="raw")
         pair = {}
-        for mode in ("full", "chunked"):
+        for mode in ("full", "chunked") if full_depths is None or depth in full_depths else ("chunked",):
             rec = run_child(mode, sample.prompt, args)
             rec.update(depth=depth, key=sample.answer, retrieved=score(sample, rec["answer"]))
             pair[mode] = rec
@@ -136,19 +139,28 @@ def main() -> None:
                   f"peak RSS {rec['vm_hwm_kib'] / 1024:.0f} MiB"
                   + (f", {rec['chunks']} chunks, peak {rec['peak_cells']} cells "
                      f"({rec['kv_bytes_peak'] / 2**20:.1f} MiB)" if mode == "chunked" else ""), flush=True)
-        ch, full = pair["chunked"], pair["full"]
-        ch["chunk_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_seconds"], full["timeline"],
-                                              ch["prompt_tokens"])
-        ch["chunk_cpu_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_cpu_seconds"], full["timeline"],
-                                                  ch["prompt_tokens"], column=2)
-        print(f"  per chunk, time vs the full cache's prefill of the same tokens: "
-              f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_overhead'])}; CPU time: "
-              f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_cpu_overhead'])}", flush=True)
-        rows += [full, ch]
+        ch, full = pair["chunked"], pair.get("full")
+        if full is not None:
+            ch["chunk_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_seconds"], full["timeline"],
+                                                  ch["prompt_tokens"])
+            ch["chunk_cpu_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_cpu_seconds"], full["timeline"],
+                                                      ch["prompt_tokens"], column=2)
+            print(f"  per chunk, time vs the full cache's prefill of the same tokens: "
+                  f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_overhead'])}; CPU time: "
+                  f"{', '.join(f'{100 * c:+.1f}%' for c in ch['chunk_cpu_overhead'])}", flush=True)
+        steps = ch["seconds"]["allocate"] + ch["seconds"]["compact"]
+        probes = (ch["compressions"] - 1) * 32  # each compression but the last evaluates the 32-token probe
+        ch["steps_share"], ch["probe_share"] = steps / ch["prefill_seconds"], probes / ch["prompt_tokens"]
+        print(f"  compression steps (allocate + compact): {steps:.2f} s of the {ch['prefill_seconds']:.1f} s prefill "
+              f"({100 * ch['steps_share']:.2f}%); probes: {probes} more tokens evaluated "
+              f"({100 * ch['probe_share']:.2f}% of the document)", flush=True)
+        rows += [r for r in (full, ch) if r is not None]
         if args.json:  # after every depth, so that an interrupted run keeps what it measured
             write_json(args, rows)
     for mode in ("full", "chunked"):
         rs = [r for r in rows if r["mode"] == mode]
+        if not rs:
+            continue
         print(f"{mode:>7}: {sum(r['retrieved'] for r in rs)}/{len(rs)} pass keys, KV buffers "
               f"{max(r['kv_buffers_mib'] for r in rs):.1f} MiB, peak RSS {max(r['vm_hwm_kib'] for r in rs) / 1024:.0f} "
               f"MiB, prefill {sum(r['prefill_seconds'] for r in rs) / len(rs):.1f} s on average")

@@ -295,3 +295,19 @@ def test_iswa_diverging_prompt_equals_a_fresh_context(gemma):
     p2 = p1[:-300] + prompt_of(a, 8, 15)[1:]
     got = a.create_completion(p2, max_tokens=3, temperature=0.0)["choices"][0]["text"]
     assert got == llama(gemma, **opts).create_completion(p2, max_tokens=3, temperature=0.0)["choices"][0]["text"]
+
+
+def test_chunked_fidelity_measures_both_ways(tiny):
+    """eval chunked's runner: one-shot and chunked reading of the same prompt against the full cache."""
+    from adakv_local.chunked_eval import run_chunked_fidelity
+    from adakv_local.config import AdaKVConfig
+
+    toks = prompt_of(llama(tiny), 100, 17)
+    recs = run_chunked_fidelity(tiny, [("p", toks)], AdaKVConfig(BUDGET, window=WINDOW), n_ctx=N_CTX, chunk=CHUNK,
+                                n_continuation=4, n_threads=1)
+    one, ch = recs
+    assert (one["mode"], ch["mode"]) == ("one-shot", "chunked")
+    assert one["chunks"] == 1 and ch["chunks"] > 2 and ch["peak_cells"] <= N_CTX < one["peak_cells"]
+    assert all(r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and r["prompt_tokens"] == len(toks) for r in recs)
+    with pytest.raises(ValueError, match="must be below"):
+        run_chunked_fidelity(tiny, [("p", toks)], AdaKVConfig(BUDGET, window=WINDOW), n_ctx=len(toks), chunk=None)
