@@ -181,6 +181,42 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         llm.close()
 
 
+def last_ubatch_extra(model_path: str, tokens: Sequence[int], *, budget: int, method: str, n_threads: int,
+                      n_gpu_layers: int = 0, window: int = 32, repeats: int = 3) -> dict[str, float]:
+    """What eviction adds to a prefill, measured where it happens: the prompt's last ubatch (which also
+    scores the window) plus allocation and compaction, against the same ubatch without them.
+
+    Everything before the last ubatch is the same work with and without eviction, so it is
+    evaluated once and saved; then, ``repeats`` times each, alternating, the last ubatch is evaluated
+    from that state plainly and with eviction. Returns the medians of the extra wall and CPU seconds.
+    """
+    n_ctx = ((len(tokens) + 64) // 256 + 1) * 256
+    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
+                n_gpu_layers=n_gpu_layers, verbose=False, adakv_budget=budget, adakv_method=method,
+                adakv_window=window)
+    try:
+        k = min(len(tokens), llm.n_batch, int(llm.context_params.n_ubatch))  # the last ubatch, as eval takes it
+        with llm.adakv_suspended():
+            llm.eval(list(tokens[:-k]))
+        state, cfg = llm.save_state(), llm.adakv_config
+        wall: dict[str, list[float]] = {"plain": [], "evict": []}
+        cpu: dict[str, list[float]] = {"plain": [], "evict": []}
+        for _ in range(repeats):
+            for mode in ("plain", "evict"):
+                llm.load_state(state)
+                llm.adakv_config = None if mode == "plain" else cfg
+                t0, c0 = time.perf_counter(), time.process_time()
+                llm.eval(list(tokens[-k:]))
+                wall[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)
+        llm.adakv_config = cfg
+        return {"extra_seconds": float(np.median(wall["evict"]) - np.median(wall["plain"])),
+                "extra_cpu_seconds": float(np.median(cpu["evict"]) - np.median(cpu["plain"])),
+                "last_ubatch_tokens": k, "last_ubatch_seconds": float(np.median(wall["plain"]))}
+    finally:
+        llm.close()
+
+
 def _n_layer(llm: Any) -> int:
     import llama_cpp
 
@@ -204,7 +240,8 @@ def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
 def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
         n_threads: int = 2, n_gpu_layers: int = 0, nofa_baseline: bool = False,
         attn_paths: Sequence[str] = ("auto",), repeats: int = 1, n_ctx: int | None = None,
-        chunk: int | None = None, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+        chunk: int | None = None, direct: int = 0,
+        log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows.
 
     ``repeats``: the full cache and each eviction run alternate this many times per length; the
@@ -212,6 +249,9 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
     (the full-cache prefill just before it) - 1, the compression overhead against what a user would
     otherwise run. ``n_ctx``/``chunk``: eviction with a cache smaller than the prompt (chunked
     prefill; the full cache always holds the whole prompt); the rows get ``chunk_overhead``.
+    ``direct``: also measure the overhead where it arises (:func:`last_ubatch_extra`, that many
+    alternations; prompts that fit the cache only): ``overhead_direct_share`` and
+    ``overhead_direct_cpu_share`` are its extra seconds over the full cache's prefill.
     ``nofa_baseline``: also run the full cache without flash attention ("full-nofa", first), and
     give the eviction rows ``decode_speedup_nofa``, their decode speed over that baseline's.
     ``attn_paths``: one eviction run per attention path (see ``ATTN_PATHS``), each against the
@@ -242,6 +282,15 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
                              chunk_cpu_overhead=(chunk_overhead(ev.chunk_tokens, ev.chunk_cpu_seconds, full.timeline,
                                                                 n, column=2) if chunked else ()))
                 re_ = dict(asdict(ev), repeat=rep)
+                if direct and not chunked and rep == 0:
+                    d = last_ubatch_extra(model_path, toks, budget=budget, method=method, n_threads=n_threads,
+                                          n_gpu_layers=n_gpu_layers, repeats=direct)
+                    re_.update(d, overhead_direct_share=d["extra_seconds"] / full.prefill_seconds,
+                               overhead_direct_cpu_share=d["extra_cpu_seconds"] / full.prefill_cpu_seconds)
+                    log(f"{n:>6} tokens: eviction's extra work, measured on the last ubatch ({d['last_ubatch_tokens']} "
+                        f"tokens, {d['last_ubatch_seconds']:.2f} s plain): {d['extra_seconds']:+.3f} s = "
+                        f"{100 * re_['overhead_direct_share']:+.2f}% of the full prefill "
+                        f"({d['extra_cpu_seconds']:+.3f} s CPU = {100 * re_['overhead_direct_cpu_share']:+.2f}%)")
                 re_["decode_speedup"] = ev.decode_tps / full.decode_tps
                 re_["prefill_ratio"] = ev.prefill_tps / full.prefill_tps
                 if nofa is not None:

@@ -139,3 +139,16 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     mem = llm.adakv_kvcache.memory()
     llm.close()
     assert (mem.cell_bytes, mem.swa_cell_bytes) == (mem_cell, mem_swa)
+
+
+def test_bench_direct_overhead_times_the_last_ubatch(tiny_llama):
+    """bench --direct: the last ubatch from one saved state, plain and with eviction, alternately."""
+    from adakv_local.bench import last_ubatch_extra
+    from adakv_local.llama import Llama
+
+    vocab = Llama(model_path=str(tiny_llama), vocab_only=True, verbose=False)
+    toks = vocab.tokenize(b"Some words about boats and the sea. " * 40)
+    vocab.close()
+    d = last_ubatch_extra(str(tiny_llama), toks, budget=64, method="ada-snapkv", n_threads=1, window=16, repeats=2)
+    assert d["last_ubatch_tokens"] == 512 < len(toks) and d["last_ubatch_seconds"] > 0
+    assert set(d) == {"extra_seconds", "extra_cpu_seconds", "last_ubatch_tokens", "last_ubatch_seconds"}

@@ -181,6 +181,9 @@ def add_parser(sub: Any) -> None:
                    "kernel, Metal's path), heads (one stock call per KV head) (default: auto)")
     b.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                    help="alternate the full cache and eviction N times per length; overheads are medians (default: 1)")
+    b.add_argument("--direct", type=non_negative_int, default=0, metavar="N",
+                   help="also measure eviction's extra work where it arises: the prompt's last ubatch with and "
+                   "without scoring + allocation + compaction, from one saved state, N times each (default: 0, off)")
     b.add_argument("--n-ctx", type=positive_int, default=None, metavar="N",
                    help="eviction's cache size; below the prompt length the prompt is read in chunks (default: the "
                    "prompt fits)")
@@ -389,6 +392,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
                   n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
                   attn_paths=args.attn_paths, repeats=args.repeats, n_ctx=args.n_ctx, chunk=args.chunk,
+                  direct=args.direct,
                   log=_log(args))
     cpu = overhead_summary(records, "overhead_cpu_share")
     for (mode, n), share in sorted(overhead_summary(records).items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -397,7 +401,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
               "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
               "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths, "repeats": args.repeats,
-              "n_ctx": args.n_ctx, "chunk": args.chunk}
+              "n_ctx": args.n_ctx, "chunk": args.chunk, "direct": args.direct}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
