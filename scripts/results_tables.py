@@ -63,6 +63,57 @@ def bench(data: dict) -> str:
     return "\n".join(lines)
 
 
+def overhead(data: dict) -> str:
+    """bench --repeats/--direct: the compression overhead against the full cache's prefill."""
+    lines = ["| prompt tokens | mode | full prefill s | eviction prefill s | overhead (wall) | overhead (CPU) | "
+             "extra work on the last ubatch (wall) | (CPU) | R |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    full = {}
+    for r in data["records"]:
+        if r["budget"] is None:
+            full[(r["prompt_tokens"], r.get("repeat", 0))] = r
+            continue
+        f = full[(r["prompt_tokens"], r.get("repeat", 0))]
+        direct = (f"{100 * r['overhead_direct_share']:+.2f}% ({r['extra_seconds']:+.2f} s) | "
+                  f"{100 * r['overhead_direct_cpu_share']:+.2f}%" if "overhead_direct_share" in r else " | ")
+        lines.append(f"| {r['prompt_tokens']} | {r['mode']} @ {r['budget']} | {f['prefill_seconds']:.1f} | "
+                     f"{r['prefill_seconds']:.1f} | {100 * r['overhead_share']:+.1f}% | "
+                     f"{100 * r['overhead_cpu_share']:+.1f}% | {direct} | {r['kv_cells_after']} |")
+    return "\n".join(lines)
+
+
+def chunked(data: dict) -> str:
+    """eval chunked: one-shot eviction and chunked reading against the full cache."""
+    c = data["config"]
+    lines = ["| mode | cache (cells) | prompts | mean KL | top-1 | R | peak cells | KV MiB at peak | "
+             "KV MiB allocated |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    by = {mode: [r for r in data["records"] if r["mode"] == mode] for mode in ("one-shot", "chunked")}
+    for mode, rs in by.items():
+        m = {k: sum(r[k] for r in rs) / len(rs) for k in
+             ("kl_mean", "top1", "footprint", "peak_cells", "kv_bytes_peak", "kv_bytes_allocated")}
+        lines.append(f"| {mode} | {rs[0]['n_ctx']} | {len(rs)} | {m['kl_mean']:.4f} | {100 * m['top1']:.1f}% | "
+                     f"{m['footprint']:.0f} | {m['peak_cells']:.0f} | {m['kv_bytes_peak'] / 2**20:.1f} | "
+                     f"{m['kv_bytes_allocated'] / 2**20:.1f} |")
+    wins = sum(a["kl_mean"] <= b["kl_mean"] for a, b in zip(by["chunked"], by["one-shot"]))
+    lines.append(f"\nchunked / one-shot mean KL: {data['summary']['kl_ratio']:.3f} (chunked at most one-shot's KL on "
+                 f"{wins} of {len(by['chunked'])} prompts; budget {c['budget']}, chunks of {c['chunk']})")
+    return "\n".join(lines)
+
+
+def bounded(data: dict) -> str:
+    """scripts/bounded_memory.py: full cache vs chunked reading of one long document per depth."""
+    lines = ["| depth | mode | pass key | prefill s | KV buffers MiB (llama.cpp) | peak KV MiB held | peak RSS MiB | "
+             "chunks | compression steps | per-chunk time vs full (CPU) |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in data["runs"]:
+        peak = f"{r['kv_bytes_peak'] / 2**20:.1f}" if "kv_bytes_peak" in r else ""
+        steps = f"{100 * r['steps_share']:.2f}%" if "steps_share" in r else ""
+        per = ", ".join(f"{100 * x:+.0f}%" for x in r.get("chunk_cpu_overhead", ()))
+        key = f"{'found' if r['retrieved'] else 'missed'} {r['answer'].strip()!r}"
+        lines.append(f"| {r['depth']} | {r['mode']} | {key} | {r['prefill_seconds']:.0f} | {r['kv_buffers_mib']:.1f} | "
+                     f"{peak} | {r['vm_hwm_kib'] / 1024:.0f} | {r.get('chunks', '')} | {steps} | {per} |")
+    return "\n".join(lines)
+
+
 def tasks(data: dict) -> str:
     lines = ["| task | method | budget | length | depth | correct | output |", "|---|---|---:|---:|---:|:---:|---|"]
     for r in data["records"]:
@@ -102,10 +153,18 @@ def main(paths: list[str]) -> None:
         return
     for p in paths:
         data = json.loads(Path(p).read_text())
-        kind = "bench" if "lengths" in data["config"] and "budget" in data["config"] else (
-            "tasks" if "tasks" in data["config"] else "fidelity")
+        cfg = data["config"]
+        if "runs" in data:
+            kind = "bounded"
+        elif "chunk" in cfg and "lengths" not in cfg:
+            kind = "chunked"
+        elif "lengths" in cfg and "budget" in cfg:
+            kind = "overhead" if cfg.get("repeats") or cfg.get("direct") else "bench"
+        else:
+            kind = "tasks" if "tasks" in cfg else "fidelity"
         print(f"### {Path(p).name}\n")
-        print({"bench": bench, "tasks": tasks, "fidelity": fidelity}[kind](data))
+        print({"bench": bench, "tasks": tasks, "fidelity": fidelity, "overhead": overhead, "chunked": chunked,
+               "bounded": bounded}[kind](data))
         print()
 
 
