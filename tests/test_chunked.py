@@ -311,3 +311,14 @@ def test_chunked_fidelity_measures_both_ways(tiny):
     assert all(r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and r["prompt_tokens"] == len(toks) for r in recs)
     with pytest.raises(ValueError, match="must be below"):
         run_chunked_fidelity(tiny, [("p", toks)], AdaKVConfig(BUDGET, window=WINDOW), n_ctx=len(toks), chunk=None)
+
+
+def test_streaming_and_chat_take_prompts_longer_than_n_ctx(tiny):
+    llm = llama(tiny)
+    toks = prompt_of(llm, 100, 18)
+    pieces = list(llm.create_completion(toks, max_tokens=3, temperature=0.0, stream=True))
+    assert pieces and llm.adakv_stats.chunks > 1 and llm.adakv_stats.prompt_tokens == len(toks)
+    streamed = "".join(p["choices"][0]["text"] for p in pieces)
+    assert streamed == llama(tiny).create_completion(toks, max_tokens=3, temperature=0.0)["choices"][0]["text"]
+    out = llm.create_chat_completion(messages=[{"role": "user", "content": text(100, 19)}], max_tokens=3)
+    assert out["usage"]["prompt_tokens"] > llm.n_ctx() and llm.adakv_stats.chunks > 1
