@@ -108,7 +108,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--full-depths", default=None,
-                   help="the depths that also run the full cache (default: all; it is the slow run)")
+                   help="the depths that also run the full cache, comma-separated, '' for none (default: all; it "
+                   "is the slow run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--max-tokens", type=int, default=8)
@@ -126,7 +127,7 @@ def main() -> None:
 
     tok = Llama(model_path=str(model_path(args.model)), vocab_only=True, verbose=False)
     rows = []
-    full_depths = None if args.full_depths is None else {float(d) for d in args.full_depths.split(",")}
+    full_depths = None if args.full_depths is None else {float(d) for d in args.full_depths.split(",") if d.strip()}
     for depth in (float(d) for d in args.depths.split(",")):
         sample = passkey(tok, args.tokens, depth, args.seed, mode="raw")
         pair = {}
