@@ -11,8 +11,8 @@ recorded, exactly as :func:`adakv_local.evaluate.run_fidelity` does for raw text
 end token is one of the forced positions: whether the model stops is part of the answer.
 
 A *setting* is a named set of :class:`~adakv_local.config.AdaKVConfig` options other than the
-budget (``("default", {})``, ``("k15", {"kernel": 15})``), so that two selections can be compared
-prompt by prompt (:func:`paired`).
+budget (``("default", {})``, ``("k15", {"kernel": 15})``; a window no larger than the run's), so
+that two selections can be compared prompt by prompt (:func:`paired`).
 
 Prompts that share their beginning (the same document with different instructions) are evaluated
 once up to where they part, and the state saved.
@@ -174,9 +174,12 @@ def run_instruction_fidelity(
     if max_answer < 2:
         raise ValueError(f"max_answer: expected an int >= 2, got {max_answer}")
     for label, opts in settings:
-        if "budget" in opts or "window" in opts:
-            raise ValueError(f"settings[{label!r}]: budget and window are set by the run, not by a setting")
-    configs = {label: AdaKVConfig(budget=max(budgets), window=window, **dict(opts)) for label, opts in settings}
+        if "budget" in opts:
+            raise ValueError(f"settings[{label!r}]: the budget is set by the run, not by a setting")
+        if not 1 <= opts.get("window", window) <= window:
+            raise ValueError(f"settings[{label!r}]: window must be in [1, {window}] (the run's window: the state is "
+                             "saved before the run's last window tokens)")
+    configs = {label: AdaKVConfig(budget=max(budgets), **{"window": window, **dict(opts)}) for label, opts in settings}
     longest = max(len(p.tokens) for p in prompts)
     n_ctx = ((longest + max_answer + 64) // 256 + 1) * 256
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,

@@ -65,7 +65,7 @@ def test_raw_mode_and_bad_arguments(vocab):
         build_prompts(vocab, [_doc("d", 3)], mode="markdown", min_doc_tokens=1)
 
 
-SETTINGS = [("default", {}), ("k15", {"kernel": 15}), ("full", {"method": "full"})]
+SETTINGS = [("default", {}), ("k15", {"kernel": 15}), ("full", {"method": "full"}), ("w8", {"window": 8})]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_one_record_per_prompt_setting_and_budget(run):
         assert 0.0 <= r["top1"] <= 1.0 and r["kl_mean"] >= 0.0 and r["kl_max"] >= r["kl_mean"] - 1e-12
         assert 2 <= r["answer_tokens"] <= 12
     for a in answers:
-        assert set(a["compressed"]) == {"default@40", "k15@40", "full@40"}
+        assert set(a["compressed"]) == {"default@40", "k15@40", "full@40", "w8@40"}
 
 
 def test_the_full_method_reproduces_the_full_cache_exactly(run):
@@ -114,6 +114,8 @@ def test_settings_may_not_set_the_budget(tiny_llama, vocab):
     prompts = build_prompts(vocab, [_doc("a", 4)], tasks=("summary",), min_doc_tokens=1)
     with pytest.raises(ValueError, match="budget"):
         run_instruction_fidelity(str(tiny_llama), prompts, [("x", {"budget": 64})], [40], window=16)
+    with pytest.raises(ValueError, match="window"):
+        run_instruction_fidelity(str(tiny_llama), prompts, [("x", {"window": 32})], [40], window=16)
 
 
 def test_summarize_and_paired():
