@@ -518,7 +518,7 @@ def _generate(llm: Any, sample: TaskSample, max_tokens: int) -> tuple[str, int]:
 def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
               methods_budgets: Sequence[tuple[str, int | None]], mode: str = "chat", n_samples: int = 1,
               seed: int = 0, n_threads: int = 2, max_tokens: int = 16, window: int | None = None,
-              kernel: int | None = None,
+              kernel: int | None = None, options: dict[str, Any] | None = None,
               n_gpu_layers: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Every (task, length, depth, sample) answered under every (method, budget); one record per answer.
 
@@ -539,6 +539,8 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         max_tokens: tokens generated per answer.
         window: ``adakv_window`` (None: the library default).
         kernel: ``adakv_kernel``, the score pooling width (None: the library default).
+        options: more eviction options for every budgeted run, by AdaKVConfig name without the
+            ``adakv_`` prefix (``{"pooling": "max-fill"}``); None: the library defaults.
         n_gpu_layers: layers offloaded to a GPU build.
         progress: called as ``progress(done, total, record)`` after each answer.
 
@@ -571,7 +573,8 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
     for method, budget in methods_budgets:
         if budget is not None:
             try:
-                AdaKVConfig.from_llama_kwargs({"adakv_budget": budget, "adakv_method": method, "adakv_window": window})
+                AdaKVConfig.from_llama_kwargs({"adakv_budget": budget, "adakv_method": method, "adakv_window": window,
+                                               **{f"adakv_{k}": v for k, v in (options or {}).items()}})
             except ValueError as e:
                 raise ValueError(f"methods_budgets: ({method!r}, {budget}): {e}") from None
 
@@ -597,6 +600,7 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                 kw["adakv_window"] = window
             if kernel is not None:
                 kw["adakv_kernel"] = kernel
+            kw.update({f"adakv_{k}": v for k, v in (options or {}).items()})
         llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=True, verbose=False, **kw)
         try:

@@ -125,6 +125,8 @@ def profile(f: Path, setting: dict[str, Any], budget: int) -> dict[str, float]:
             add("share_doc_first5", float(np.mean((c >= start) & (c < start + 0.05 * (end - start)))))
             add("share_doc_last5", float(np.mean((c >= end - 0.05 * (end - start)) & (c < end))))
             add("share_instruction", float(np.mean(c >= end)))
+            add("share_doc_first50", float(np.mean((c >= start) & (c < start + 0.5 * (end - start)))))
+            add("share_doc_last10", float(np.mean((c >= end - 0.1 * (end - start)) & (c < end))))
             for k in ("word", "digit", "markup", "space"):
                 add(f"kept_{k}", float(np.mean(classes[c] == k)))
             add("doc_lines_touched", float(np.isin(doc_lines, line_of[c]).mean()))
@@ -137,7 +139,14 @@ def profile(f: Path, setting: dict[str, Any], budget: int) -> dict[str, float]:
     out["attn_template"] = float((s[:, :, :start].sum(-1) / total).mean())
     out["attn_first_cell"] = float((s[:, :, 0] / total).mean())
     out["attn_instruction_before_window"] = float((s[:, :, end:].sum(-1) / total).mean())
-    top = np.sort(s[:, :, start:end], axis=-1)[:, :, ::-1]
+    doc = s[:, :, start:end]
+    dn = doc.shape[-1]
+    doc_total = np.maximum(doc.sum(-1), 1e-30)
+    for share, label in ((0.5, "first50"), (0.1, "last10"), (0.01, "last1")):
+        part = doc[:, :, : int(share * dn)] if label.startswith("first") else doc[:, :, dn - int(share * dn) :]
+        out[f"attn_doc_{label}"] = float((part.sum(-1) / doc_total).mean())
+    out["window_cells_in_document"] = float(max(0, min(end, n) - (n - w)))
+    top = np.sort(doc, axis=-1)[:, :, ::-1]
     out["attn_doc_top32_of_doc"] = float((top[:, :, :32].sum(-1) / np.maximum(top.sum(-1), 1e-30)).mean())
     return out
 

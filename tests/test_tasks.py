@@ -260,6 +260,7 @@ def test_bad_generator_arguments(kwargs, name):
         ({"n_threads": 0}, "n_threads"),
         ({"seed": 1.5}, "seed"),
         ({"window": 0}, "window"),
+        ({"methods_budgets": [("ada-snapkv", 64)], "options": {"pooling": "median"}}, "methods_budgets"),
     ],
 )
 def test_bad_runner_arguments_are_refused_before_loading(tmp_path, kwargs, name):
