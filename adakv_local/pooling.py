@@ -39,7 +39,10 @@ __all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "fill_gaps", "pool_
 #: phrase or number is kept whole (a 5-digit number, one token per digit, between the words the
 #: question attends to). "max-spread" and "max-fill-spread": the same pooling, then each head's
 #: selection is spread over the prompt (:func:`adakv_local.policies.spread_rank`).
-POOLING_MODES = ("max", "avg", "max-fill", "max-spread", "max-fill-spread")
+#: "max2": pooling in two scales, ``max(max pool over kernel, max pool over 2 * kernel + 1 / 2)``:
+#: the neighbourhood of a strong cell is twice as wide as that of a weak one (half its score
+#: still outranks a weak cell), so what follows the words a question attends to is kept.
+POOLING_MODES = ("max", "avg", "max-fill", "max-spread", "max-fill-spread", "max2")
 
 
 def check_kernel(kernel: object) -> int:
@@ -126,6 +129,8 @@ def pool_scores(scores: np.ndarray, kernel: int = 7, mode: str = "max") -> np.nd
     n = x.shape[-1]
     if mode in ("max-fill", "max-fill-spread"):
         x = fill_gaps(x, kernel)
+    if mode == "max2":
+        return np.maximum(pool_scores(x, kernel, "max"), pool_scores(x, 2 * kernel + 1, "max") / 2)
     if mode != "avg":
         mode = "max"
     if kernel == 1 or n == 0:

@@ -83,6 +83,65 @@ def cmd_scores(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_task_scores(a: argparse.Namespace) -> int:
+    """The window scores of one generated task sample (chat mode), and where its answer's tokens are."""
+    import llama_cpp
+
+    from adakv_local.instruct import _formatter, _prefix_mode
+    from adakv_local.llama import Llama
+    from adakv_local.models import resolve_model
+    from adakv_local.tasks import make_sample
+
+    llm = Llama(model_path=str(resolve_model(a.model)), n_ctx=a.length + 512, n_batch=512, n_threads=a.threads,
+                n_threads_batch=a.threads, adakv_budget=10**6, adakv_window=a.window, verbose=False)
+    a.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for depth in (float(x) for x in a.depths.split(",")):
+            sample = make_sample(a.task, llm, a.length, depth, a.seed, mode="chat")
+            r = _formatter(llm)(messages=sample.messages())
+            toks = list(llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True))
+            llm.reset()
+            with _prefix_mode(llm):
+                llm.eval(toks[: -a.window])
+            kv = llm.adakv_kvcache
+            kv.arm_scores(a.window)
+            llama_cpp.Llama.eval(llm, toks[-a.window :])
+            scores = kv.read_scores(len(toks))
+            pieces = [llm.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
+            text = "".join(pieces)
+            at = text.index(sample.answers[0])
+            ends = np.cumsum([len(x) for x in pieces])
+            first = int(np.searchsorted(ends, at, side="right"))
+            last = int(np.searchsorted(ends, at + len(sample.answers[0]) - 1, side="right"))
+            np.savez_compressed(a.out / f"{a.task}-{a.seed}-{depth}.npz", scores=scores, tokens=np.array(toks),
+                                pieces=np.array(pieces), answer_span=np.array([first, last + 1]), window=a.window)
+            print(f"{a.task} depth {depth}: answer {sample.answers[0]!r} at tokens [{first}, {last + 1})",
+                  file=sys.stderr, flush=True)
+    finally:
+        llm.close()
+    return 0
+
+
+def cmd_answer_kept(a: argparse.Namespace) -> int:
+    """For task-scores files: how many (layer, head) pairs keep each answer token, per setting."""
+    settings = a.settings or [("default", {})]
+    for f in sorted(a.dir.glob("*.npz")):
+        z = np.load(f)
+        scores, pieces = z["scores"], [str(x) for x in z["pieces"]]
+        lo, hi = (int(x) for x in z["answer_span"])
+        w, n = int(z["window"]), z["scores"].shape[-1]
+        print(f"{f.stem}: tokens {[pieces[i] for i in range(lo - 3, hi + 3)]}")
+        for label, opts in settings:
+            cfg = AdaKVConfig(budget=a.budget, window=w, **opts)
+            alloc = AllocationConfig(budget=a.budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
+                                     sinks=cfg.sinks)
+            kept = keep_sets(list(scores), n, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling)
+            counts = [sum(int(np.isin(i, c)) for layer in kept for c in layer) for i in range(lo - 3, hi + 3)]
+            whole = sum(int(np.isin(np.arange(lo, hi), c).all()) for layer in kept for c in layer)
+            print(f"  {label:>14} @ {a.budget}: heads keeping each token {counts}; keeping all digits: {whole}")
+    return 0
+
+
 def _runs(idx: np.ndarray) -> np.ndarray:
     """Lengths of the maximal runs of consecutive cells in sorted ``idx``."""
     if idx.size == 0:
@@ -195,8 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--budgets", default="256,512,1024")
     r.add_argument("--setting", dest="settings", action="append", type=parse_setting, default=None)
     r.add_argument("--json", type=Path, default=None)
+    t = sub.add_parser("task-scores")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--task", default="passkey")
+    t.add_argument("--length", type=int, default=3000)
+    t.add_argument("--depths", default="0.5")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--window", type=int, default=32)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--out", type=Path, required=True)
+    k = sub.add_parser("answer-kept")
+    k.add_argument("dir", type=Path)
+    k.add_argument("--budget", type=int, default=128)
+    k.add_argument("--setting", dest="settings", action="append", type=parse_setting, default=None)
     a = p.parse_args(argv)
-    return cmd_scores(a) if a.cmd == "scores" else cmd_report(a)
+    return {"scores": cmd_scores, "report": cmd_report, "task-scores": cmd_task_scores,
+            "answer-kept": cmd_answer_kept}[a.cmd](a)
 
 
 if __name__ == "__main__":

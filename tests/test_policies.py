@@ -130,6 +130,8 @@ def ref_pool(row, kernel, mode):
     """Pooling of one row by loops: -inf cells are padding and stay -inf."""
     if mode in ("max-fill", "max-fill-spread"):
         row = ref_fill(row, kernel)
+    if mode == "max2":
+        return np.maximum(ref_pool(row, kernel, "max"), ref_pool(row, 2 * kernel + 1, "max") / 2)
     mode = "avg" if mode == "avg" else "max"
     n, half, out = len(row), kernel // 2, []
     for i in range(n):
