@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from .policies import METHODS
+from .pooling import POOLING_MODES
 
-POOLINGS = ("max", "avg")
+POOLINGS = POOLING_MODES
 GQA_REDUCTIONS = ("mean", "max")
 
 
@@ -52,7 +53,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("window", "observation window: the last prompt tokens whose attention scores the cells; "
            "always kept by every head", "W"),
     Option("kernel", "width of the 1-D pooling of the scores along the prompt (odd)", "K"),
-    Option("pooling", f"pooling of the scores: {' or '.join(POOLINGS)}", "MODE"),
+    Option("pooling", f"pooling of the scores: {', '.join(POOLINGS)} (max and avg: SnapKV's; -fill: a cell "
+           "between two high-scoring cells at most 2 x kernel apart ranks with them, so numbers and phrases are kept "
+           "whole; -spread: a quarter of each head's budget is spread over the whole prompt; max2: two scales, a "
+           "strong cell's neighbourhood 2 x kernel + 1 wide, keeps 5-digit numbers at budget 128 but costs KL: "
+           "docs/SELECTION.md)", "MODE"),
     Option("gqa", f"how the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)}", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),

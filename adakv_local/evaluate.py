@@ -98,10 +98,13 @@ def run_fidelity(
     n_threads: int = 2,
     n_gpu_layers: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Records {prompt, method, budget, kl_mean, kl_max, top1, l1_attn, prompt_tokens, footprint, kv_bytes}:
     footprint is R, the cells of the compacted block, which every head of a layer pays for;
     kv_bytes the K and V bytes the cache holds after the compression.
+
+    ``options``: more eviction options for every run (AdaKVConfig names, e.g. ``{"pooling": "max2"}``).
 
     ``l1_attn`` (:func:`~adakv_local.fidelity.attention_l1`) compares the attention outputs of
     every evicted layer on the teacher-forced continuation with the full cache's.
@@ -116,6 +119,7 @@ def run_fidelity(
                 adakv_window=window, adakv_kernel=kernel, verbose=False)
     base = llm.adakv_config
     assert base is not None
+    base = dataclasses.replace(base, **(options or {}))
     total = len(prompts) * (1 + len(methods) * len(budgets))
     done = 0
     records: list[dict[str, Any]] = []

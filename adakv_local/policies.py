@@ -83,6 +83,7 @@ __all__ = [
     "keep_sets",
     "pyramid_schedule",
     "select",
+    "spread_rank",
     "uniform_allocate",
 ]
 
@@ -548,6 +549,39 @@ def _resolve(method: object) -> Policy:
     raise TypeError(f"method must be a method name {sorted(METHODS)} or a Policy, got {type(method).__name__}")
 
 
+# ---------------------------------------------------------------------------- spreading
+
+
+def spread_rank(pooled: np.ndarray, selectable: int, kernel: int) -> np.ndarray:
+    """Spread a quarter of each head's selection over the whole prompt (pooling ``"*-spread"``).
+
+    A window's attention after a long document falls mostly on the document's last lines (a
+    "summarize" instruction holds no words that point elsewhere; docs/SELECTION.md), so the top-k
+    alone keeps one stretch of text. Here each head's valid cells are split, in order, into
+    ``n_seg = selectable // (4 * kernel)`` contiguous segments of equal size (``np.array_split``),
+    and in every segment the head's ``kernel`` best cells (by pooled score, ties to the lower cell)
+    are ranked above all other cells: their score is raised by more than the layer's score range,
+    so the allocation (uniform or Ada's top-k, whose totals stay exact) takes them first, and the
+    rest of the budget goes by score as before. With max pooling those ``kernel`` cells are the
+    neighbourhood of the segment's best cell: one phrase per segment, about a quarter of ``B'``.
+
+    pooled: [H, n] (-inf = invalid). Returns float64 [H, n]; unchanged when ``n_seg == 0``.
+    """
+    p = _check_layer("pooled", pooled).astype(np.float64)
+    n_seg = max(int(selectable), 0) // (4 * kernel)
+    finite = p[np.isfinite(p)]
+    if n_seg == 0 or finite.size == 0:
+        return p
+    offset = float(finite.max() - finite.min()) + 1.0
+    out = p.copy()
+    for h in range(p.shape[0]):
+        valid = np.flatnonzero(p[h] != -np.inf)
+        for seg in np.array_split(valid, min(n_seg, valid.size)) if valid.size else ():
+            top = seg[_topk_mask(p[h, seg], min(kernel, seg.size))]
+            out[h, top] += offset
+    return out
+
+
 # ---------------------------------------------------------------------------- selection
 
 
@@ -609,7 +643,9 @@ def keep_sets(
     n_cells:    N, the number of prefilled cells.
     method:     a key of :data:`METHODS` (or a Policy instance).
     cfg:        the budget and options (:class:`AllocationConfig`).
-    kernel, pooling: SnapKV pooling of the selectable prefix (:func:`pooling.pool_scores`).
+    kernel, pooling: SnapKV pooling of the selectable prefix (:func:`pooling.pool_scores`); the
+                ``"*-spread"`` modes then spread part of each head's selection over the prompt
+                (:func:`spread_rank`, with the average selectable budget ``cfg.selectable``).
     valid_from: None, or per layer an int array [H]: cells before ``valid_from[l][h]`` are
                 invalid for head h.
 
@@ -636,7 +672,11 @@ def keep_sets(
         prefix = s[:, :n_sel]
         _check_no_nan(f"scores[{i}]", prefix)
         prefix = _mask_before(prefix, vf)
-        pooled.append(pool_scores(prefix, kernel, pooling) if policy.needs_scores else prefix)
+        if policy.needs_scores:
+            prefix = pool_scores(prefix, kernel, pooling)
+            if pooling.endswith("-spread"):
+                prefix = spread_rank(prefix, cfg.selectable, kernel)
+        pooled.append(prefix)
     ranked = policy.rank(pooled, cfg)
     counts = policy.allocate(ranked, cfg)
 

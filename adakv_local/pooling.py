@@ -19,6 +19,9 @@ Conventions (deliberate, documented choices):
   ``count_include_pad=True``, which divides the edge cells by the full kernel).  Dividing
   by the real count keeps the first and last cells comparable with the others.
 * ``NaN`` is rejected (ValueError).  ``+inf`` is allowed and propagates.
+* ``mode="max-fill"`` (and ``"max-fill-spread"``): :func:`fill_gaps` (reach ``kernel``) first,
+  then max pooling.  ``"max-spread"`` pools like ``"max"`` here; the spreading is a selection
+  step done by :mod:`adakv_local.policies`, which knows the budget.
 
 This module imports nothing from the rest of ``adakv_local``.
 """
@@ -28,9 +31,18 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "pool_prefix", "pool_scores"]
+__all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "fill_gaps", "pool_prefix", "pool_scores"]
 
-POOLING_MODES = ("max", "avg")
+#: "max" and "avg": SnapKV's pooling. "max-fill": max pooling of the scores after
+#: :func:`fill_gaps` with reach ``kernel``: a cell that lies between two high-scoring cells at
+#: most ``2 * kernel`` cells apart ranks as high as the lower of the two, so a kept
+#: phrase or number is kept whole (a 5-digit number, one token per digit, between the words the
+#: question attends to). "max-spread" and "max-fill-spread": the same pooling, then each head's
+#: selection is spread over the prompt (:func:`adakv_local.policies.spread_rank`).
+#: "max2": pooling in two scales, ``max(max pool over kernel, max pool over 2 * kernel + 1 / 2)``:
+#: the neighbourhood of a strong cell is twice as wide as that of a weak one (half its score
+#: still outranks a weak cell), so what follows the words a question attends to is kept.
+POOLING_MODES = ("max", "avg", "max-fill", "max-spread", "max-fill-spread", "max2")
 
 
 def check_kernel(kernel: object) -> int:
@@ -65,6 +77,33 @@ def _window_reduce(view: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
     return out
 
 
+def fill_gaps(scores: np.ndarray, reach: int) -> np.ndarray:
+    """Raise every cell to the lower of the highest scores within ``reach`` cells on its left and
+    on its right (along the last axis): ``out[j] = max(x[j], min(max x[j-reach:j], max x[j+1:j+reach+1]))``.
+
+    A cell between two high-scoring cells at most ``2 * reach`` apart ranks as high as the lower
+    of them; a cell with nothing higher on one side (the edges included) keeps its score. Invalid
+    (``-inf``) cells are ignored by their neighbours and stay ``-inf``.
+    """
+    if isinstance(reach, bool) or not isinstance(reach, (int, np.integer)) or reach < 0:
+        raise ValueError(f"reach must be an integer >= 0, got {reach!r}")
+    x = np.asarray(scores)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    n = x.shape[-1]
+    if reach == 0 or n == 0:
+        return np.array(x, copy=True)
+    reach = int(reach)
+    pad = [(0, 0)] * (x.ndim - 1)
+    padded = np.pad(x, pad + [(reach, reach)], constant_values=-np.inf)
+    view = sliding_window_view(padded, reach, axis=-1)  # view[..., i, :] = padded[i : i + reach]
+    left = _window_reduce(view[..., :n, :], np.maximum)  # x[j-reach : j]
+    right = _window_reduce(view[..., reach + 1 : reach + 1 + n, :], np.maximum)  # x[j+1 : j+reach+1]
+    out = np.maximum(x, np.minimum(left, right))
+    out[x == -np.inf] = -np.inf
+    return out
+
+
 def pool_scores(scores: np.ndarray, kernel: int = 7, mode: str = "max") -> np.ndarray:
     """Pool ``scores`` along its last axis with a centred window of ``kernel`` cells.
 
@@ -88,6 +127,12 @@ def pool_scores(scores: np.ndarray, kernel: int = 7, mode: str = "max") -> np.nd
     if np.isnan(x).any():
         raise ValueError("scores must not contain NaN (use -inf for invalid cells)")
     n = x.shape[-1]
+    if mode in ("max-fill", "max-fill-spread"):
+        x = fill_gaps(x, kernel)
+    if mode == "max2":
+        return np.maximum(pool_scores(x, kernel, "max"), pool_scores(x, 2 * kernel + 1, "max") / 2)
+    if mode != "avg":
+        mode = "max"
     if kernel == 1 or n == 0:
         return np.array(x, copy=True)
     half = kernel // 2

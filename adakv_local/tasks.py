@@ -1,6 +1,6 @@
 """Synthetic long-context retrieval tasks (kvpress / RULER style), generated locally from seeds.
 
-Nothing is downloaded: every prompt is built from small word lists and a seed. Four tasks:
+Every prompt is built from small word lists, a seed and (facts) installed text. Five tasks:
 
 * ``passkey``: a 5-digit pass key hidden in the classic repeated filler ("The grass is green. The
   sky is blue. ..."); the question asks for the key.
@@ -9,6 +9,11 @@ Nothing is downloaded: every prompt is built from small word lists and a seed. F
 * ``multikey``: several such needles with different cities (and numbers); the question asks for one.
 * ``vartrack``: variable tracking: a chain ``VAR ABCDE = 12345``, ``VAR FGHIJ = VAR ABCDE``, ... and a
   distractor chain with another value; the question asks for every variable that holds the value.
+* ``facts``: one fact (a number, a date or a person's name, the seed picks which) stated once in a
+  long natural document (the prose of the Python standard library's documentation, see
+  :mod:`adakv_local.texts`, which every Python has); the question asks for it.
+
+Nothing here is downloaded; the facts task's document is read from the installed Python.
 
 The seed fixes the hidden content (keys, numbers, names) and the filler; the target length and
 the depth fix only where the content goes. ``depth`` is the fraction of the document's filler
@@ -43,7 +48,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Union
 
-TASKS: tuple[str, ...] = ("passkey", "needle", "multikey", "vartrack")
+TASKS: tuple[str, ...] = ("passkey", "needle", "multikey", "vartrack", "facts")
 MODES: tuple[str, ...] = ("chat", "raw")
 
 #: anything that turns text into tokens: a callable ``str -> sequence`` (e.g. ``str.split``) or an
@@ -118,6 +123,34 @@ _VARTRACK_RAW = ("Memorize and track the chain of variable assignments hidden in
                  "assigned the value {key}, they are:")
 
 
+_FACTS_CHAT = ("Read the document below. Remember the facts it states.\n\n", "{doc}",
+               "\n\n{question} Answer with the {what} only.")
+_FACTS_RAW = ("Read the document below. Remember the facts it states.\n\n", "{doc}", "\n\n{lead}")
+FACT_KINDS: tuple[str, ...] = ("number", "date", "name")
+_FIRST_NAMES = (
+    "Mariana", "Tobias", "Ingrid", "Rafael", "Annika", "Dmitri", "Leonora", "Kwame", "Svetlana", "Matteo",
+    "Ayesha", "Florian", "Noemi", "Bartosz", "Yuki", "Emeka",
+)  # fmt: skip
+_LAST_NAMES = (
+    "Kovacic", "Lindqvist", "Okonkwo", "Ferreira", "Halvorsen", "Takahashi", "Marchetti", "Novak", "Abernathy",
+    "Castellanos", "Petrosyan", "Vasquez", "Brennan", "Szabo", "Oyelaran", "Weidemann",
+)  # fmt: skip
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+# (statement, chat question, raw lead-in, what the answer is) per fact kind; {v} is the value
+_FACT_TEXTS = {
+    "number": ("The maintenance log records that exactly {v} requests were served on the first day.",
+               "According to the maintenance log, how many requests were served on the first day?",
+               "According to the maintenance log, the number of requests served on the first day was", "number"),
+    "date": ("The final review of this documentation took place on {v}.",
+             "On which date did the final review of this documentation take place?",
+             "The final review of this documentation took place on", "date"),
+    "name": ("The person responsible for the final review of this documentation was {v}.",
+             "Who was responsible for the final review of this documentation?",
+             "The person responsible for the final review of this documentation was", "name"),
+}
+
+
 # -- samples -------------------------------------------------------------------------------------------
 
 
@@ -161,11 +194,18 @@ def score(sample: TaskSample, output_text: str) -> bool:
 
     Digit tasks: the answer's number appears in the output as a whole number (no digit right
     before or after it; thousands separators such as ``12,345`` are accepted). vartrack: every
-    expected variable name appears as a word (case-insensitive).
+    expected variable name appears as a word (case-insensitive). facts: every part of the answer
+    (the number; the day, month and year; the first and last name) appears, numbers as whole
+    numbers and words as words (case-insensitive).
     """
     if not isinstance(output_text, str):
         raise ValueError(f"output_text: expected a str, got {type(output_text).__name__}")
     expected = sample.answers or (sample.answer,)
+    if sample.task == "facts":  # numbers as numbers (separators allowed), words as words, any case
+        text = re.sub(r"(?<=\d)[,_ ](?=\d{3}(?!\d))", "", output_text)
+        return all(re.search(rf"(?<!\d){re.escape(a)}(?!\d)", text) if a.isdigit()
+                   else re.search(rf"(?<![A-Za-z]){re.escape(a)}(?![A-Za-z])", text, re.IGNORECASE)
+                   for a in expected)
     if sample.task == "vartrack":
         return all(re.search(rf"(?<![A-Za-z]){re.escape(name)}(?![A-Za-z])", output_text, re.IGNORECASE)
                    for name in expected)
@@ -388,14 +428,56 @@ def vartrack(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int, *, mo
                    inserts, _token_counter(tokenizer), n_tokens, depth, seed, mode, tuple(names[:n_vars]))
 
 
+def _prose_filler(rng: random.Random) -> _Filler:
+    """Sentences of the standard library's documentation (:mod:`adakv_local.texts`), modules in a
+    seeded order, every sentence on one line; digits are removed so that the fact's number is unique."""
+    from .texts import documents
+
+    texts = [t for _, t in documents(min_chars=4000)]
+    if not texts:
+        raise ValueError("facts: this Python has no standard-library documentation to build a document from")
+    rng.shuffle(texts)
+    sentences = [x for t in texts for x in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", re.sub(r"\d", "", t)))
+                 if len(x) > 20]
+    return _Filler(lambda i: sentences[i % len(sentences)])
+
+
+def facts(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int, *, mode: str = "chat",
+          kind: str | None = None) -> TaskSample:
+    """A number, a date or a name (``kind``; None: the seed picks one) stated once in natural prose."""
+    _check_common(n_tokens, depth, seed, mode)
+    rng = _rng("facts", seed, "answer")
+    picked = rng.choice(FACT_KINDS)
+    kind = picked if kind is None else kind
+    if kind not in FACT_KINDS:
+        raise ValueError(f"kind: expected None or one of {', '.join(FACT_KINDS)}, got {kind!r}")
+    if kind == "number":
+        value = _number(rng, 5)
+        answers: tuple[str, ...] = (value,)
+    elif kind == "date":
+        day, month, year = rng.randrange(1, 29), rng.choice(_MONTHS), rng.randrange(1950, 2030)
+        value, answers = f"{day} {month} {year}", (str(day), month, str(year))
+    else:
+        first, last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
+        value, answers = f"{first} {last}", (first, last)
+    statement, question, lead, what = _FACT_TEXTS[kind]
+    parts = _FACTS_CHAT if mode == "chat" else _FACTS_RAW
+    fmt = {"question": question, "what": what, "lead": lead}
+    sample = _sample("facts", parts, fmt, _prose_filler(_rng("facts", seed, "filler")),
+                     [(depth, statement.format(v=value))], _token_counter(tokenizer), n_tokens, depth, seed, mode,
+                     answers)
+    return sample
+
+
 GENERATORS: MappingProxyType[str, Callable[..., TaskSample]] = MappingProxyType(
-    {"passkey": passkey, "needle": needle, "multikey": multikey, "vartrack": vartrack}
+    {"passkey": passkey, "needle": needle, "multikey": multikey, "vartrack": vartrack, "facts": facts}
 )
 
 
 def make_sample(task: str, tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int, *, mode: str = "chat",
                 **options: Any) -> TaskSample:
-    """The sample of the named task (options: n_keys for multikey; n_hops, n_distractors for vartrack)."""
+    """The sample of the named task (options: n_keys for multikey; n_hops, n_distractors for vartrack;
+    kind for facts)."""
     if task not in GENERATORS:
         raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
     return GENERATORS[task](tokenizer, n_tokens, depth, seed, mode=mode, **options)
@@ -436,7 +518,7 @@ def _generate(llm: Any, sample: TaskSample, max_tokens: int) -> tuple[str, int]:
 def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float],
               methods_budgets: Sequence[tuple[str, int | None]], mode: str = "chat", n_samples: int = 1,
               seed: int = 0, n_threads: int = 2, max_tokens: int = 16, window: int | None = None,
-              kernel: int | None = None,
+              kernel: int | None = None, options: dict[str, Any] | None = None,
               n_gpu_layers: int = 0, progress: Progress | None = None) -> list[dict[str, Any]]:
     """Every (task, length, depth, sample) answered under every (method, budget); one record per answer.
 
@@ -457,6 +539,8 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
         max_tokens: tokens generated per answer.
         window: ``adakv_window`` (None: the library default).
         kernel: ``adakv_kernel``, the score pooling width (None: the library default).
+        options: more eviction options for every budgeted run, by AdaKVConfig name without the
+            ``adakv_`` prefix (``{"pooling": "max-fill"}``); None: the library defaults.
         n_gpu_layers: layers offloaded to a GPU build.
         progress: called as ``progress(done, total, record)`` after each answer.
 
@@ -489,7 +573,8 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
     for method, budget in methods_budgets:
         if budget is not None:
             try:
-                AdaKVConfig.from_llama_kwargs({"adakv_budget": budget, "adakv_method": method, "adakv_window": window})
+                AdaKVConfig.from_llama_kwargs({"adakv_budget": budget, "adakv_method": method, "adakv_window": window,
+                                               **{f"adakv_{k}": v for k, v in (options or {}).items()}})
             except ValueError as e:
                 raise ValueError(f"methods_budgets: ({method!r}, {budget}): {e}") from None
 
@@ -515,6 +600,7 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                 kw["adakv_window"] = window
             if kernel is not None:
                 kw["adakv_kernel"] = kernel
+            kw.update({f"adakv_{k}": v for k, v in (options or {}).items()})
         llm = Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=True, verbose=False, **kw)
         try:

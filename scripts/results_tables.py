@@ -131,7 +131,7 @@ def paired(a: dict, b: dict) -> str:
         key = (r["method"], r["budget"], r["prompt"])
         if key in ra:
             groups.setdefault(key[:2], []).append((ra[key], r))
-    ka, kb = a["config"].get("kernel"), b["config"].get("kernel")
+    ka, kb = (c["config"].get("options") or c["config"].get("kernel") for c in (a, b))
     lines = [f"| method | budget | prompts | mean KL, kernel {ka} | mean KL, kernel {kb} | ratio | lower with "
              f"{kb} on | attention L1, {ka} → {kb} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for (m, bud), pairs in sorted(groups.items()):

@@ -26,9 +26,10 @@ from adakv_local.policies import (
     keep_sets,
     pyramid_schedule,
     select,
+    spread_rank,
     uniform_allocate,
 )
-from adakv_local.pooling import pool_prefix, pool_scores
+from adakv_local.pooling import POOLING_MODES, fill_gaps, pool_prefix, pool_scores
 
 PROPS = settings(
     max_examples=60,
@@ -91,8 +92,47 @@ def test_table_covers_every_method():
 # ------------------------------------------------------------------ plain-Python references
 
 
+def ref_fill(row, reach):
+    """fill_gaps by loops: the lower of the best valid score within reach on each side, if higher."""
+    n, out = len(row), []
+    for i in range(n):
+        if row[i] == NEG:
+            out.append(NEG)
+            continue
+        left = max([row[j] for j in range(max(0, i - reach), i)], default=NEG)
+        right = max([row[j] for j in range(i + 1, min(n, i + reach + 1))], default=NEG)
+        out.append(max(row[i], min(left, right)))
+    return np.array(out, dtype=np.float64)
+
+
+def ref_spread(layer, bsel, kernel):
+    """spread_rank by loops: per head, the valid cells in n_seg equal ordered segments; each
+    segment's best `kernel` cells (score desc, cell asc) raised above every other cell."""
+    out = np.array(layer, dtype=np.float64)
+    n_seg = max(bsel, 0) // (4 * kernel)
+    finite = [v for v in out.ravel() if math.isfinite(v)]
+    if n_seg == 0 or not finite:
+        return out
+    offset = max(finite) - min(finite) + 1.0
+    for h in range(out.shape[0]):
+        valid = [c for c in range(out.shape[1]) if layer[h][c] != NEG]
+        k = min(n_seg, len(valid))
+        for g in range(k):  # np.array_split: the first len % k segments one longer
+            size, extra = divmod(len(valid), k)
+            lo = g * size + min(g, extra)
+            seg = valid[lo : lo + size + (g < extra)]
+            for c in sorted(seg, key=lambda c: (-layer[h][c], c))[:kernel]:
+                out[h, c] += offset
+    return out
+
+
 def ref_pool(row, kernel, mode):
     """Pooling of one row by loops: -inf cells are padding and stay -inf."""
+    if mode in ("max-fill", "max-fill-spread"):
+        row = ref_fill(row, kernel)
+    if mode == "max2":
+        return np.maximum(ref_pool(row, kernel, "max"), ref_pool(row, 2 * kernel + 1, "max") / 2)
+    mode = "avg" if mode == "avg" else "max"
     n, half, out = len(row), kernel // 2, []
     for i in range(n):
         if row[i] == NEG:
@@ -177,6 +217,8 @@ def ref_ranked(case, scores, n_cells, cfg, kernel, pooling, valid_from):
             sinks = max(4, cfg.sinks)  # StreamingLLM's own 4 sinks, or more from cfg
         else:
             r = np.array([ref_pool(row, kernel, pooling) for row in p]).reshape(p.shape)
+            if pooling.endswith("-spread") and case.method != "full":
+                r = ref_spread(r, cfg.budget - cfg.window, kernel)
             sinks = cfg.sinks
         for row in r:  # the first `sinks` valid cells of the head (from its start on)
             row[np.flatnonzero(row != NEG)[:sinks]] = np.inf
@@ -234,7 +276,7 @@ def scenarios(draw, all_valid=False, max_cells=36, max_layers=3, max_heads=4):
     window = draw(st.integers(0, 8))
     budget = draw(st.integers(1, 40))
     kernel = draw(st.sampled_from([1, 3, 5, 7]))
-    pooling = draw(st.sampled_from(["max", "avg"]))
+    pooling = draw(st.sampled_from(POOLING_MODES))
     rng = np.random.default_rng(seed)
     scores = [rng.integers(0, draw(st.sampled_from([3, 10, 1000])), size=(n_heads, n_cells)).astype(np.float32)
               for _ in range(n_layers)]
@@ -256,7 +298,8 @@ def run(case, sc, budget=None):
 def pooled_of(sc):
     """What the score-ranked methods rank by (without sinks): masked, pooled prefix."""
     prefix, _ = ref_masked_prefix(sc.scores, sc.n_cells, sc.window, sc.valid_from)
-    return [pool_scores(p, sc.kernel, sc.pooling) for p in prefix]
+    return [spread_rank(pool_scores(p, sc.kernel, sc.pooling), sc.budget - sc.window, sc.kernel)
+            if sc.pooling.endswith("-spread") else pool_scores(p, sc.kernel, sc.pooling) for p in prefix]
 
 
 def selected(out, n_sel):
@@ -318,7 +361,7 @@ def test_worked_example_through_keep_sets():
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(0, 20), st.sampled_from([1, 3, 5, 7, 9]),
-       st.sampled_from(["max", "avg"]), st.sampled_from([0.0, 0.3]))
+       st.sampled_from(POOLING_MODES), st.sampled_from([0.0, 0.3]))
 @PROPS
 def test_pool_matches_loops(seed, n, kernel, mode, p_inf):
     rng = np.random.default_rng(seed)
@@ -329,6 +372,55 @@ def test_pool_matches_loops(seed, n, kernel, mode, p_inf):
     want = np.array([ref_pool(r, kernel, mode) for r in x]).reshape(x.shape)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert ((got == NEG) == (x == NEG)).all()  # invalid cells stay invalid, valid stay valid
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(0, 30), st.integers(0, 9), st.sampled_from([0.0, 0.3]))
+@PROPS
+def test_fill_gaps_matches_loops(seed, n, reach, p_inf):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 5, size=(2, n)).astype(np.float64)
+    x[rng.random(x.shape) < p_inf] = NEG
+    got = fill_gaps(x, reach)
+    want = np.array([ref_fill(r, reach) for r in x]).reshape(x.shape)
+    np.testing.assert_array_equal(got, want, err_msg=f"seed={seed} n={n} reach={reach} p_inf={p_inf}")
+    assert (got >= x).all() and ((got == NEG) == (x == NEG)).all()
+
+
+def test_fill_keeps_a_number_between_the_words_around_it():
+    # "... key is 3 0 4 1 7 . Remember ...": the question attends to the words around the number
+    x = np.zeros(24)
+    x[2] = x[12] = 9.0  # " key", " Remember"
+    x[[3, 4, 10, 11]] = 2.0
+    x[5:10] = 1.0  # the digits
+    x[20] = 5.0  # elsewhere
+    plain, filled = pool_scores(x, 7, "max"), pool_scores(x, 7, "max-fill")
+    top = 17  # the two 7-cell neighbourhoods of the words, and 3 more cells
+    assert not set(range(5, 10)) <= set(np.argsort(-plain, kind="stable")[:top].tolist())
+    assert set(range(5, 10)) <= set(np.argsort(-filled, kind="stable")[:top].tolist())
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(0, 60), st.integers(0, 80),
+       st.sampled_from([1, 3, 7]), st.sampled_from([0.0, 0.3]))
+@PROPS
+def test_spread_rank_matches_loops(seed, n_heads, n, bsel, kernel, p_inf):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 6, size=(n_heads, n)).astype(np.float64)
+    x[rng.random(x.shape) < p_inf] = NEG
+    np.testing.assert_array_equal(spread_rank(x, bsel, kernel), ref_spread(x, bsel, kernel),
+                                  err_msg=f"seed={seed} heads={n_heads} n={n} bsel={bsel} kernel={kernel}")
+
+
+def test_spread_keeps_a_share_of_every_segment():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.random(700) * 0.01, rng.random(300) + 1.0])[None, :]  # the last 30% dominates
+    cfg = AllocationConfig(budget=32 + 224, window=32)
+    plain = keep_sets([np.concatenate([x, np.zeros((1, 32))], axis=1)], 1032, "snapkv", cfg, 7, "max")[0][0]
+    spread = keep_sets([np.concatenate([x, np.zeros((1, 32))], axis=1)], 1032, "snapkv", cfg, 7, "max-spread")[0][0]
+    assert len(plain) == len(spread) == 256
+    assert (plain[plain < 1000] >= 700).all()  # the top-k keeps only the last stretch
+    n_seg = 224 // 28
+    for g in range(n_seg):  # one phrase (kernel cells) in each of the 8 segments
+        assert ((spread >= g * 125) & (spread < (g + 1) * 125)).sum() >= 7
 
 
 def test_pool_short_inputs_and_dtypes():
@@ -487,6 +579,8 @@ def test_monotone_in_budget(case, sc, extra):
     if case.opts.get("max_ratio") is not None:
         pytest.skip("with max_ratio the cap grows in steps of up to ceil(max_ratio): a capped head "
                     "can take several slots from another when the budget grows by one")
+    if sc.pooling.endswith("-spread"):
+        pytest.skip("the -spread segments are cut by the budget: a larger budget moves their bounds")
     small, _ = run(case, sc)
     big, _ = run(case, sc, budget=sc.budget + extra)
     for layer_s, layer_b in zip(small, big):

@@ -90,6 +90,45 @@ def test_answer_once_at_the_depth(task, mode, depth):
     assert abs(doc.index(s.answer) / len(doc) - depth) <= 0.05
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["number", "date", "name"])
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_facts_states_the_fact_once_at_the_depth(kind, mode, depth):
+    from adakv_local.tasks import facts
+
+    s = facts(whitespace, 2500, depth, 4, mode=mode, kind=kind)
+    doc = document(s)
+    statement = next(x for x in doc.split(". ") if all(a in x for a in s.answers))
+    assert doc.count(statement) == 1
+    assert abs(doc.index(statement) / len(doc) - depth) <= 0.05
+    assert len(s.answers) == {"number": 1, "date": 3, "name": 2}[kind]
+    if kind == "number":
+        assert s.answer.isdigit() and len(s.answer) == 5
+        assert not any(c.isdigit() for c in doc.replace(s.answer, ""))  # the only number in the document
+    assert score(s, " ".join(s.answers)) and not score(s, " ".join(s.answers[:-1]) + " 0")
+
+
+def test_facts_seed_picks_the_kind_and_the_document_is_prose():
+    kinds = {make_sample("facts", whitespace, 800, 0.5, seed).answers.__len__() for seed in range(12)}
+    assert kinds == {1, 2, 3}
+    doc = document(make_sample("facts", whitespace, 3000, 0.5, 0))
+    sentences = [x for x in doc.split(". ") if x]
+    assert len(set(sentences)) > 0.9 * len(sentences)
+
+
+def test_score_facts_words_ignore_case_and_numbers_need_their_digits():
+    from adakv_local.tasks import facts
+
+    date = facts(whitespace, 600, 0.5, 0, kind="date")
+    day, month, year = date.answers
+    assert score(date, f"It was on {month.lower()} {day}, {year}.")
+    assert not score(date, f"It was on {month} 1{day}, {year}.")
+    name = facts(whitespace, 600, 0.5, 0, kind="name")
+    assert score(name, " ".join(name.answers).upper()) and not score(name, name.answers[0] + "son " + name.answers[1])
+    with pytest.raises(ValueError, match="^kind"):
+        facts(whitespace, 600, 0.5, 0, kind="colour")
+
+
 def test_passkey_filler_is_the_classic_one():
     s = make_sample("passkey", whitespace, 400, 0.5, 0)
     doc = document(s)
@@ -221,6 +260,7 @@ def test_bad_generator_arguments(kwargs, name):
         ({"n_threads": 0}, "n_threads"),
         ({"seed": 1.5}, "seed"),
         ({"window": 0}, "window"),
+        ({"methods_budgets": [("ada-snapkv", 64)], "options": {"pooling": "median"}}, "methods_budgets"),
     ],
 )
 def test_bad_runner_arguments_are_refused_before_loading(tmp_path, kwargs, name):

@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Markdown tables from scripts/instruct_fidelity.py's JSON (docs/SELECTION.md, docs/RESULTS.md).
+
+    python scripts/instruct_tables.py out.json --base default
+    python scripts/instruct_tables.py out.json --answers gpl-2,man-tar --sample default@512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from adakv_local.instruct import paired, summarize
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("json", type=Path, nargs="+")
+    p.add_argument("--base", default="default", help="the setting the others are paired with")
+    p.add_argument("--answers", default="", help="documents whose summaries to print side by side")
+    p.add_argument("--sample", default="", help="the compressed answer to print next to the full cache's")
+    a = p.parse_args()
+    data = [json.loads(f.read_text()) for f in a.json]
+    records = [r for d in data for r in d["records"]]
+    answers = [x for d in data for x in d["answers"]]
+    print("| task | setting | budget | prompts | mean KL (95% CI) | top-1 agreement |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in summarize(records):
+        print(f"| {r['task']} | {r['setting']} | {r['budget']} | {r['n']} | {r['kl_mean']:.4f} ± "
+              f"{r['kl_mean_ci95']:.4f} | {100 * r['top1']:.1f}% |")
+    settings = sorted({r["setting"] for r in records} - {a.base})
+    print(f"\n| task | setting vs {a.base} | budget | mean KL ratio | lower on | higher on | sign test p |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for s in settings:
+        for q in paired(records, s, a.base):
+            print(f"| {q['task']} | {s} | {q['budget']} | {q['ratio']:.3f} | {q['a_wins']} of {q['n']} | "
+                  f"{q['a_losses']} | {q['sign_p']:.3f} |")
+    for doc in filter(None, a.answers.split(",")):
+        for x in answers:
+            if x["document"] == doc and x["task"] == "summary":
+                got = x["compressed"].get(a.sample, "(not sampled)")
+                full, got = (" ".join(t.split()) for t in (x["full"], got))
+                print(f"\n**{doc}**\n\n| full cache | {a.sample} |\n|---|---|\n| {full} | {got} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
