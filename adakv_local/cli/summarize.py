@@ -67,10 +67,12 @@ EPILOG = f"""examples:
 
 The default budget, {DEFAULT_BUDGET} cells per KV head, is of the order the Ada-KV paper evaluates
 (128-2048 per head on long-document tasks, quality falling off gradually as the budget
-shrinks): the cache of a 1k-4k-token document shrinks several times. Small models are more
-fragile: with SmolLM2-135M, examples/ada-kv.md (2.6k tokens) still gives an on-topic summary
-at 256 and 128; raise the budget (e.g. 512, or a fraction such as 0.2) if a summary degrades.
-A prompt shorter than the budget is not evicted at all; --method full keeps every cell.
+shrinks): the cache of a 1k-4k-token document shrinks several times. Small models are
+fragile: with SmolLM2-135M, summaries at budgets 256-1024 can drift off the document or loop
+where the full cache's stay on topic; what was measured, and why (the instruction's attention
+favours the document's end), is in docs/SELECTION.md. Raise the budget (or use a fraction such
+as 0.2) if a summary degrades, and --repeat-penalty against loops. A prompt shorter than the
+budget is not evicted at all; --method full keeps every cell.
 
 The instruction comes after the document, so that the observation window (the prompt's last
 --window tokens, whose attention decides what is kept) is the request to summarize.
