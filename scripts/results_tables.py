@@ -3,6 +3,7 @@
 
     python scripts/results_tables.py docs/results/*.json
     python scripts/results_tables.py --paired A.json B.json   # two fidelity runs, prompt by prompt
+    python scripts/results_tables.py --footprint F.json       # Ada against SnapKV at equal footprint R
 """
 
 from __future__ import annotations
@@ -146,7 +147,33 @@ def paired(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
+def footprint(data: dict) -> str:
+    """Each Ada method's mean footprint R against SnapKV at the budget nearest to it (SnapKV's R is its
+    budget): about the same memory, prompt by prompt."""
+    by = {(r["method"], r["budget"], r["prompt"]): r for r in data["records"]}
+    snap = sorted({b for (m, b, _) in by if m == "snapkv"})
+    lines = ["| Ada method @ budget | its mean R (max) | SnapKV @ budget (R) | KL Ada | KL SnapKV | SnapKV lower on | "
+             "sign test p | attention L1 Ada / SnapKV |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for ada in ("ada-snapkv", "ada-pyramid"):
+        for b in sorted({b for (m, b, _) in by if m == ada}):
+            prompts = sorted(p for (m, bb, p) in by if m == ada and bb == b)
+            rs = [by[(ada, b, p)] for p in prompts]
+            mean_r = sum(r["footprint"] for r in rs) / len(rs)
+            sb = min(snap, key=lambda x: abs(x - mean_r))
+            ss = [by[("snapkv", sb, p)] for p in prompts]
+            wins = sum(x["kl_mean"] < y["kl_mean"] for x, y in zip(ss, rs))
+            losses = sum(x["kl_mean"] > y["kl_mean"] for x, y in zip(ss, rs))
+            m = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+            lines.append(f"| {ada} @ {b} | {mean_r:.0f} ({max(r['footprint'] for r in rs)}) | {sb} ({sb}) | "
+                         f"{m(rs, 'kl_mean'):.4f} | {m(ss, 'kl_mean'):.4f} | {wins} of {len(prompts)} | "
+                         f"{sign_test_p(wins, losses):.3g} | {m(rs, 'l1_attn'):.4f} / {m(ss, 'l1_attn'):.4f} |")
+    return "\n".join(lines)
+
+
 def main(paths: list[str]) -> None:
+    if paths[:1] == ["--footprint"]:
+        print(footprint(json.loads(Path(paths[1]).read_text())))
+        return
     if paths[:1] == ["--paired"]:
         a, b = (json.loads(Path(p).read_text()) for p in paths[1:3])
         print(paired(a, b))
