@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from words import text
 
 import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
 from adakv_local.chunked_eval import last_logits
@@ -18,14 +19,7 @@ from adakv_local.errors import CacheFullError
 from adakv_local.llama import Llama
 from adakv_local.policies import AllocationConfig, keep_sets
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 BUDGET, WINDOW, CHUNK, N_CTX = 24, 8, 128, 256
-
-
-def text(n_words: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    return " ".join(rng.choice(WORDS, size=n_words))
 
 
 @pytest.fixture(scope="module")

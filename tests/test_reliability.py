@@ -16,17 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from words import text
 
 import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
 from adakv_local.llama import Llama
-
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
-
-
-def text(n_words: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    return " ".join(rng.choice(WORDS, size=n_words))
 
 
 @pytest.fixture(scope="module")
