@@ -248,8 +248,9 @@ class Llama(llama_cpp.Llama):
                 past the model's trained context, or n_ctx leaves no room for a chunk after a
                 compressed block), or positions past n_ctx with ``logits_all=True``; nothing was
                 evaluated.
-            CacheFullError: tokens that neither fit nor can be compressed (a generated token, or a
-                prompt shorter than the window, when the cache is full); nothing was evaluated.
+            CacheFullError: tokens that neither fit nor can be compressed (a generated token, a
+                prompt shorter than the window, or fewer free cells than the window, when the cache
+                is full); nothing was evaluated.
         """
         kv, cfg = self._adakv, self.adakv_config
         self._progress = [0, len(tokens)]
@@ -270,10 +271,11 @@ class Llama(llama_cpp.Llama):
                 return self._eval_batches(tokens)
             self._stats_run = _Run(peak_cells=n_cells + len(tokens))
             return self._eval_prompt(tokens)
-        if self._adakv_suspended or len(tokens) < cfg.window:
+        if self._adakv_suspended or len(tokens) < cfg.window or n_cells + cfg.window > self.n_ctx():
             raise CacheFullError(
                 f"the KV cache is full: {len(tokens)} more token(s) do not fit in its {self.n_ctx()} cells "
-                f"({n_cells} in use) and too few to be compressed; start again (reset()) or raise n_ctx"
+                f"({n_cells} in use), and too few cells are free to score a window and compress; start "
+                "again (reset()) or raise n_ctx"
             )
         self._check_chunking(tokens, n_cells)
         return self._eval_chunked(tokens)

@@ -316,3 +316,24 @@ def test_streaming_and_chat_take_prompts_longer_than_n_ctx(tiny):
     assert streamed == llama(tiny).create_completion(toks, max_tokens=3, temperature=0.0)["choices"][0]["text"]
     out = llm.create_chat_completion(messages=[{"role": "user", "content": text(100, 19)}], max_tokens=3)
     assert out["usage"]["prompt_tokens"] > llm.n_ctx() and llm.adakv_stats.chunks > 1
+
+
+def test_a_long_prompt_after_a_nearly_full_history_compresses_the_history_first(tiny):
+    """Fewer free cells than a window's worth: the history is compressed with the probe alone first;
+    no free cells for the probe at all: CacheFullError, nothing evaluated."""
+    for short_of_full, fits in ((4 + WINDOW, True), (4, False)):
+        llm = llama(tiny, adakv_chunk=None)
+        llm.eval(prompt_of(llm, 100, 20))
+        free = llm.n_ctx() - llm.adakv_kvcache.n_cells()
+        with llm.adakv_suspended():
+            llm.eval(prompt_of(llm, 200, 21)[1:][: free - short_of_full])
+        n0, cells = llm.n_tokens, llm.adakv_kvcache.n_cells()
+        more = prompt_of(llm, 60, 22)[1:]
+        if fits:
+            llm.eval(more)
+            assert llm.n_tokens == n0 + len(more) and llm.adakv_stats.peak_cells <= llm.n_ctx()
+            assert llm.adakv_stats.compressions >= 2
+        else:
+            with pytest.raises(CacheFullError, match="too few cells are free"):
+                llm.eval(more)
+            assert (llm.n_tokens, llm.adakv_kvcache.n_cells()) == (n0, cells)
