@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=256)
     p.add_argument("--chunk", type=int, default=None)
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    p.add_argument("--modes", default="full,chunked", help="which runs: full, chunked or both (default: both)")
     p.add_argument("--full-depths", default=None,
                    help="the depths that also run the full cache, comma-separated, '' for none (default: all; it "
                    "is the slow run)")
@@ -131,7 +132,10 @@ def main() -> None:
     for depth in (float(d) for d in args.depths.split(",")):
         sample = passkey(tok, args.tokens, depth, args.seed, mode="raw")
         pair = {}
-        for mode in ("full", "chunked") if full_depths is None or depth in full_depths else ("chunked",):
+        modes = [m for m in ("full", "chunked") if m in args.modes.split(",")]
+        if full_depths is not None and depth not in full_depths:
+            modes = [m for m in modes if m != "full"]
+        for mode in modes:
             rec = run_child(mode, sample.prompt, args)
             rec.update(depth=depth, key=sample.answer, retrieved=score(sample, rec["answer"]))
             pair[mode] = rec
@@ -140,7 +144,12 @@ def main() -> None:
                   f"peak RSS {rec['vm_hwm_kib'] / 1024:.0f} MiB"
                   + (f", {rec['chunks']} chunks, peak {rec['peak_cells']} cells "
                      f"({rec['kv_bytes_peak'] / 2**20:.1f} MiB)" if mode == "chunked" else ""), flush=True)
-        ch, full = pair["chunked"], pair.get("full")
+        ch, full = pair.get("chunked"), pair.get("full")
+        rows += [r for r in (full, ch) if r is not None]
+        if args.json:  # after every depth, so that an interrupted run keeps what it measured
+            write_json(args, rows)
+        if ch is None:
+            continue
         if full is not None:
             ch["chunk_overhead"] = chunk_overhead(ch["chunk_tokens"], ch["chunk_seconds"], full["timeline"],
                                                   ch["prompt_tokens"])
@@ -155,8 +164,7 @@ def main() -> None:
         print(f"  compression steps (allocate + compact): {steps:.2f} s of the {ch['prefill_seconds']:.1f} s prefill "
               f"({100 * ch['steps_share']:.2f}%); probes: {probes} more tokens evaluated "
               f"({100 * ch['probe_share']:.2f}% of the document)", flush=True)
-        rows += [r for r in (full, ch) if r is not None]
-        if args.json:  # after every depth, so that an interrupted run keeps what it measured
+        if args.json:
             write_json(args, rows)
     for mode in ("full", "chunked"):
         rs = [r for r in rows if r["mode"] == mode]
