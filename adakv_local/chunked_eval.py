@@ -19,17 +19,11 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import llama_cpp
 import numpy as np
 
 from .config import AdaKVConfig
-from .fidelity import compare
+from .fidelity import compare, last_logits
 from .llama import Llama
-
-
-def last_logits(llm: Any) -> np.ndarray:
-    """The logits of the last evaluated token (llama.cpp's own buffer, whatever logits_all is)."""
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
 
 
 def forced_logits(llm: Llama, continuation: Sequence[int]) -> np.ndarray:

@@ -16,6 +16,13 @@ from typing import Any
 import numpy as np
 
 
+def last_logits(llm: Any) -> np.ndarray:
+    """A copy of the logits of the last evaluated token (llama.cpp's own buffer, whatever logits_all is)."""
+    import llama_cpp  # bound to adakv-local's library by whoever created llm
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)

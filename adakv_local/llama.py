@@ -277,8 +277,7 @@ class Llama(llama_cpp.Llama):
                 f"({n_cells} in use), and too few cells are free to score a window and compress; start "
                 "again (reset()) or raise n_ctx"
             )
-        self._check_chunking(tokens, n_cells)
-        return self._eval_chunked(tokens)
+        return self._eval_chunked(tokens, self._check_chunking(tokens, n_cells))
 
     def _eval_prompt(self, tokens: list[int], budget: int | None = None) -> None:
         """A prompt that fits: evaluate it, scoring its window in its last ubatch, and compress."""
@@ -295,14 +294,13 @@ class Llama(llama_cpp.Llama):
         self._finish_stats(n_after, budget)
         return None
 
-    def _eval_chunked(self, tokens: list[int]) -> None:
+    def _eval_chunked(self, tokens: list[int], budget: int) -> None:
         """A prompt longer than the free cells: chunks, each compressed with the question as a probe."""
         kv, cfg = self._adakv, self.adakv_config
         assert kv is not None and cfg is not None
         w, n_ctx = cfg.window, self.n_ctx()
         doc, probe = tokens[:-w], tokens[-w:]
         self._stats_run = _Run(peak_cells=kv.n_cells(), total_cells=kv.n_cells() + len(tokens))
-        budget = cfg.cells_for(self._stats_run.total_cells)
         i = 0
         while True:
             left, room = len(doc) - i, n_ctx - kv.n_cells() - w
@@ -375,8 +373,9 @@ class Llama(llama_cpp.Llama):
         run.compressions += 1
         return footprint
 
-    def _check_chunking(self, tokens: list[int], n_cells: int) -> None:
-        """Refuse, before anything is evaluated, a long prompt that cannot be read in chunks."""
+    def _check_chunking(self, tokens: list[int], n_cells: int) -> int:
+        """Refuse, before anything is evaluated, a long prompt that cannot be read in chunks; else its
+        budget in cells."""
         cfg = self.adakv_config
         assert cfg is not None
         n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
@@ -397,6 +396,7 @@ class Llama(llama_cpp.Llama):
                 f"the next chunk and the window need room after them; use n_ctx >= {need}, a smaller budget, "
                 "or bound R with adakv_max_ratio"
             )
+        return budget
 
     def _note_peak(self) -> None:
         """Record the cells (and bytes) the cache holds now if that is the most so far."""

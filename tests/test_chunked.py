@@ -14,8 +14,8 @@ import pytest
 from words import text
 
 import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
-from adakv_local.chunked_eval import last_logits
 from adakv_local.errors import CacheFullError
+from adakv_local.fidelity import last_logits
 from adakv_local.llama import Llama
 from adakv_local.policies import AllocationConfig, keep_sets
 
