@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import AdaKVConfig
+from .config import OPTIONS, AdaKVConfig
 from .fidelity import compare, last_logits
 from .llama import Llama
 
@@ -79,9 +79,8 @@ def run_chunked_fidelity(
     if n_ctx >= longest:
         raise ValueError(f"n_ctx ({n_ctx}) must be below the prompts' length ({longest}) for the prompt to be chunked")
     common = dict(model_path=model_path, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
-                  n_gpu_layers=n_gpu_layers, verbose=False, adakv_window=config.window, adakv_budget=config.budget,
-                  adakv_method=config.method, adakv_kernel=config.kernel, adakv_alpha=config.alpha,
-                  adakv_max_ratio=config.max_ratio, adakv_sinks=config.sinks)
+                  n_gpu_layers=n_gpu_layers, verbose=False,
+                  **{f"adakv_{o.name}": getattr(config, o.name) for o in OPTIONS if o.name != "chunk"})
     # the full cache and one-shot eviction share the prompt's prefix (evaluated once, saved); chunked
     # reading has its own small cache
     big = Llama(n_ctx=big_ctx, **common)

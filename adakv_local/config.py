@@ -18,6 +18,7 @@ import numpy as np
 
 from .policies import METHODS
 from .pooling import POOLING_MODES
+from .spans import SPAN_MODES
 
 POOLINGS = POOLING_MODES
 GQA_REDUCTIONS = ("mean", "max")
@@ -58,6 +59,9 @@ OPTIONS: tuple[Option, ...] = (
            "whole; -spread: a quarter of each head's budget is spread over the whole prompt; max2: two scales, a "
            "strong cell's neighbourhood 2 x kernel + 1 wide, keeps 5-digit numbers at budget 128 but costs KL: "
            "docs/SELECTION.md)", "MODE"),
+    Option("spans", f"cells ranked as one span: {', '.join(SPAN_MODES)} (numbers: every digit of a number ranks "
+           "with its best digit, so numbers are kept whole; words: the same for every word of several tokens)",
+           "MODE"),
     Option("gqa", f"how the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)}", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),
@@ -99,6 +103,7 @@ class AdaKVConfig:
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
+    spans: str = "none"
     gqa: str = "mean"
     alpha: float = 0.2
     max_ratio: float | None = None
@@ -125,6 +130,8 @@ class AdaKVConfig:
             raise ConfigError("kernel", f"must be an odd integer >= 1, got {self.kernel!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError("pooling", f"must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.spans not in SPAN_MODES:
+            raise ConfigError("spans", f"must be one of {', '.join(SPAN_MODES)}, got {self.spans!r}")
         if self.gqa not in GQA_REDUCTIONS:
             raise ConfigError("gqa", f"must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa!r}")
         if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:

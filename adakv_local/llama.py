@@ -32,6 +32,7 @@ from .errors import CacheFullError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
+from .spans import SpanFinder  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,8 @@ class Llama(llama_cpp.Llama):
             The method "full" keeps every cell and does no eviction work at all.
         adakv_method: "ada-snapkv" (default), "ada-pyramid", "snapkv", "pyramidkv",
             "streamingllm" or "full".
-        adakv_window, adakv_kernel, adakv_pooling, adakv_gqa, adakv_alpha, adakv_max_ratio,
-            adakv_sinks: see AdaKVConfig.
+        adakv_window, adakv_kernel, adakv_pooling, adakv_spans, adakv_gqa, adakv_alpha,
+            adakv_max_ratio, adakv_sinks, adakv_chunk: see AdaKVConfig.
 
     With a budget, flash attention is turned on (``flash_attn=False`` is refused).
 
@@ -160,6 +161,7 @@ class Llama(llama_cpp.Llama):
         adakv_window: int | None = None,
         adakv_kernel: int | None = None,
         adakv_pooling: str | None = None,
+        adakv_spans: str | None = None,
         adakv_gqa: str | None = None,
         adakv_alpha: float | None = None,
         adakv_max_ratio: float | None = None,
@@ -170,9 +172,9 @@ class Llama(llama_cpp.Llama):
         config = AdaKVConfig.from_llama_kwargs(
             {
                 "adakv_budget": adakv_budget, "adakv_method": adakv_method, "adakv_window": adakv_window,
-                "adakv_kernel": adakv_kernel, "adakv_pooling": adakv_pooling, "adakv_gqa": adakv_gqa,
-                "adakv_alpha": adakv_alpha, "adakv_max_ratio": adakv_max_ratio, "adakv_sinks": adakv_sinks,
-                "adakv_chunk": adakv_chunk,
+                "adakv_kernel": adakv_kernel, "adakv_pooling": adakv_pooling, "adakv_spans": adakv_spans,
+                "adakv_gqa": adakv_gqa, "adakv_alpha": adakv_alpha, "adakv_max_ratio": adakv_max_ratio,
+                "adakv_sinks": adakv_sinks, "adakv_chunk": adakv_chunk,
             }
         )  # fmt: skip
         if config is not None:
@@ -200,6 +202,7 @@ class Llama(llama_cpp.Llama):
         self._stats_run = _Run()
         self.adakv_stats: AdaKVStats | None = None
         self._adakv: KVCache | None = None
+        self._spans: SpanFinder | None = None
         model_path = kwargs.get("model_path", args[0] if args else None)
         if isinstance(model_path, (str, os.PathLike)) and os.path.isfile(model_path):
             check_gguf(model_path)  # llama.cpp would only say "Failed to load model from file"
@@ -365,13 +368,29 @@ class Llama(llama_cpp.Llama):
         alloc = AllocationConfig(budget=budget, window=window, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
                                  sinks=cfg.sinks)
         kept = keep_sets(list(scores[:, :, :n_cells]), n_cells, cfg.method, alloc, kernel=cfg.kernel,
-                         pooling=cfg.pooling, valid_from=list(kv.starts()))
+                         pooling=cfg.pooling, valid_from=list(kv.starts()), spans=self._span_ids(n_cells))
         t1 = time.perf_counter()
         footprint = kv.compact(kept)
         run.seconds["allocate"] += t1 - t0
         run.seconds["compact"] += time.perf_counter() - t1
         run.compressions += 1
         return footprint
+
+    def _span_ids(self, n_cells: int) -> np.ndarray | None:
+        """The span ids (option ``spans``) of cells [0, n_cells), per layer and head: from the
+        position each cell holds (the compacted block holds different positions per head)."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        if cfg.spans == "none" or n_cells == 0:
+            return None
+        if self._spans is None:
+            model = self._model
+            self._spans = SpanFinder(lambda t: model.detokenize([t]))
+        pos = kv.positions(n_cells)
+        if pos.max() < 0:
+            return None
+        by_pos = self._spans.ids(self.input_ids[: int(pos.max()) + 1], cfg.spans)
+        return np.where(pos >= 0, by_pos[np.maximum(pos, 0)], -1)
 
     def _check_chunking(self, tokens: list[int], n_cells: int) -> int:
         """Refuse, before anything is evaluated, a long prompt that cannot be read in chunks; else its

@@ -67,7 +67,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from .pooling import check_kernel, check_pooling, pool_scores
+from .pooling import check_kernel, check_pooling, pool_scores, raise_spans
 
 __all__ = [
     "METHODS",
@@ -628,6 +628,27 @@ def select(
     return out
 
 
+def _check_spans(spans: object, layers: list[np.ndarray], n_cells: int) -> list[np.ndarray | None]:
+    """Per layer, the span ids to apply (an int array [n_cells] or [n_head_kv, n_cells]), or None."""
+    if spans is None:
+        return [None] * len(layers)
+    if isinstance(spans, np.ndarray) and spans.ndim == 1:
+        spans = [spans] * len(layers)
+    if isinstance(spans, np.ndarray) and spans.ndim == 3:
+        spans = list(spans)
+    if not isinstance(spans, Sequence) or len(spans) != len(layers):
+        raise ValueError(f"spans must be one int array [n_cells] or one per layer ({len(layers)}), got {spans!r:.80}")
+    out = []
+    for i, (ids, s) in enumerate(zip(spans, layers)):
+        a = np.asarray(ids)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"spans[{i}] must hold integers, got dtype {a.dtype}")
+        if a.shape not in ((n_cells,), (s.shape[0], n_cells)):
+            raise ValueError(f"spans[{i}] must have shape ({n_cells},) or ({s.shape[0]}, {n_cells}), got {a.shape}")
+        out.append(a)
+    return out
+
+
 def keep_sets(
     scores: Sequence[np.ndarray],
     n_cells: int,
@@ -636,6 +657,7 @@ def keep_sets(
     kernel: int = 7,
     pooling: str = "max",
     valid_from: Sequence[np.ndarray] | None = None,
+    spans: np.ndarray | Sequence[np.ndarray] | None = None,
 ) -> list[list[np.ndarray]]:
     """The whole pipeline: the sorted cell indices every head of every layer keeps.
 
@@ -648,6 +670,9 @@ def keep_sets(
                 (:func:`spread_rank`, with the average selectable budget ``cfg.selectable``).
     valid_from: None, or per layer an int array [H]: cells before ``valid_from[l][h]`` are
                 invalid for head h.
+    spans:      None, or span ids of the cells (:mod:`adakv_local.spans`): one int array [n_cells]
+                for every head, or per layer [n_head_kv, n_cells]; after the pooling, every cell
+                of a span ranks with the span's best cell (:func:`pooling.raise_spans`).
 
     Each head keeps its allocated top cells of the selectable prefix ``0 .. N-w-1`` (ranked by
     ``policy.rank``: pooled score, sinks first) plus the window ``N-w .. N-1``; invalid cells
@@ -666,14 +691,17 @@ def keep_sets(
     layers = [_check_layer(f"scores[{i}]", s, n_cells) for i, s in enumerate(scores)]
     starts = _check_valid_from(valid_from, [s.shape[0] for s in layers], n_cells)
     n_sel = n_cells - min(cfg.window, n_cells)
+    span_layers = _check_spans(spans, layers, n_cells)
 
     pooled = []
-    for i, (s, vf) in enumerate(zip(layers, starts)):
+    for i, (s, vf, ids) in enumerate(zip(layers, starts, span_layers)):
         prefix = s[:, :n_sel]
         _check_no_nan(f"scores[{i}]", prefix)
         prefix = _mask_before(prefix, vf)
         if policy.needs_scores:
             prefix = pool_scores(prefix, kernel, pooling)
+            if ids is not None:
+                prefix = raise_spans(prefix, ids[..., :n_sel])
             if pooling.endswith("-spread"):
                 prefix = spread_rank(prefix, cfg.selectable, kernel)
         pooled.append(prefix)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-__all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "fill_gaps", "pool_prefix", "pool_scores"]
+__all__ = ["POOLING_MODES", "check_kernel", "check_pooling", "fill_gaps", "pool_prefix", "pool_scores", "raise_spans"]
 
 #: "max" and "avg": SnapKV's pooling. "max-fill": max pooling of the scores after
 #: :func:`fill_gaps` with reach ``kernel``: a cell that lies between two high-scoring cells at
@@ -164,3 +164,39 @@ def pool_prefix(scores: np.ndarray, n_selectable: int, kernel: int = 7, mode: st
     if not 0 <= n_selectable <= x.shape[-1]:
         raise ValueError(f"n_selectable must be in [0, {x.shape[-1]}], got {n_selectable}")
     return pool_scores(x[..., : int(n_selectable)], kernel=kernel, mode=mode)
+
+
+def raise_spans(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Raise every cell to the highest score of its span (along the last axis).
+
+    ``ids`` (broadcast to ``scores``' shape, integers) names each cell's span: consecutive cells
+    with the same id ``>= 0`` form one span, and each of them gets the span's highest score, so
+    a span is ranked, and kept, as a whole (a number written one token per digit:
+    :mod:`adakv_local.spans`). A cell with a negative id is a span of its own. Invalid
+    (``-inf``) cells neither lend their score nor take one: they stay ``-inf``. The dtype of a
+    floating input is kept.
+    """
+    x = np.asarray(scores)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    if x.ndim == 0:
+        raise ValueError("scores must have at least one dimension (the cells)")
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"span ids must be integers, got dtype {ids.dtype}")
+    try:
+        ids = np.broadcast_to(ids, x.shape)
+    except ValueError:
+        raise ValueError(f"span ids of shape {ids.shape} do not match scores of shape {x.shape}") from None
+    n = x.shape[-1]
+    if n == 0 or x.size == 0:
+        return np.array(x, copy=True)
+    flat = x.reshape(-1, n)
+    fid = ids.reshape(-1, n)
+    new = np.ones(flat.shape, dtype=bool)  # True where a span starts (each row starts one)
+    new[:, 1:] = (fid[:, 1:] != fid[:, :-1]) | (fid[:, 1:] < 0)
+    starts = np.flatnonzero(new.ravel())
+    best = np.maximum.reduceat(flat.ravel(), starts)
+    out = np.repeat(best, np.diff(np.append(starts, flat.size))).reshape(x.shape)
+    out[x == -np.inf] = -np.inf
+    return out

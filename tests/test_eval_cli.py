@@ -152,3 +152,34 @@ def test_bench_direct_overhead_times_the_last_ubatch(tiny_llama):
     d = last_ubatch_extra(str(tiny_llama), toks, budget=64, method="ada-snapkv", n_threads=1, window=16, repeats=2)
     assert d["last_ubatch_tokens"] == 512 < len(toks) and d["last_ubatch_seconds"] > 0
     assert set(d) == {"extra_seconds", "extra_cpu_seconds", "last_ubatch_tokens", "last_ubatch_seconds"}
+
+
+def test_eval_fidelity_instructions(tiny, tmp_path):
+    """--instructions: installed documents (Python's own, present wherever adakv-local runs), a summary
+    and a question each, the full cache's answer teacher-forced after every (method, budget)."""
+    out = tmp_path / "answers.json"
+    proc = cli("eval", "fidelity", "--model", tiny, "--instructions", "--documents", "python-license,py-debugger",
+               "--methods", "ada-snapkv,snapkv", "--budgets", "48", "--window", "16", "--prompt-tokens", "300",
+               "--continuation", "4", "--threads", "1", "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["config"]["mode"] == "chat" and set(data["config"]["documents"]) == {"python-license", "py-debugger"}
+    recs = data["records"]
+    assert len(recs) == 2 * 2 * 2  # documents x (summary, question) x methods
+    assert {(r["document"], r["task"], r["setting"]) for r in recs} == {
+        (d, t, m) for d in ("python-license", "py-debugger") for t in ("summary", "question")
+        for m in ("ada-snapkv", "snapkv")}
+    for r in recs:
+        assert r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and 2 <= r["answer_tokens"] <= 4
+    assert {(q["task"], q["budget"]) for q in data["pairs"]} == {("summary", 48), ("question", 48)}
+    assert "instruction fidelity (chat)" in proc.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--instructions", "--documents", "no-such-doc"], "unknown name"),
+    (["--documents", "gpl-2"], "--documents needs --instructions"),
+    (["--instructions", "--prompts", "."], "choose one"),
+])
+def test_eval_fidelity_instructions_usage_errors(tiny, args, text):
+    proc = cli("eval", "fidelity", "--model", tiny, *args)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import AdaKVConfig, ConfigError
+from ..config import OPTIONS, AdaKVConfig, ConfigError
 from ..gguf_check import GGUFFileError, GGUFInfo, check_gguf
 from .errors import EXIT_FAILURE, EXIT_USAGE, CLIError
 
@@ -267,9 +267,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     kwargs: dict[str, Any] = dict(
         model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
         n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=args.verbose,
-        adakv_budget=cfg.budget, adakv_method=cfg.method, adakv_window=cfg.window, adakv_kernel=cfg.kernel,
-        adakv_pooling=cfg.pooling, adakv_gqa=cfg.gqa, adakv_alpha=cfg.alpha, adakv_max_ratio=cfg.max_ratio,
-        adakv_sinks=cfg.sinks, adakv_chunk=cfg.chunk,
+        **{f"adakv_{opt.name}": getattr(cfg, opt.name) for opt in OPTIONS},
     )  # fmt: skip
     if args.seed is not None:
         kwargs["seed"] = args.seed

@@ -17,6 +17,12 @@ _EPILOG_FIDELITY = """examples:
   adakv-local eval fidelity --model smollm2-135m --methods ada-snapkv,snapkv --budgets 64,128,256 \\
       --json fidelity.json --plot fidelity.png
   adakv-local eval fidelity --prompts my-docs/ --budgets 128 --json out.json
+  adakv-local eval fidelity --instructions --methods ada-snapkv --budgets 256,512,1024 --json answers.json
+
+--instructions: the prompts are real documents installed on this machine (licenses, Python's
+documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
+"Summarize the document above in a few sentences." and by a question about it; the full cache's
+greedy answer (at most --continuation tokens) is what is teacher-forced (docs/SELECTION.md).
 """
 
 _EPILOG_TASKS = """examples:
@@ -110,6 +116,13 @@ def add_parser(sub: Any) -> None:
                    help="teacher-forced tokens after the prompt (default: 64)")
     f.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
     f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
+    f.add_argument("--instructions", action="store_true",
+                   help="answers to instructions after real documents instead of raw-text continuations: a summary "
+                   "and a question per document (in the model's chat template if it has one), documents cut to at "
+                   "most --prompt-tokens (those with fewer than 3/4 of it left out), the full cache's answer of at "
+                   "most --continuation tokens teacher-forced")
+    f.add_argument("--documents", default=None, metavar="NAMES",
+                   help="with --instructions: comma-separated document names (default: all found here)")
     f.set_defaults(func=_cmd_fidelity)
 
     c = esub.add_parser(
@@ -260,6 +273,10 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     if args.window >= min(args.budgets):
         raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
     _check_outputs(args)
+    if args.instructions:
+        return _instruction_fidelity(args)
+    if args.documents is not None:
+        raise CLIError("--documents needs --instructions", EXIT_USAGE)
     model, vocab = _open_model(args)
     try:
         if args.prompts is not None:
@@ -293,6 +310,62 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
                                 "pairs_l1_attn": pairs_l1, "config": config})
     if args.plot:
         _plot(plot_fidelity, records, args.plot, f"{model.name}: fidelity to the full cache")
+    return EXIT_OK
+
+
+def _instruction_fidelity(args: argparse.Namespace) -> int:
+    from ..corpus import find_documents
+    from ..instruct import build_prompts, paired, run_instruction_fidelity, summarize
+
+    if args.prompts is not None:
+        raise CLIError("--prompts and --instructions: choose one (--instructions reads installed documents)",
+                       EXIT_USAGE)
+    if args.plot is not None:
+        raise CLIError("--plot draws raw-text fidelity only; leave it out with --instructions", EXIT_USAGE)
+    if args.continuation < 2:
+        raise CLIError("--continuation: the answer needs at least 2 tokens", EXIT_USAGE)
+    names = None if args.documents is None else [x.strip() for x in args.documents.split(",") if x.strip()]
+    try:
+        docs, missing = find_documents(names)
+    except ValueError as e:
+        raise CLIError(f"--documents: {e}", EXIT_USAGE) from None
+    log = _log(args)
+    for m in missing:
+        log(f"left out {m.name}: {m.reason}")
+    model, vocab = _open_model(args)
+    # the model's chat template when it has one (instruct models), else a plain completion prompt
+    mode = "chat" if vocab.metadata.get("tokenizer.chat_template") else "raw"
+    try:
+        prompts = build_prompts(vocab, docs, mode=mode, max_doc_tokens=args.prompt_tokens,
+                                min_doc_tokens=args.prompt_tokens * 3 // 4)
+    except ValueError as e:
+        raise CLIError(str(e), EXIT_USAGE) from None
+    finally:
+        vocab.close()
+    if not prompts:
+        raise CLIError(f"no document of at least {args.prompt_tokens * 3 // 4} tokens found; lower --prompt-tokens "
+                       "or name other --documents")
+    settings = [(m, {"method": m, "kernel": args.kernel}) for m in args.methods]
+    log(f"instruction fidelity ({mode}): {len(prompts)} prompts ({len({p.document for p in prompts})} documents) x "
+        f"{len(settings)} methods x {len(args.budgets)} budgets on {model.name}")
+    records, answers = run_instruction_fidelity(
+        str(model), prompts, settings, args.budgets, window=args.window, max_answer=args.continuation,
+        n_threads=args.threads, n_gpu_layers=args.gpu_layers, progress=lambda d, t, m: log(f"[{d}/{t}] {m}"))
+    summary = summarize(records)
+    for r in summary:
+        log(f"{r['task']:>8} {r['setting']:>12} @ {r['budget']:>5}: KL {r['kl_mean']:.4f} +- {r['kl_mean_ci95']:.4f}, "
+            f"top-1 {100 * r['top1']:.1f}% (n={r['n']})")
+    pairs = [q for ada, base in (("ada-snapkv", "snapkv"), ("ada-pyramid", "pyramidkv"))
+             if ada in args.methods and base in args.methods for q in paired(records, ada, base)]
+    for q in pairs:
+        log(f"{q['task']:>8} {q['a']} vs {q['b']} @ {q['budget']}: KL ratio {q['ratio']:.3f}, lower on "
+            f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
+    config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
+              "window": args.window, "kernel": args.kernel, "max_answer": args.continuation,
+              "max_doc_tokens": args.prompt_tokens, "documents": {d.name: d.source for d in docs},
+              "missing": [m.name for m in missing], "threads": args.threads}
+    _write_json(args.json_out, {"records": records, "answers": answers, "summary": summary, "pairs": pairs,
+                                "config": config})
     return EXIT_OK
 
 
