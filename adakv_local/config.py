@@ -103,7 +103,7 @@ class AdaKVConfig:
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
-    spans: str = "none"
+    spans: str = "numbers"
     gqa: str = "mean"
     alpha: float = 0.2
     max_ratio: float | None = None

@@ -132,18 +132,26 @@ def paired(a: dict, b: dict) -> str:
         key = (r["method"], r["budget"], r["prompt"])
         if key in ra:
             groups.setdefault(key[:2], []).append((ra[key], r))
-    ka, kb = (c["config"].get("options") or c["config"].get("kernel") for c in (a, b))
-    lines = [f"| method | budget | prompts | mean KL, kernel {ka} | mean KL, kernel {kb} | ratio | lower with "
-             f"{kb} on | attention L1, {ka} → {kb} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    def label(c: dict) -> str:
+        opts = c["config"].get("options")
+        if opts:
+            return ", ".join(f"{k}={v}" for k, v in opts.items())
+        return f"kernel {c['config'].get('kernel', 7)}"
+
+    ka, kb = label(a), label(b)
+    lines = [f"| method | budget | prompts | mean KL, {ka} | mean KL, {kb} | ratio | {kb} lower / higher on | "
+             f"sign test p | attention L1, {ka} → {kb} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (m, bud), pairs in sorted(groups.items()):
         n = len(pairs)
         kl_a = sum(x["kl_mean"] for x, _ in pairs) / n
         kl_b = sum(y["kl_mean"] for _, y in pairs) / n
         wins = sum(y["kl_mean"] < x["kl_mean"] for x, y in pairs)
+        losses = sum(y["kl_mean"] > x["kl_mean"] for x, y in pairs)
+        p = sign_test_p(wins, losses)
         l1_a = sum(x["l1_attn"] for x, _ in pairs) / n
         l1_b = sum(y["l1_attn"] for _, y in pairs) / n
-        lines.append(f"| {m} | {bud} | {n} | {kl_a:.4f} | {kl_b:.4f} | {kl_b / kl_a:.3f} | {wins} of {n} | "
-                     f"{l1_a:.4f} → {l1_b:.4f} |")
+        lines.append(f"| {m} | {bud} | {n} | {kl_a:.4f} | {kl_b:.4f} | {kl_b / kl_a:.3f} | {wins} / {losses} of {n} | "
+                     f"{'all tied' if wins + losses == 0 else f'{p:.3f}'} | {l1_a:.4f} → {l1_b:.4f} |")
     return "\n".join(lines)
 
 

@@ -139,6 +139,7 @@ class CaseConfig:
     attn_path: str  # "auto" (the fast path), "heads" (one call per KV head: the fallback), "mask"
     type_kv: str = "f16"
     n_ctx: int = 1024
+    spans: str = "numbers"
 
     def llama_kwargs(self, models: Path) -> dict[str, Any]:
         return dict(
@@ -147,7 +148,7 @@ class CaseConfig:
             type_k=GGML_TYPES[self.type_kv], type_v=GGML_TYPES[self.type_kv],
             adakv_budget=self.budget, adakv_method=self.method, adakv_window=self.window,
             adakv_kernel=self.kernel, adakv_pooling=self.pooling, adakv_gqa=self.gqa, adakv_alpha=self.alpha,
-            adakv_max_ratio=self.max_ratio, adakv_sinks=self.sinks,
+            adakv_max_ratio=self.max_ratio, adakv_sinks=self.sinks, adakv_spans=self.spans,
         )  # fmt: skip
 
     @property
@@ -212,6 +213,8 @@ def _draw_config(seed: int) -> CaseConfig:
         attn_path=_pick(rng, ["auto", "heads", "mask"], [0.25, 0.6, 0.15] if model == "llama-deep-kv8"
                         else [0.75, 0.15, 0.1]),
         type_kv=_pick(rng, ["f16", "q8_0", "q4_0"]) if model.endswith("-h64") else "f16",
+        # drawn from a stream of its own, so that the other options of every seed stay as they were
+        spans=_pick(np.random.default_rng([seed, 14]), ["none", "numbers", "words"]),
     )  # fmt: skip
 
 

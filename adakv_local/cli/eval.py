@@ -77,6 +77,16 @@ def _methods(text: str) -> list[str]:
     return items
 
 
+def _spans_flag(p: argparse.ArgumentParser) -> None:
+    from ..config import AdaKVConfig
+    from ..spans import SPAN_MODES
+
+    default = AdaKVConfig(budget=64).spans
+    p.add_argument("--spans", choices=SPAN_MODES, default=default,
+                   help=f"cells ranked as one span: numbers keeps every digit of a number with its best digit "
+                   f"(docs/SELECTION.md); none: SnapKV's ranking, the default before 2026-11-30 (default: {default})")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m", metavar="NAME|PATH",
                    help="a GGUF file or a registry name (default: smollm2-135m)")
@@ -116,6 +126,7 @@ def add_parser(sub: Any) -> None:
                    help="teacher-forced tokens after the prompt (default: 64)")
     f.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
     f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
+    _spans_flag(f)
     f.add_argument("--instructions", action="store_true",
                    help="answers to instructions after real documents instead of raw-text continuations: a summary "
                    "and a question per document (in the model's chat template if it has one), documents cut to at "
@@ -171,8 +182,8 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="first seed (default: 0)")
     t.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
     t.add_argument("--kernel", type=positive_int, default=7, metavar="K",
-                   help="score pooling width (odd; default: 7). Numbers split into one token per digit need a "
-                   "wider kernel to be kept whole (see docs/RESULTS.md)")
+                   help="score pooling width (odd; default: 7)")
+    _spans_flag(t)
     t.set_defaults(func=_cmd_tasks)
 
     b = sub.add_parser(
@@ -291,7 +302,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     log(f"fidelity: {len(prompts)} prompts x {len(args.methods)} methods x {len(args.budgets)} budgets on {model.name}")
     records = run_fidelity(str(model), prompts, args.methods, args.budgets, window=args.window, kernel=args.kernel,
                            n_continuation=args.continuation, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"))
+                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"), options={"spans": args.spans})
     summary, pairs = summarize(records), compare_pairs(records)
     summary_l1, pairs_l1 = summarize(records, "l1_attn"), compare_pairs(records, "l1_attn")
     for r, r1 in zip(summary, summary_l1):
@@ -304,7 +315,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
             f"Ada wins {r['ada_wins']}/{r['n']}; attention L1 ratio {r1['ratio']:.3f}, "
             f"Ada wins {r1['ada_wins']}/{r1['n']}")
     config = {"model": str(model), "methods": args.methods, "budgets": args.budgets, "window": args.window,
-              "kernel": args.kernel, "continuation": args.continuation, "prompt_tokens": args.prompt_tokens,
+              "kernel": args.kernel, "spans": args.spans, "continuation": args.continuation,
+              "prompt_tokens": args.prompt_tokens,
               "prompts": [name for name, _ in prompts], "threads": args.threads}
     _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "summary_l1_attn": summary_l1,
                                 "pairs_l1_attn": pairs_l1, "config": config})
@@ -345,7 +357,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
     if not prompts:
         raise CLIError(f"no document of at least {args.prompt_tokens * 3 // 4} tokens found; lower --prompt-tokens "
                        "or name other --documents")
-    settings = [(m, {"method": m, "kernel": args.kernel}) for m in args.methods]
+    settings = [(m, {"method": m, "kernel": args.kernel, "spans": args.spans}) for m in args.methods]
     log(f"instruction fidelity ({mode}): {len(prompts)} prompts ({len({p.document for p in prompts})} documents) x "
         f"{len(settings)} methods x {len(args.budgets)} budgets on {model.name}")
     records, answers = run_instruction_fidelity(
@@ -361,7 +373,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
         log(f"{q['task']:>8} {q['a']} vs {q['b']} @ {q['budget']}: KL ratio {q['ratio']:.3f}, lower on "
             f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
     config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
-              "window": args.window, "kernel": args.kernel, "max_answer": args.continuation,
+              "window": args.window, "kernel": args.kernel, "spans": args.spans, "max_answer": args.continuation,
               "max_doc_tokens": args.prompt_tokens, "documents": {d.name: d.source for d in docs},
               "missing": [m.name for m in missing], "threads": args.threads}
     _write_json(args.json_out, {"records": records, "answers": answers, "summary": summary, "pairs": pairs,
@@ -436,7 +448,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         records = run_tasks(str(model), tasks=tasks, lengths=args.lengths, depths=args.depths,
                             methods_budgets=settings, mode=args.mode, n_samples=args.samples, seed=args.seed,
                             n_threads=args.threads, n_gpu_layers=args.gpu_layers, window=args.window,
-                            kernel=args.kernel, progress=progress)
+                            kernel=args.kernel, options={"spans": args.spans}, progress=progress)
     except ValueError as e:  # e.g. a length too short for a task: names the parameter
         raise CLIError(str(e), EXIT_USAGE) from None
     summary = summarize(records)
@@ -445,7 +457,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
             f"{r['correct']}/{r['n']} ({100 * r['accuracy']:.0f}%)")
     config = {"model": str(model), "tasks": tasks, "lengths": args.lengths, "depths": args.depths,
               "settings": settings, "mode": args.mode, "samples": args.samples, "seed": args.seed,
-              "window": args.window, "kernel": args.kernel}
+              "window": args.window, "kernel": args.kernel, "spans": args.spans}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
         from ..evaluate import plot_tasks
