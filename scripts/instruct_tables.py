@@ -3,6 +3,10 @@
 
     python scripts/instruct_tables.py out.json --base default
     python scripts/instruct_tables.py out.json --answers gpl-2,man-tar --sample default@512
+    python scripts/instruct_tables.py a.json:spans=new,default=old b.json:old=old,default=new --base old
+
+A file may be followed by ``:SETTING=NAME,...`` to rename its settings, so that runs made under
+different labels (the same options) are paired as one setting.
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ from adakv_local.instruct import paired, summarize
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", type=Path, nargs="+")
+    p.add_argument("json", nargs="+", help="FILE or FILE:SETTING=NAME,...")
     p.add_argument("--base", default="default", help="the setting the others are paired with")
     p.add_argument("--answers", default="", help="documents whose summaries to print side by side")
     p.add_argument("--sample", default="", help="the compressed answer to print next to the full cache's")
     a = p.parse_args()
-    data = [json.loads(f.read_text()) for f in a.json]
-    records = [r for d in data for r in d["records"]]
-    answers = [x for d in data for x in d["answers"]]
+    records, answers = [], []
+    for arg in a.json:
+        path, _, renames = arg.partition(":")
+        names = dict(x.split("=", 1) for x in renames.split(",") if x)
+        d = json.loads(Path(path).read_text())
+        records += [{**r, "setting": names.get(r["setting"], r["setting"])} for r in d["records"]]
+        for x in d["answers"]:
+            answers.append({**x, "compressed": {names.get(k.split("@")[0], k.split("@")[0]) + "@" + k.split("@")[1]: v
+                                                for k, v in x.get("compressed", {}).items()}})
     print("| task | setting | budget | prompts | mean KL (95% CI) | top-1 agreement |")
     print("|---|---|---:|---:|---:|---:|")
     for r in summarize(records):
