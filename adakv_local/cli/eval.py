@@ -17,7 +17,8 @@ _EPILOG_FIDELITY = """examples:
   adakv-local eval fidelity --model smollm2-135m --methods ada-snapkv,snapkv --budgets 64,128,256 \\
       --json fidelity.json --plot fidelity.png
   adakv-local eval fidelity --prompts my-docs/ --budgets 128 --json out.json
-  adakv-local eval fidelity --instructions --methods ada-snapkv --budgets 256,512,1024 --json answers.json
+  adakv-local eval fidelity --instructions --methods ada-snapkv --budgets 256,512,1024 --prompt-tokens 4000 \\
+      --json answers.json
 
 --instructions: the prompts are real documents installed on this machine (licenses, Python's
 documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
