@@ -43,10 +43,25 @@ def _token_class(piece: str) -> str:
     return "word"
 
 
-def cmd_scores(a: argparse.Namespace) -> int:
+def _window_scores(llm: Any, toks: list[int], window: int) -> tuple[np.ndarray, list[str]]:
+    """The observation window's scores of every cell after the whole prompt is evaluated without
+    compression (the prefix as llama-cpp-python would, the window scored), and each token's text."""
     import llama_cpp
 
-    from adakv_local.instruct import _prefix_mode, build_prompts
+    from adakv_local.instruct import _prefix_mode
+
+    llm.reset()
+    with _prefix_mode(llm):
+        llm.eval(toks[:-window])
+    kv = llm.adakv_kvcache
+    kv.arm_scores(window)
+    llama_cpp.Llama.eval(llm, toks[-window:])
+    pieces = [llm.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
+    return kv.read_scores(len(toks)), pieces
+
+
+def cmd_scores(a: argparse.Namespace) -> int:
+    from adakv_local.instruct import build_prompts
     from adakv_local.llama import Llama
     from adakv_local.models import resolve_model
 
@@ -67,14 +82,7 @@ def cmd_scores(a: argparse.Namespace) -> int:
             body = [t for t in llm.tokenize(doc.text.encode("utf-8"), add_bos=False)][: p.document_tokens]
             start = next(i for i in range(len(toks)) if toks[i : i + 16] == body[:16])
             end = start + p.document_tokens
-            llm.reset()
-            with _prefix_mode(llm):
-                llm.eval(toks[: -a.window])
-            kv = llm.adakv_kvcache
-            kv.arm_scores(a.window)
-            llama_cpp.Llama.eval(llm, toks[-a.window :])
-            scores = kv.read_scores(len(toks))
-            pieces = [llm.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
+            scores, pieces = _window_scores(llm, toks, a.window)
             np.savez_compressed(a.out / f"{p.document}__{p.task}.npz", scores=scores, tokens=np.array(toks),
                                 pieces=np.array(pieces), doc_span=np.array([start, end]), window=a.window)
             print(f"{p.name}: {len(toks)} tokens, document cells [{start}, {end})", file=sys.stderr, flush=True)
@@ -85,9 +93,7 @@ def cmd_scores(a: argparse.Namespace) -> int:
 
 def cmd_task_scores(a: argparse.Namespace) -> int:
     """The window scores of one generated task sample (chat mode), and where its answer's tokens are."""
-    import llama_cpp
-
-    from adakv_local.instruct import _formatter, _prefix_mode
+    from adakv_local.instruct import _formatter
     from adakv_local.llama import Llama
     from adakv_local.models import resolve_model
     from adakv_local.tasks import make_sample
@@ -100,14 +106,7 @@ def cmd_task_scores(a: argparse.Namespace) -> int:
             sample = make_sample(a.task, llm, a.length, depth, a.seed, mode="chat")
             r = _formatter(llm)(messages=sample.messages())
             toks = list(llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True))
-            llm.reset()
-            with _prefix_mode(llm):
-                llm.eval(toks[: -a.window])
-            kv = llm.adakv_kvcache
-            kv.arm_scores(a.window)
-            llama_cpp.Llama.eval(llm, toks[-a.window :])
-            scores = kv.read_scores(len(toks))
-            pieces = [llm.detokenize([t]).decode("utf-8", errors="replace") for t in toks]
+            scores, pieces = _window_scores(llm, toks, a.window)
             text = "".join(pieces)
             at = text.index(sample.answers[0])
             ends = np.cumsum([len(x) for x in pieces])
