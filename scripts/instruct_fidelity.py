@@ -32,15 +32,20 @@ def _value(text: str) -> Any:
     return None if text == "None" else text
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """``option=value`` (an AdaKVConfig option): the value as an int, a float, None or a string."""
+    key, sep, val = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected option=value")
+    return key.strip(), _value(val.strip())
+
+
 def parse_setting(text: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = text.partition(":")
-    opts = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME:option=value,...")
-        opts[key.strip()] = _value(val.strip())
-    return name, opts
+    try:
+        return name, dict(parse_option(item) for item in filter(None, rest.split(",")))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"--setting {text!r}: expected NAME:option=value,...") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from instruct_fidelity import parse_option  # same folder
+
 from adakv_local.evaluate import builtin_prompts, compare_pairs, run_fidelity, summarize
 from adakv_local.llama import Llama
 from adakv_local.models import resolve_model
@@ -32,14 +34,12 @@ def main() -> int:
     p.add_argument("--first-prompt", type=int, default=0, help="skip the first N built-in prompts")
     p.add_argument("--prompt-tokens", type=int, default=2000)
     p.add_argument("--continuation", type=int, default=64)
-    p.add_argument("--option", action="append", default=[], help="NAME=VALUE, an AdaKVConfig option")
+    p.add_argument("--option", action="append", type=parse_option, default=[],
+                   help="NAME=VALUE, an AdaKVConfig option")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, required=True)
     a = p.parse_args()
-    options = {}
-    for item in a.option:
-        k, _, v = item.partition("=")
-        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    options = dict(a.option)
     model = str(resolve_model(a.model))
     vocab = Llama(model_path=model, vocab_only=True, verbose=False)
     prompts = builtin_prompts(vocab, a.first_prompt + a.n_prompts, a.prompt_tokens)[a.first_prompt :]

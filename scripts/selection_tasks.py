@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from instruct_fidelity import parse_option  # same folder
+
 from adakv_local.models import resolve_model
 from adakv_local.tasks import run_tasks, summarize
 
@@ -31,16 +33,14 @@ def main() -> int:
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--budgets", default="128")
     p.add_argument("--method", default="ada-snapkv")
-    p.add_argument("--option", action="append", default=[], help="NAME=VALUE, an AdaKVConfig option")
+    p.add_argument("--option", action="append", type=parse_option, default=[],
+                   help="NAME=VALUE, an AdaKVConfig option")
     p.add_argument("--full", action="store_true", help="also answer with the full cache")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one sample each")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
-    options = {}
-    for item in a.option:
-        k, _, v = item.partition("=")
-        options[k] = int(v) if v.lstrip("-").isdigit() else v
+    options = dict(a.option)
     settings = ([("full", None)] if a.full else []) + [(a.method, int(b)) for b in a.budgets.split(",")]
     records = []
     t0 = time.time()
