@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import OPTIONS, AdaKVConfig
+from .config import AdaKVConfig
 from .fidelity import compare, last_logits
 from .llama import Llama
 
@@ -80,7 +80,7 @@ def run_chunked_fidelity(
         raise ValueError(f"n_ctx ({n_ctx}) must be below the prompts' length ({longest}) for the prompt to be chunked")
     common = dict(model_path=model_path, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
                   n_gpu_layers=n_gpu_layers, verbose=False,
-                  **{f"adakv_{o.name}": getattr(config, o.name) for o in OPTIONS if o.name != "chunk"})
+                  **{k: v for k, v in config.llama_kwargs().items() if k != "adakv_chunk"})
     # the full cache and one-shot eviction share the prompt's prefix (evaluated once, saved); chunked
     # reading has its own small cache
     big = Llama(n_ctx=big_ctx, **common)

@@ -169,6 +169,10 @@ class AdaKVConfig:
         except ConfigError as e:
             raise e.named(f"adakv_{e.option}") from None
 
+    def llama_kwargs(self) -> dict[str, Any]:
+        """The ``adakv_<name>`` keywords that give ``adakv_local.Llama`` this configuration."""
+        return {f"adakv_{opt.name}": getattr(self, opt.name) for opt in OPTIONS}
+
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser, *, budget_default: Any = None) -> None:
         """Add ``--budget``, ``--method``, ... to an argparse parser (values checked by from_args)."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import OPTIONS, AdaKVConfig, ConfigError
+from ..config import AdaKVConfig, ConfigError
 from ..gguf_check import GGUFFileError, GGUFInfo, check_gguf
 from .errors import EXIT_FAILURE, EXIT_USAGE, CLIError
 
@@ -267,7 +267,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     kwargs: dict[str, Any] = dict(
         model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
         n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=args.verbose,
-        **{f"adakv_{opt.name}": getattr(cfg, opt.name) for opt in OPTIONS},
+        **cfg.llama_kwargs(),
     )  # fmt: skip
     if args.seed is not None:
         kwargs["seed"] = args.seed
