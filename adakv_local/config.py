@@ -60,8 +60,11 @@ OPTIONS: tuple[Option, ...] = (
            "strong cell's neighbourhood 2 x kernel + 1 wide, keeps 5-digit numbers at budget 128 but costs KL: "
            "docs/SELECTION.md)", "MODE"),
     Option("spans", f"cells ranked as one span: {', '.join(SPAN_MODES)} (numbers: every digit of a number ranks "
-           "with its best digit, so numbers are kept whole; words: the same for every word of several tokens)",
-           "MODE"),
+           "with its best digit, so numbers are kept whole; long-numbers: the same for numbers of 4 digits or more; "
+           "words: the same for every word of several tokens)", "MODE"),
+    Option("span_share", "the most cells whole spans may take in one head, as a share of the average selectable "
+           "budget (budget - window): the spans with the best scores first, the rest rank cell by cell (inf: no "
+           "limit; docs/SELECTION.md)", "S"),
     Option("gqa", f"how the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)}", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),
@@ -103,7 +106,8 @@ class AdaKVConfig:
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
-    spans: str = "numbers"
+    spans: str = "long-numbers"
+    span_share: float = float("inf")
     gqa: str = "mean"
     alpha: float = 0.2
     max_ratio: float | None = None
@@ -132,6 +136,9 @@ class AdaKVConfig:
             raise ConfigError("pooling", f"must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.spans not in SPAN_MODES:
             raise ConfigError("spans", f"must be one of {', '.join(SPAN_MODES)}, got {self.spans!r}")
+        share = self.span_share
+        if isinstance(share, (bool, np.bool_)) or not isinstance(share, numbers.Real) or not share >= 0.0:
+            raise ConfigError("span_share", f"must be a number >= 0 (inf: no limit), got {share!r}")
         if self.gqa not in GQA_REDUCTIONS:
             raise ConfigError("gqa", f"must be one of {', '.join(GQA_REDUCTIONS)}, got {self.gqa!r}")
         if not _is_real(self.alpha) or not 0.0 <= self.alpha <= 1.0:
@@ -179,7 +186,7 @@ class AdaKVConfig:
         defaults = {f.name: f.default for f in fields(AdaKVConfig)}
         defaults["budget"] = budget_default
         types = {"budget": _budget_arg, "window": int, "kernel": int, "alpha": float, "max_ratio": float,
-                 "sinks": int, "chunk": int}
+                 "span_share": float, "sinks": int, "chunk": int}
         group = parser.add_argument_group("KV-cache eviction")
         for opt in OPTIONS:
             default = defaults[opt.name]

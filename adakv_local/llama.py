@@ -134,8 +134,8 @@ class Llama(llama_cpp.Llama):
             The method "full" keeps every cell and does no eviction work at all.
         adakv_method: "ada-snapkv" (default), "ada-pyramid", "snapkv", "pyramidkv",
             "streamingllm" or "full".
-        adakv_window, adakv_kernel, adakv_pooling, adakv_spans, adakv_gqa, adakv_alpha,
-            adakv_max_ratio, adakv_sinks, adakv_chunk: see AdaKVConfig.
+        adakv_window, adakv_kernel, adakv_pooling, adakv_spans, adakv_span_share, adakv_gqa,
+            adakv_alpha, adakv_max_ratio, adakv_sinks, adakv_chunk: see AdaKVConfig.
 
     With a budget, flash attention is turned on (``flash_attn=False`` is refused).
 
@@ -162,6 +162,7 @@ class Llama(llama_cpp.Llama):
         adakv_kernel: int | None = None,
         adakv_pooling: str | None = None,
         adakv_spans: str | None = None,
+        adakv_span_share: float | None = None,
         adakv_gqa: str | None = None,
         adakv_alpha: float | None = None,
         adakv_max_ratio: float | None = None,
@@ -173,8 +174,8 @@ class Llama(llama_cpp.Llama):
             {
                 "adakv_budget": adakv_budget, "adakv_method": adakv_method, "adakv_window": adakv_window,
                 "adakv_kernel": adakv_kernel, "adakv_pooling": adakv_pooling, "adakv_spans": adakv_spans,
-                "adakv_gqa": adakv_gqa, "adakv_alpha": adakv_alpha, "adakv_max_ratio": adakv_max_ratio,
-                "adakv_sinks": adakv_sinks, "adakv_chunk": adakv_chunk,
+                "adakv_span_share": adakv_span_share, "adakv_gqa": adakv_gqa, "adakv_alpha": adakv_alpha,
+                "adakv_max_ratio": adakv_max_ratio, "adakv_sinks": adakv_sinks, "adakv_chunk": adakv_chunk,
             }
         )  # fmt: skip
         if config is not None:
@@ -368,7 +369,8 @@ class Llama(llama_cpp.Llama):
         alloc = AllocationConfig(budget=budget, window=window, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
                                  sinks=cfg.sinks)
         kept = keep_sets(list(scores[:, :, :n_cells]), n_cells, cfg.method, alloc, kernel=cfg.kernel,
-                         pooling=cfg.pooling, valid_from=list(kv.starts()), spans=self._span_ids(n_cells))
+                         pooling=cfg.pooling, valid_from=list(kv.starts()), spans=self._span_ids(n_cells),
+                         span_share=cfg.span_share)
         t1 = time.perf_counter()
         footprint = kv.compact(kept)
         run.seconds["allocate"] += t1 - t0

@@ -658,6 +658,7 @@ def keep_sets(
     pooling: str = "max",
     valid_from: Sequence[np.ndarray] | None = None,
     spans: np.ndarray | Sequence[np.ndarray] | None = None,
+    span_share: float | None = None,
 ) -> list[list[np.ndarray]]:
     """The whole pipeline: the sorted cell indices every head of every layer keeps.
 
@@ -673,6 +674,9 @@ def keep_sets(
     spans:      None, or span ids of the cells (:mod:`adakv_local.spans`): one int array [n_cells]
                 for every head, or per layer [n_head_kv, n_cells]; after the pooling, every cell
                 of a span ranks with the span's best cell (:func:`pooling.raise_spans`).
+    span_share: None or inf (every span), or the share of the average selectable budget B' that
+                the raised spans of one head may hold: ``floor(span_share * B')`` cells, the spans
+                with the best scores first (``raise_spans``' ``cap``).
 
     Each head keeps its allocated top cells of the selectable prefix ``0 .. N-w-1`` (ranked by
     ``policy.rank``: pooled score, sinks first) plus the window ``N-w .. N-1``; invalid cells
@@ -692,6 +696,10 @@ def keep_sets(
     starts = _check_valid_from(valid_from, [s.shape[0] for s in layers], n_cells)
     n_sel = n_cells - min(cfg.window, n_cells)
     span_layers = _check_spans(spans, layers, n_cells)
+    span_cap = None
+    if span_share is not None and not (isinstance(span_share, Real) and math.isinf(span_share) and span_share > 0):
+        span_share = _check_real("span_share", span_share, 0.0, None, "None, inf or a float >= 0")
+        span_cap = _floor_mul(span_share, max(cfg.selectable, 0))
 
     pooled = []
     for i, (s, vf, ids) in enumerate(zip(layers, starts, span_layers)):
@@ -701,7 +709,7 @@ def keep_sets(
         if policy.needs_scores:
             prefix = pool_scores(prefix, kernel, pooling)
             if ids is not None:
-                prefix = raise_spans(prefix, ids[..., :n_sel])
+                prefix = raise_spans(prefix, ids[..., :n_sel], span_cap)
             if pooling.endswith("-spread"):
                 prefix = spread_rank(prefix, cfg.selectable, kernel)
         pooled.append(prefix)

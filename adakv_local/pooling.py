@@ -166,7 +166,7 @@ def pool_prefix(scores: np.ndarray, n_selectable: int, kernel: int = 7, mode: st
     return pool_scores(x[..., : int(n_selectable)], kernel=kernel, mode=mode)
 
 
-def raise_spans(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def raise_spans(scores: np.ndarray, ids: np.ndarray, cap: int | None = None) -> np.ndarray:
     """Raise every cell to the highest score of its span (along the last axis).
 
     ``ids`` (broadcast to ``scores``' shape, integers) names each cell's span: consecutive cells
@@ -175,6 +175,12 @@ def raise_spans(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     :mod:`adakv_local.spans`). A cell with a negative id is a span of its own. Invalid
     (``-inf``) cells neither lend their score nor take one: they stay ``-inf``. The dtype of a
     floating input is kept.
+
+    ``cap``: None (every span is raised), or the most cells the raised spans of one row (one
+    head) may hold: the spans of two or more cells are taken by their best score, highest first
+    (the earlier span on a tie), while their lengths add up to at most ``cap``; the others rank
+    cell by cell as without spans. A table of numbers then does not give most of a head's budget
+    to whole numbers (docs/SELECTION.md).
     """
     x = np.asarray(scores)
     if not np.issubdtype(x.dtype, np.floating):
@@ -197,6 +203,29 @@ def raise_spans(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     new[:, 1:] = (fid[:, 1:] != fid[:, :-1]) | (fid[:, 1:] < 0)
     starts = np.flatnonzero(new.ravel())
     best = np.maximum.reduceat(flat.ravel(), starts)
-    out = np.repeat(best, np.diff(np.append(starts, flat.size))).reshape(x.shape)
+    lengths = np.diff(np.append(starts, flat.size))
+    if cap is not None:
+        if isinstance(cap, bool) or not isinstance(cap, (int, np.integer)) or cap < 0:
+            raise ValueError(f"cap must be None or an integer >= 0, got {cap!r}")
+        best = np.where(_taken_spans(starts // n, best, lengths, int(cap)), best, best.dtype.type(-np.inf))
+    out = np.maximum(np.repeat(best, lengths).reshape(x.shape), x)
     out[x == -np.inf] = -np.inf
     return out
+
+
+def _taken_spans(rows: np.ndarray, best: np.ndarray, lengths: np.ndarray, cap: int) -> np.ndarray:
+    """Which spans raise_spans raises under ``cap``: per row, the spans of two or more cells in
+    order of best score (highest first, the earlier on a tie) while their lengths add up to at most
+    ``cap``. ``rows``, ``best``, ``lengths``: per span, in row-major order."""
+    take = np.zeros(best.shape, dtype=bool)
+    cand = np.flatnonzero((lengths > 1) & (best > -np.inf))
+    # one stable sort for all rows: by row, then best score descending, then position
+    order = cand[np.lexsort((cand, -best[cand], rows[cand]))]
+    if order.size == 0:
+        return take
+    r = rows[order]
+    total = np.cumsum(lengths[order])
+    first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])  # where each row's candidates start
+    before = np.repeat(total[first] - lengths[order][first], np.diff(np.r_[first, order.size]))
+    take[order] = total - before <= cap
+    return take

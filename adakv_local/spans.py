@@ -5,7 +5,10 @@ three digits (Llama 3). A question about a number attends to the words around it
 pooling (kernel 7) reaches only the first digits after them, so a compressed cache kept "3" of
 "30417" in most heads and lost the rest (docs/SELECTION.md). With ``spans="numbers"`` every
 cell of a number ranks with the number's best cell (:func:`adakv_local.pooling.raise_spans`),
-so a number is kept whole or not at all; ``spans="words"`` does the same for every word split
+so a number is kept whole or not at all; ``spans="long-numbers"`` only for numbers of at least
+:data:`LONG_NUMBER_DIGITS` digits (a section number "5.3." or a version "1.12" ranks cell by
+cell: pooling already reaches a short number's digits, and keeping every one whole took cells from
+the words around them; docs/SELECTION.md); ``spans="words"`` does the same for every word split
 into several tokens (numbers included). Budget accounting is unchanged: only the ranking moves.
 
 A number here: a run of tokens made only of ASCII digits, the first of which may carry leading
@@ -28,8 +31,11 @@ import numpy as np
 
 __all__ = ["SPAN_MODES", "SpanFinder", "span_ids"]
 
-#: "none": every cell ranks on its own (SnapKV). "numbers", "words": see the module's text.
-SPAN_MODES = ("none", "numbers", "words")
+#: "none": every cell ranks on its own (SnapKV). "numbers", "long-numbers", "words": see the module's text.
+SPAN_MODES = ("none", "numbers", "long-numbers", "words")
+
+#: "long-numbers": the fewest digits a number needs to be kept whole
+LONG_NUMBER_DIGITS = 4
 
 _SEPARATORS = frozenset(".,:-/")
 
@@ -39,6 +45,7 @@ _SEP = 2  # exactly one separator character
 _SPACE = 4  # starts with whitespace
 _ALNUM_START = 8  # first character (after nothing) is a letter or digit
 _ALNUM_END = 16  # last character is a letter or digit
+_N_DIGITS = 8  # bits from here: how many digits a _DIGITS token holds (at most 255)
 
 
 def _classify(piece: str) -> int:
@@ -49,7 +56,7 @@ def _classify(piece: str) -> int:
     if piece[0].isspace():
         bits |= _SPACE
     if body and body.isascii() and body.isdigit():
-        bits |= _DIGITS
+        bits |= _DIGITS | (min(len(body), 255) << _N_DIGITS)
     if piece in _SEPARATORS:
         bits |= _SEP
     if piece[0].isalnum():
@@ -80,6 +87,10 @@ def span_ids(classes: np.ndarray, mode: str) -> np.ndarray:
         # the token after a number ends it ("30417." / "30417 is"): without it a model that sees the
         # digits goes on writing digits ("304177")
         cont[1:] |= digit[:-1] & ~cont[1:] & ~digit[1:]
+        if mode == "long-numbers":  # a number of fewer digits: every cell a span of its own
+            ids = np.cumsum(~cont)
+            digits = np.bincount(ids, weights=(c >> _N_DIGITS) * digit)
+            cont &= digits[ids] >= LONG_NUMBER_DIGITS
         if mode == "words":
             cont[1:] |= ((c[1:] & (_ALNUM_START | _SPACE)) == _ALNUM_START) & ((c[:-1] & _ALNUM_END) != 0)
     return np.cumsum(~cont) - 1

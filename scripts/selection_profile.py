@@ -5,6 +5,9 @@
     python scripts/selection_profile.py report /tmp/prof --budgets 256,512,1024 \\
         --setting default --setting k15:kernel=15
 
+    python scripts/selection_profile.py span-changes /tmp/prof --budget 256 \\
+        --setting old:spans=none --setting new:spans=long-numbers
+
 ``scores``: for every (document, task) prompt of adakv_local.instruct (chat mode, SmolLM2 by
 default) evaluates the prompt without compression and reads the observation window's scores of
 every layer and KV head (the scores the eviction ranks by: window-summed, GQA-reduced); saves them
@@ -16,6 +19,8 @@ where they are (chat template before the document, the document's first and last
 instruction), what they are (words, digits, markup/punctuation, whitespace) against the
 document's own shares, how many of the document's lines keep at least one cell, and where the
 window's attention goes.
+``span-changes``: which cells the second setting keeps that the first does not, and the other way
+round (summed over the (layer, head) pairs), each shown with its neighbours.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from adakv_local.config import AdaKVConfig
 from adakv_local.corpus import find_documents
 from adakv_local.policies import AllocationConfig, keep_sets
+from adakv_local.spans import SpanFinder
 
 
 def _token_class(piece: str) -> str:
@@ -126,18 +132,54 @@ def cmd_answer_kept(a: argparse.Namespace) -> int:
     settings = a.settings or [("default", {})]
     for f in sorted(a.dir.glob("*.npz")):
         z = np.load(f)
-        scores, pieces = z["scores"], [str(x) for x in z["pieces"]]
+        pieces = [str(x) for x in z["pieces"]]
         lo, hi = (int(x) for x in z["answer_span"])
-        w, n = int(z["window"]), z["scores"].shape[-1]
         print(f"{f.stem}: tokens {[pieces[i] for i in range(lo - 3, hi + 3)]}")
         for label, opts in settings:
-            cfg = AdaKVConfig(budget=a.budget, window=w, **opts)
-            alloc = AllocationConfig(budget=a.budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
-                                     sinks=cfg.sinks)
-            kept = keep_sets(list(scores), n, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling)
+            kept = _kept(z, opts, a.budget)
             counts = [sum(int(np.isin(i, c)) for layer in kept for c in layer) for i in range(lo - 3, hi + 3)]
             whole = sum(int(np.isin(np.arange(lo, hi), c).all()) for layer in kept for c in layer)
             print(f"  {label:>14} @ {a.budget}: heads keeping each token {counts}; keeping all digits: {whole}")
+    return 0
+
+
+def _kept(z: Any, opts: dict[str, Any], budget: int) -> list[list[np.ndarray]]:
+    """What the model keeps at this budget with these options from a saved file's window scores: the
+    allocation with the options' spans (their ids from the saved tokens' text), as Llama runs it."""
+    scores, w = z["scores"], int(z["window"])
+    n = scores.shape[-1]
+    cfg = AdaKVConfig(budget=budget, window=w, **opts)
+    alloc = AllocationConfig(budget=budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio, sinks=cfg.sinks)
+    spans = None
+    if cfg.spans != "none":
+        text = {int(t): str(x).encode() for t, x in zip(z["tokens"], z["pieces"])}
+        spans = SpanFinder(text.__getitem__).ids(z["tokens"][:n], cfg.spans)
+    return keep_sets(list(scores), n, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling, spans=spans,
+                     span_share=cfg.span_share)
+
+
+def cmd_span_changes(a: argparse.Namespace) -> int:
+    """Which cells a setting keeps instead of another's, summed over the (layer, head) pairs."""
+    (base_label, base), (label, opts) = a.settings
+    for f in sorted(a.dir.glob("*.npz")):
+        z = np.load(f)
+        pieces = [str(x) for x in z["pieces"]]
+        added: dict[int, int] = {}
+        removed: dict[int, int] = {}
+        for la, lb in zip(_kept(z, base, a.budget), _kept(z, opts, a.budget)):
+            for x, y in zip(la, lb):
+                for i in np.setdiff1d(y, x).tolist():
+                    added[i] = added.get(i, 0) + 1
+                for i in np.setdiff1d(x, y).tolist():
+                    removed[i] = removed.get(i, 0) + 1
+        heads = sum(len(layer) for layer in z["scores"])
+        print(f"{f.stem} @ {a.budget}: {label} keeps {sum(added.values()) / heads:.1f} cells per head that "
+              f"{base_label} does not")
+        for name, cells in (("kept", added), ("dropped", removed)):
+            top = sorted(cells.items(), key=lambda kv: (-kv[1], kv[0]))[: a.top]
+            print(f"  most often {name} by {label}: " + "; ".join(
+                f"{''.join(pieces[max(0, i - 3):i])}[{pieces[i]}]{''.join(pieces[i + 1:i + 3])}".replace("\n", "\\n")
+                + f" x{c}" for i, c in top))
     return 0
 
 
@@ -156,9 +198,7 @@ def profile(f: Path, setting: dict[str, Any], budget: int) -> dict[str, float]:
     start, end = (int(x) for x in z["doc_span"])
     w = int(z["window"])
     n = scores.shape[-1]
-    cfg = AdaKVConfig(budget=budget, window=w, **setting)
-    alloc = AllocationConfig(budget=budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio, sinks=cfg.sinks)
-    kept = keep_sets(list(scores), n, cfg.method, alloc, kernel=cfg.kernel, pooling=cfg.pooling)
+    kept = _kept(z, setting, budget)
     classes = np.array([_token_class(p) for p in pieces])
     line_of = np.cumsum([0] + ["\n" in p for p in pieces[:-1]])  # line index of every token
     doc_lines = np.unique(line_of[start:end])
@@ -266,9 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("dir", type=Path)
     k.add_argument("--budget", type=int, default=128)
     k.add_argument("--setting", dest="settings", action="append", type=parse_setting, default=None)
+    c = sub.add_parser("span-changes")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--budget", type=int, default=256)
+    c.add_argument("--setting", dest="settings", action="append", type=parse_setting, required=True,
+                   help="two settings: the base, then the one whose changes are listed")
+    c.add_argument("--top", type=int, default=8)
     a = p.parse_args(argv)
+    if a.cmd == "span-changes" and len(a.settings) != 2:
+        p.error("span-changes takes two --setting")
     return {"scores": cmd_scores, "report": cmd_report, "task-scores": cmd_task_scores,
-            "answer-kept": cmd_answer_kept}[a.cmd](a)
+            "answer-kept": cmd_answer_kept, "span-changes": cmd_span_changes}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ class CaseConfig:
     attn_path: str  # "auto" (the fast path), "heads" (one call per KV head: the fallback), "mask"
     type_kv: str = "f16"
     n_ctx: int = 1024
-    spans: str = "numbers"
+    spans: str = "long-numbers"
+    span_share: float = float("inf")
 
     def llama_kwargs(self, models: Path) -> dict[str, Any]:
         return dict(
@@ -149,6 +150,7 @@ class CaseConfig:
             adakv_budget=self.budget, adakv_method=self.method, adakv_window=self.window,
             adakv_kernel=self.kernel, adakv_pooling=self.pooling, adakv_gqa=self.gqa, adakv_alpha=self.alpha,
             adakv_max_ratio=self.max_ratio, adakv_sinks=self.sinks, adakv_spans=self.spans,
+            adakv_span_share=self.span_share,
         )  # fmt: skip
 
     @property
@@ -214,7 +216,8 @@ def _draw_config(seed: int) -> CaseConfig:
                         else [0.75, 0.15, 0.1]),
         type_kv=_pick(rng, ["f16", "q8_0", "q4_0"]) if model.endswith("-h64") else "f16",
         # drawn from a stream of its own, so that the other options of every seed stay as they were
-        spans=_pick(np.random.default_rng([seed, 14]), ["none", "numbers", "words"]),
+        spans=_pick(np.random.default_rng([seed, 14]), ["none", "numbers", "long-numbers", "words"]),
+        span_share=_pick(np.random.default_rng([seed, 15]), [float("inf"), 0.0, 0.125, 0.25, 0.5, 2.0]),
     )  # fmt: skip
 
 

@@ -69,13 +69,15 @@ def kept_positions(llm: Llama) -> list[list[list[int]]]:
 
 
 def reference_chunked(llm: Llama, tokens: list[int], chunk: int = CHUNK, alone: bool = True,
-                      span_ids: Callable[[Llama, int], np.ndarray] | None = None) -> tuple[int, int]:
+                      span_ids: Callable[[Llama, int], np.ndarray] | None = None,
+                      span_share: float | None = None) -> tuple[int, int]:
     """The chunk schedule by hand: chunks of ``chunk`` tokens, a compression after one when the next
     would not fit beside it (and the window); returns (chunks, compressions).
 
     alone: each probe and the window are a decode of their own (the plain path); else they end the
     chunk's last ubatch as in the fast path, so that only the schedule and the bookkeeping are checked.
     span_ids: with option spans, the span ids of cells [0, n) for every layer and head.
+    span_share: with option spans, the option span_share.
     """
     kv, w = llm.adakv_kvcache, WINDOW
     assert kv is not None
@@ -92,7 +94,7 @@ def reference_chunked(llm: Llama, tokens: list[int], chunk: int = CHUNK, alone: 
         scores = kv.read_scores(n_cells + (w if window == 0 else 0))
         alloc = AllocationConfig(budget=BUDGET, window=window)
         kept = keep_sets(list(scores[:, :, :n_cells]), n_cells, "ada-snapkv", alloc, valid_from=list(kv.starts()),
-                         spans=None if span_ids is None else span_ids(llm, n_cells))
+                         spans=None if span_ids is None else span_ids(llm, n_cells), span_share=span_share)
         kv.compact(kept)
 
     i, n_ctx, chunks, compressions = 0, llm.n_ctx(), 1, 1

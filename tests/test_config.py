@@ -89,8 +89,8 @@ def test_numpy_integers_are_accepted_for_integer_options():
 
 def test_llama_kwargs_round_trip():
     """Every option reaches Llama's keywords (the CLI and eval chunked build their Llama from them)."""
-    cfg = AdaKVConfig(budget=96, method="snapkv", window=16, kernel=15, pooling="max2", spans="words", gqa="max",
-                      alpha=0.5, max_ratio=1.5, sinks=4, chunk=512)
+    cfg = AdaKVConfig(budget=96, method="snapkv", window=16, kernel=15, pooling="max2", spans="words", span_share=0.3,
+                      gqa="max", alpha=0.5, max_ratio=1.5, sinks=4, chunk=512)
     kw = cfg.llama_kwargs()
     assert set(kw) == {f"adakv_{o.name}" for o in OPTIONS}
     assert AdaKVConfig.from_llama_kwargs(kw) == cfg

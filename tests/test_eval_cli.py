@@ -38,15 +38,22 @@ def test_eval_fidelity_own_prompts(tiny, tmp_path):
     (tmp_path / "a.txt").write_text("One prompt about boats and the sea, with some words. " * 12)
     proc = cli("eval", "fidelity", "--model", tiny, "--prompts", str(tmp_path), "--methods", "snapkv",
                "--budgets", "40", "--window", "16", "--continuation", "4", "--threads", "1", "--json", "-",
-               "--quiet", timeout=300)
+               "--span-share", "inf", "--quiet", timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["config"]["prompts"] == [str(tmp_path / "a.txt")]
+
+    def strict(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON")
+
+    data = json.loads(proc.stdout, parse_constant=strict)
+    assert data["config"]["prompts"] == [str(tmp_path / "a.txt")]
+    assert data["config"]["span_share"] is None  # inf: no limit, written as null
 
 
 @pytest.mark.parametrize("args, text", [
     (["--budgets", "8"], "must exceed the window"),
     (["--methods", "h2o"], "unknown method"),
     (["--budgets", "x"], "not a comma-separated list"),
+    (["--span-share", "-1"], "must be a number >= 0 (inf: no limit)"),
 ])
 def test_eval_fidelity_usage_errors(tiny, args, text):
     proc = cli("eval", "fidelity", "--model", tiny, *args)

@@ -70,6 +70,7 @@ def test_attention_l1_by_hand():
         ({"adakv_budget": 64, "adakv_gqa": "sum"}, "adakv_gqa"),
         ({"adakv_budget": 64, "adakv_max_ratio": 0.5}, "adakv_max_ratio"),
         ({"adakv_budget": 64, "adakv_sinks": -1}, "adakv_sinks"),
+        ({"adakv_budget": 64, "adakv_span_share": -0.25}, "adakv_span_share"),
         ({"adakv_method": "snapkv"}, "adakv_budget"),  # options without a budget
         ({"adakv_budget": 64, "n_ubatch": 16}, "adakv_window"),
     ],

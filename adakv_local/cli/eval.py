@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..policies import METHODS
-from .common import non_negative_int, positive_int, resolve_model_arg
+from .common import non_negative_int, positive_int, resolve_model_arg, span_share_arg
 from .errors import EXIT_OK, EXIT_USAGE, CLIError
 
 _EPILOG_FIDELITY = """examples:
@@ -82,10 +83,19 @@ def _spans_flag(p: argparse.ArgumentParser) -> None:
     from ..config import AdaKVConfig
     from ..spans import SPAN_MODES
 
-    default = AdaKVConfig(budget=64).spans
-    p.add_argument("--spans", choices=SPAN_MODES, default=default,
-                   help=f"cells ranked as one span: numbers keeps every digit of a number with its best digit "
-                   f"(docs/SELECTION.md); none: SnapKV's ranking, the default before 2026-11-30 (default: {default})")
+    default = AdaKVConfig(budget=64)
+    p.add_argument("--spans", choices=SPAN_MODES, default=default.spans,
+                   help=f"cells ranked as one span: numbers keeps every digit of a number with its best digit, "
+                   f"long-numbers only those of 4 digits or more (docs/SELECTION.md); none: SnapKV's ranking, the "
+                   f"default before 2026-11-30 (default: {default.spans})")
+    p.add_argument("--span-share", type=span_share_arg, default=default.span_share, metavar="S",
+                   help="the most cells whole spans may take in one head, as a share of budget - window; inf: no "
+                   f"limit (default: {default.span_share})")
+
+
+def _span_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options spans and span_share as AdaKVConfig takes them."""
+    return {"spans": args.spans, "span_share": args.span_share}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -259,10 +269,21 @@ def _check_outputs(args: argparse.Namespace) -> None:
             raise CLIError("--plot needs matplotlib: pip install 'adakv-local[plot]', or leave --plot out") from None
 
 
+def _json_safe(x: Any) -> Any:
+    """x with every infinite or NaN float as None (span_share inf: no limit), so that the JSON is strict."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
-    text = json.dumps(payload, indent=1)
+    text = json.dumps(_json_safe(payload), indent=1, allow_nan=False)
     if str(path) == "-":
         print(text)
         return
@@ -303,7 +324,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     log(f"fidelity: {len(prompts)} prompts x {len(args.methods)} methods x {len(args.budgets)} budgets on {model.name}")
     records = run_fidelity(str(model), prompts, args.methods, args.budgets, window=args.window, kernel=args.kernel,
                            n_continuation=args.continuation, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"), options={"spans": args.spans})
+                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"), options=_span_options(args))
     summary, pairs = summarize(records), compare_pairs(records)
     summary_l1, pairs_l1 = summarize(records, "l1_attn"), compare_pairs(records, "l1_attn")
     for r, r1 in zip(summary, summary_l1):
@@ -316,7 +337,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
             f"Ada wins {r['ada_wins']}/{r['n']}; attention L1 ratio {r1['ratio']:.3f}, "
             f"Ada wins {r1['ada_wins']}/{r1['n']}")
     config = {"model": str(model), "methods": args.methods, "budgets": args.budgets, "window": args.window,
-              "kernel": args.kernel, "spans": args.spans, "continuation": args.continuation,
+              "kernel": args.kernel, **_span_options(args), "continuation": args.continuation,
               "prompt_tokens": args.prompt_tokens,
               "prompts": [name for name, _ in prompts], "threads": args.threads}
     _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "summary_l1_attn": summary_l1,
@@ -358,7 +379,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
     if not prompts:
         raise CLIError(f"no document of at least {args.prompt_tokens * 3 // 4} tokens found; lower --prompt-tokens "
                        "or name other --documents")
-    settings = [(m, {"method": m, "kernel": args.kernel, "spans": args.spans}) for m in args.methods]
+    settings = [(m, {"method": m, "kernel": args.kernel, **_span_options(args)}) for m in args.methods]
     log(f"instruction fidelity ({mode}): {len(prompts)} prompts ({len({p.document for p in prompts})} documents) x "
         f"{len(settings)} methods x {len(args.budgets)} budgets on {model.name}")
     records, answers = run_instruction_fidelity(
@@ -374,7 +395,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
         log(f"{q['task']:>8} {q['a']} vs {q['b']} @ {q['budget']}: KL ratio {q['ratio']:.3f}, lower on "
             f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
     config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
-              "window": args.window, "kernel": args.kernel, "spans": args.spans, "max_answer": args.continuation,
+              "window": args.window, "kernel": args.kernel, **_span_options(args), "max_answer": args.continuation,
               "max_doc_tokens": args.prompt_tokens, "documents": {d.name: d.source for d in docs},
               "missing": [m.name for m in missing], "threads": args.threads}
     _write_json(args.json_out, {"records": records, "answers": answers, "summary": summary, "pairs": pairs,
@@ -449,7 +470,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         records = run_tasks(str(model), tasks=tasks, lengths=args.lengths, depths=args.depths,
                             methods_budgets=settings, mode=args.mode, n_samples=args.samples, seed=args.seed,
                             n_threads=args.threads, n_gpu_layers=args.gpu_layers, window=args.window,
-                            kernel=args.kernel, options={"spans": args.spans}, progress=progress)
+                            kernel=args.kernel, options=_span_options(args), progress=progress)
     except ValueError as e:  # e.g. a length too short for a task: names the parameter
         raise CLIError(str(e), EXIT_USAGE) from None
     summary = summarize(records)
@@ -458,7 +479,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
             f"{r['correct']}/{r['n']} ({100 * r['accuracy']:.0f}%)")
     config = {"model": str(model), "tasks": tasks, "lengths": args.lengths, "depths": args.depths,
               "settings": settings, "mode": args.mode, "samples": args.samples, "seed": args.seed,
-              "window": args.window, "kernel": args.kernel, "spans": args.spans}
+              "window": args.window, "kernel": args.kernel, **_span_options(args)}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
         from ..evaluate import plot_tasks
