@@ -697,7 +697,7 @@ def keep_sets(
     n_sel = n_cells - min(cfg.window, n_cells)
     span_layers = _check_spans(spans, layers, n_cells)
     span_cap = None
-    if span_share is not None and not (isinstance(span_share, Real) and math.isinf(span_share) and span_share > 0):
+    if span_share is not None and span_share != math.inf:  # None and inf: every span
         span_share = _check_real("span_share", span_share, 0.0, None, "None, inf or a float >= 0")
         span_cap = _floor_mul(span_share, max(cfg.selectable, 0))
 

@@ -51,17 +51,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def span_share_arg(text: str) -> float:
-    """--span-share: a number >= 0, or inf (no limit)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 (inf: no limit), got {text}")
-    return value
-
-
 def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_default: int | None,
                         max_tokens_help: str = "", generation: bool = True) -> None:
     """The model options; ``generation=False`` leaves out --max-tokens and --temperature (``serve``:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policies import METHODS
-from .common import non_negative_int, positive_int, resolve_model_arg, span_share_arg
+from .common import non_negative_int, positive_int, resolve_model_arg
 from .errors import EXIT_OK, EXIT_USAGE, CLIError
 
 _EPILOG_FIDELITY = """examples:
@@ -88,9 +88,19 @@ def _spans_flag(p: argparse.ArgumentParser) -> None:
                    help=f"cells ranked as one span: numbers keeps every digit of a number with its best digit, "
                    f"long-numbers only those of 4 digits or more (docs/SELECTION.md); none: SnapKV's ranking, the "
                    f"default before 2026-11-30 (default: {default.spans})")
-    p.add_argument("--span-share", type=span_share_arg, default=default.span_share, metavar="S",
+    p.add_argument("--span-share", type=_span_share_arg, default=default.span_share, metavar="S",
                    help="the most cells whole spans may take in one head, as a share of budget - window; inf: no "
                    f"limit (default: {default.span_share})")
+
+
+def _span_share_arg(text: str) -> float:
+    """--span-share, checked by AdaKVConfig's own rule for the option."""
+    from ..config import AdaKVConfig
+
+    try:
+        return AdaKVConfig(budget=64, span_share=float(text)).span_share
+    except ValueError as e:  # ConfigError (a ValueError) names the rule; float() says only "could not convert"
+        raise argparse.ArgumentTypeError(getattr(e, "reason", f"not a number: {text!r}")) from None
 
 
 def _span_options(args: argparse.Namespace) -> dict[str, Any]:
