@@ -16,8 +16,11 @@ A document that is not on the machine (a slim container, macOS, a distribution t
 where it was looked for and which package installs it; nothing raises. Every document records the
 path it was read from.
 
-Each document comes with one question written for it (answered from the document by a reader,
-not by a model) for the question-answering prompts.
+Each document comes with questions written for it (answered from the document by a reader, not by
+a model) for the question-answering prompts: the first one, and for the documents of 3000 tokens
+or more two further ones (``more_questions``: one answered in the first half of the document's
+first 4000 SmolLM2 tokens, one in the second half), so that a mean over the answers does not
+rest on one passage per document.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Document:
 
     name: short identifier (``gpl-2``). kind: one of :data:`KINDS`. source: the file it was read
     from (``pydoc_data/topics.py#formatstrings`` for an entry inside a file). question: a
-    question about its content, for the question prompts. package: what installs it.
+    question about its content, for the question prompts; more_questions: further ones.
+    package: what installs it.
     """
 
     name: str
@@ -48,6 +52,12 @@ class Document:
     text: str
     question: str
     package: str
+    more_questions: tuple[str, ...] = ()
+
+    @property
+    def questions(self) -> tuple[str, ...]:
+        """The question and the further ones, in order."""
+        return (self.question, *self.more_questions)
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class Spec:
     package: str
     question: str
     locate: Callable[[], tuple[str, str]]
+    more_questions: tuple[str, ...] = ()
 
 
 def _read(path: Path) -> str:
@@ -130,27 +141,50 @@ def _dist_readme(dist: str) -> Callable[[], tuple[str, str]]:
 
 SPECS: tuple[Spec, ...] = (
     Spec("gpl-2", "prose", "base-files", "What must accompany the Program when you distribute it in object code "
-         "or executable form?", _file("/usr/share/common-licenses/GPL-2")),
+         "or executable form?", _file("/usr/share/common-licenses/GPL-2"),
+         more_questions=("Under Section 2, what must modified files carry?",
+                         "If the Program does not specify a version number of the License, which version may you "
+                         "choose?")),
     Spec("mpl-2.0", "prose", "base-files", "What happens to your rights under this License if you fail to comply "
-         "with it?", _file("/usr/share/common-licenses/MPL-2.0")),
+         "with it?", _file("/usr/share/common-licenses/MPL-2.0"),
+         more_questions=("When do the licenses granted in Section 2.1 become effective for a Contribution?",
+                         "Who is the license steward of the Mozilla Public License?")),
     Spec("python-license", "table", "python (the standard library)", "According to the table, who owns "
-         "Python 2.0, and in which year was it released?", _python_license),
+         "Python 2.0, and in which year was it released?", _python_license,
+         more_questions=("Starting with which Python version are code examples in the documentation dual licensed?",
+                         "By the law of which state is the BeOpen Python license agreement governed?")),
     Spec("py-formatstrings", "reference", "python (pydoc_data)", "What does the presentation type 'x' do for "
-         "integers?", _pydoc_topic("formatstrings")),
+         "integers?", _pydoc_topic("formatstrings"),
+         more_questions=("What does the '^' alignment option do?",
+                         "What does the '+' sign option indicate?")),
     Spec("py-debugger", "reference", "python (pydoc_data)", "Which command sets a breakpoint in the debugger?",
-         _pydoc_topic("debugger")),
+         _pydoc_topic("debugger"),
+         more_questions=("What is the debugger's prompt that indicates you are in debug mode?",
+                         "What happens when you enter a blank line at the debugger prompt?")),
     Spec("llama-cpp-python-readme", "markup", "llama-cpp-python (pip)", "Which command installs llama-cpp-python?",
-         _dist_readme("llama_cpp_python")),
+         _dist_readme("llama_cpp_python"),
+         more_questions=("Which environment variable must be set before installing to get CUDA support?",
+                         "Which class provides the simple managed interface of the high-level API?")),
     Spec("man-tar", "markup", "tar (Debian: /usr/share/man)", "What does the -c option of tar do?",
-         _file("/usr/share/man/man1/tar.1.gz", "/usr/share/man/man1/tar.1")),
+         _file("/usr/share/man/man1/tar.1.gz", "/usr/share/man/man1/tar.1"),
+         more_questions=("According to the man page, what does the name tar stand for?",
+                         "What does the --ignore-failed-read option of tar do?")),
     Spec("man-grep", "markup", "grep (Debian: /usr/share/man)", "What does the -i option of grep do?",
-         _file("/usr/share/man/man1/grep.1.gz", "/usr/share/man/man1/grep.1")),
+         _file("/usr/share/man/man1/grep.1.gz", "/usr/share/man/man1/grep.1"),
+         more_questions=("What does the -F option of grep do?",
+                         "What does the -c option of grep do?")),
     Spec("etc-services", "table", "netbase", "Which port number and protocol does the ssh service use?",
-         _file("/etc/services")),
+         _file("/etc/services"),
+         more_questions=("Which port number and protocol does the ntp service use?",
+                         "Which port number and protocol does the postgresql service use?")),
     Spec("tz-zone1970", "table", "tzdata", "What are the coordinates of Europe/Andorra?",
-         _file("/usr/share/zoneinfo/zone1970.tab")),
+         _file("/usr/share/zoneinfo/zone1970.tab"),
+         more_questions=("In what format are the latitude and longitude of each timezone's principal location given?",
+                         "Which timezone is listed for the Canary Islands?")),
     Spec("gzip-news", "log", "gzip (Debian: /usr/share/doc)", "What changed in the behaviour of 'gzip -l' in "
-         "release 1.12?", _file("/usr/share/doc/gzip/NEWS.gz", "/usr/share/doc/gzip/NEWS")),
+         "release 1.12?", _file("/usr/share/doc/gzip/NEWS.gz", "/usr/share/doc/gzip/NEWS"),
+         more_questions=("Which option did gzip release 1.6 add for consistency with tools like xz, lzip and bzip2?",
+                         "Which CVE was fixed in gzip release 1.4?")),
     Spec("xz-readme", "prose", "xz-utils (Debian: /usr/share/doc)", "Which compression filter is the primary "
          "filter of the .xz format?", _file("/usr/share/doc/xz-utils/README.gz", "/usr/share/doc/xz-utils/README")),
     Spec("bash-posix", "reference", "bash (Debian: /usr/share/doc)", "How do you start bash in POSIX mode?",
@@ -183,7 +217,7 @@ def find_documents(names: Iterable[str] | None = None, specs: Sequence[Spec] = S
             missing.append(Missing(name, f"{source} is empty (installed by {s.package})"))
             continue
         found.append(Document(name=s.name, kind=s.kind, source=source, text=text.strip(), question=s.question,
-                              package=s.package))
+                              package=s.package, more_questions=s.more_questions))
     return found, missing
 
 

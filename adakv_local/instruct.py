@@ -89,9 +89,15 @@ def render(llm: Any, text: str, task: str, question: str, mode: str) -> list[int
 
 
 def build_prompts(llm: Any, documents: Iterable[Document], *, tasks: Sequence[str] = TASKS, mode: str = "chat",
-                  max_doc_tokens: int = 4000, min_doc_tokens: int = 3000) -> list[InstructionPrompt]:
-    """One prompt per (document, task). Each document is cut to at most ``max_doc_tokens`` (at a
-    line); a document shorter than ``min_doc_tokens`` is left out."""
+                  max_doc_tokens: int = 4000, min_doc_tokens: int = 3000, questions: int = 1
+                  ) -> list[InstructionPrompt]:
+    """One prompt per (document, task); for the task ``question``, one per question of the document,
+    its first ``questions`` ones (``Document.questions``; named ``<document>/question``,
+    ``<document>/question-2``, ...). Each document is cut to at most ``max_doc_tokens`` (at a line);
+    a document shorter than ``min_doc_tokens`` is left out."""
+    if isinstance(questions, bool) or not isinstance(questions, int) or questions < 1:
+        raise ValueError(f"questions: expected an int >= 1, got {questions!r}")
+
     def count(t: str) -> int:
         return len(llm.tokenize(t.encode("utf-8"), add_bos=False))
 
@@ -102,8 +108,11 @@ def build_prompts(llm: Any, documents: Iterable[Document], *, tasks: Sequence[st
         if n_doc < min_doc_tokens:
             continue
         for task in tasks:
-            toks = render(llm, text, task, d.question, mode)
-            out.append(InstructionPrompt(f"{d.name}/{task}", d.name, d.kind, task, tuple(toks), n_doc))
+            asked = d.questions[:questions] if task == "question" else ("",)
+            for i, question in enumerate(asked):
+                toks = render(llm, text, task, question, mode)
+                name = f"{d.name}/{task}" + (f"-{i + 1}" if i else "")
+                out.append(InstructionPrompt(name, d.name, d.kind, task, tuple(toks), n_doc))
     return out
 
 

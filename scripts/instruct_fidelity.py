@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--documents", default=",".join(s.name for s in SPECS), help="comma-separated corpus names")
     p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--questions", type=int, default=1,
+                   help="how many of each document's questions to ask (corpus: the first, and two more)")
     p.add_argument("--mode", choices=["chat", "raw"], default="chat")
     p.add_argument("--budgets", default="256,512,1024")
     p.add_argument("--setting", dest="settings", action="append", type=parse_setting, default=None)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = Llama(model_path=model, vocab_only=True, verbose=False)
     try:
         prompts = build_prompts(vocab, docs, tasks=a.tasks.split(","), mode=a.mode, max_doc_tokens=a.max_doc_tokens,
-                                min_doc_tokens=a.min_doc_tokens)
+                                min_doc_tokens=a.min_doc_tokens, questions=a.questions)
     finally:
         vocab.close()
     n_docs = len({q.document for q in prompts})
@@ -101,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
               f"/{q['n']}, higher on {q['a_losses']}, sign p {q['sign_p']:.3f}", file=sys.stderr)
     if a.json:
         config = {"model": model, "documents": {d.name: d.source for d in docs}, "missing": [m.name for m in missing],
-                  "tasks": a.tasks, "mode": a.mode, "budgets": budgets, "settings": settings, "window": a.window,
-                  "max_doc_tokens": a.max_doc_tokens, "max_answer": a.max_answer, "threads": a.threads,
-                  "seconds": time.time() - t0}
+                  "tasks": a.tasks, "questions": a.questions, "mode": a.mode, "budgets": budgets,
+                  "settings": settings, "window": a.window, "max_doc_tokens": a.max_doc_tokens,
+                  "max_answer": a.max_answer, "threads": a.threads, "seconds": time.time() - t0}
         a.json.write_text(json.dumps({"records": records, "answers": answers, "summary": summary, "pairs": pairs,
                                       "config": config}, indent=1) + "\n")
     return 0

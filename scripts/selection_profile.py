@@ -80,7 +80,7 @@ def cmd_scores(a: argparse.Namespace) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     try:
         prompts = build_prompts(llm, docs, tasks=a.tasks.split(","), max_doc_tokens=a.max_doc_tokens,
-                                min_doc_tokens=a.min_doc_tokens)
+                                min_doc_tokens=a.min_doc_tokens, questions=a.questions)
         for p in prompts:
             toks = list(p.tokens)
             doc = next(d for d in docs if d.name == p.document)
@@ -89,7 +89,7 @@ def cmd_scores(a: argparse.Namespace) -> int:
             start = next(i for i in range(len(toks)) if toks[i : i + 16] == body[:16])
             end = start + p.document_tokens
             scores, pieces = _window_scores(llm, toks, a.window)
-            np.savez_compressed(a.out / f"{p.document}__{p.task}.npz", scores=scores, tokens=np.array(toks),
+            np.savez_compressed(a.out / f"{p.name.replace('/', '__')}.npz", scores=scores, tokens=np.array(toks),
                                 pieces=np.array(pieces), doc_span=np.array([start, end]), window=a.window)
             print(f"{p.name}: {len(toks)} tokens, document cells [{start}, {end})", file=sys.stderr, flush=True)
     finally:
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--model", default="smollm2-135m")
     s.add_argument("--documents", default="gpl-2,py-formatstrings,man-tar,etc-services")
     s.add_argument("--tasks", default="summary,question")
+    s.add_argument("--questions", type=int, default=1, help="how many of each document's questions")
     s.add_argument("--max-doc-tokens", type=int, default=4000)
     s.add_argument("--min-doc-tokens", type=int, default=3000)
     s.add_argument("--window", type=int, default=32)

@@ -49,6 +49,10 @@ def test_specs_are_well_formed():
     assert {s.kind for s in SPECS} <= set(KINDS)
     assert {s.kind for s in SPECS} >= {"prose", "reference", "markup", "table", "log"}
     assert all(s.question.endswith("?") for s in SPECS)
+    assert all(q.endswith("?") and q not in (s.question, *s.more_questions[:i])
+               for s in SPECS for i, q in enumerate(s.more_questions))
+    # the documents of 3000 tokens or more (the measured ones) have two more questions each
+    assert sum(len(s.more_questions) == 2 for s in SPECS) >= 10
 
 
 def test_documents_on_this_machine_name_their_source():

@@ -167,15 +167,16 @@ def test_eval_fidelity_instructions(tiny, tmp_path):
     out = tmp_path / "answers.json"
     proc = cli("eval", "fidelity", "--model", tiny, "--instructions", "--documents", "python-license,py-debugger",
                "--methods", "ada-snapkv,snapkv", "--budgets", "48", "--window", "16", "--prompt-tokens", "300",
-               "--continuation", "4", "--threads", "1", "--json", str(out), timeout=300)
+               "--continuation", "4", "--threads", "1", "--questions", "2", "--json", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data["config"]["mode"] == "chat" and set(data["config"]["documents"]) == {"python-license", "py-debugger"}
+    assert data["config"]["questions"] == 2
     recs = data["records"]
-    assert len(recs) == 2 * 2 * 2  # documents x (summary, question) x methods
-    assert {(r["document"], r["task"], r["setting"]) for r in recs} == {
-        (d, t, m) for d in ("python-license", "py-debugger") for t in ("summary", "question")
-        for m in ("ada-snapkv", "snapkv")}
+    assert len(recs) == 2 * 3 * 2  # documents x (summary, 2 questions) x methods
+    assert {(r["prompt"], r["task"], r["setting"]) for r in recs} == {
+        (f"{d}/{p}", p.split("-")[0], m) for d in ("python-license", "py-debugger")
+        for p in ("summary", "question", "question-2") for m in ("ada-snapkv", "snapkv")}
     for r in recs:
         assert r["kl_mean"] >= 0 and 0 <= r["top1"] <= 1 and 2 <= r["answer_tokens"] <= 4
     assert {(q["task"], q["budget"]) for q in data["pairs"]} == {("summary", 48), ("question", 48)}
@@ -185,6 +186,8 @@ def test_eval_fidelity_instructions(tiny, tmp_path):
 @pytest.mark.parametrize("args, text", [
     (["--instructions", "--documents", "no-such-doc"], "unknown name"),
     (["--documents", "gpl-2"], "--documents needs --instructions"),
+    (["--questions", "2"], "--questions needs --instructions"),
+    (["--instructions", "--questions", "0"], "--questions"),
     (["--instructions", "--prompts", "."], "choose one"),
 ])
 def test_eval_fidelity_instructions_usage_errors(tiny, args, text):

@@ -3,6 +3,7 @@ tiny random-weight model (the numbers mean nothing there; the bookkeeping is wha
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -45,6 +46,21 @@ def test_chat_prompts_end_with_the_instruction_after_the_document(vocab):
     assert SUMMARY_INSTRUCTION in texts[0] and texts[0].index(SUMMARY_INSTRUCTION) > texts[0].index(doc.text[-30:])
     assert QUESTION_INSTRUCTION.format(question=doc.question) in texts[1]
     assert all(t.rstrip().endswith("assistant") for t in texts)  # ChatML: the reply starts next
+
+
+def test_each_of_a_documents_questions_is_a_prompt(vocab):
+    doc = dataclasses.replace(_doc("d", 0), more_questions=("Which word comes last?", "How many lines are there?"))
+    prompts = build_prompts(vocab, [doc], mode="chat", max_doc_tokens=10_000, min_doc_tokens=1, questions=3)
+    assert [p.name for p in prompts] == ["d/summary", "d/question", "d/question-2", "d/question-3"]
+    assert [p.task for p in prompts] == ["summary", "question", "question", "question"]
+    for p, q in zip(prompts[1:], doc.questions, strict=True):
+        assert vocab.detokenize(list(p.tokens)).decode().count(QUESTION_INSTRUCTION.format(question=q)) == 1
+    # more than the document has: the ones it has; the default: the first only
+    assert len(build_prompts(vocab, [doc], tasks=("question",), min_doc_tokens=1, questions=5)) == 3
+    assert [p.name for p in build_prompts(vocab, [doc], tasks=("question",), min_doc_tokens=1)] == ["d/question"]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="questions"):
+            build_prompts(vocab, [doc], min_doc_tokens=1, questions=bad)
 
 
 def test_documents_are_cut_and_short_ones_left_out(vocab):

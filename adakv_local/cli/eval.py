@@ -23,8 +23,8 @@ _EPILOG_FIDELITY = """examples:
 
 --instructions: the prompts are real documents installed on this machine (licenses, Python's
 documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
-"Summarize the document above in a few sentences." and by a question about it; the full cache's
-greedy answer (at most --continuation tokens) is what is teacher-forced (docs/SELECTION.md).
+"Summarize the document above in a few sentences." and by a question about it (--questions 3: by
+each of its three questions); the full cache's greedy answer (at most --continuation tokens) is what is teacher-forced (docs/SELECTION.md).
 """
 
 _EPILOG_TASKS = """examples:
@@ -155,6 +155,9 @@ def add_parser(sub: Any) -> None:
                    "most --continuation tokens teacher-forced")
     f.add_argument("--documents", default=None, metavar="NAMES",
                    help="with --instructions: comma-separated document names (default: all found here)")
+    f.add_argument("--questions", type=positive_int, default=None, metavar="N",
+                   help="with --instructions: ask up to N of each document's questions (the corpus has 3 for "
+                   "each document long enough; default: 1)")
     f.set_defaults(func=_cmd_fidelity)
 
     c = esub.add_parser(
@@ -318,8 +321,9 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     _check_outputs(args)
     if args.instructions:
         return _instruction_fidelity(args)
-    if args.documents is not None:
-        raise CLIError("--documents needs --instructions", EXIT_USAGE)
+    for flag, value in (("--documents", args.documents), ("--questions", args.questions)):
+        if value is not None:
+            raise CLIError(f"{flag} needs --instructions", EXIT_USAGE)
     model, vocab = _open_model(args)
     try:
         if args.prompts is not None:
@@ -381,7 +385,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
     mode = "chat" if vocab.metadata.get("tokenizer.chat_template") else "raw"
     try:
         prompts = build_prompts(vocab, docs, mode=mode, max_doc_tokens=args.prompt_tokens,
-                                min_doc_tokens=args.prompt_tokens * 3 // 4)
+                                min_doc_tokens=args.prompt_tokens * 3 // 4, questions=args.questions or 1)
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     finally:
@@ -406,8 +410,9 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
             f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
     config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
               "window": args.window, "kernel": args.kernel, **_span_options(args), "max_answer": args.continuation,
-              "max_doc_tokens": args.prompt_tokens, "documents": {d.name: d.source for d in docs},
-              "missing": [m.name for m in missing], "threads": args.threads}
+              "max_doc_tokens": args.prompt_tokens, "questions": args.questions or 1,
+              "documents": {d.name: d.source for d in docs}, "missing": [m.name for m in missing],
+              "threads": args.threads}
     _write_json(args.json_out, {"records": records, "answers": answers, "summary": summary, "pairs": pairs,
                                 "config": config})
     return EXIT_OK
