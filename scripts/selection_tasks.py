@@ -38,6 +38,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="also answer with the full cache")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one sample each")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens generated per answer (default: 16)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     options = dict(a.option)
@@ -48,7 +49,7 @@ def main() -> int:
         records += run_tasks(str(resolve_model(a.model)), tasks=a.tasks.split(","),
                              lengths=[int(x) for x in a.lengths.split(",")],
                              depths=[float(x) for x in a.depths.split(",")], methods_budgets=settings, mode=a.mode,
-                             seed=seed, n_threads=a.threads, options=options,
+                             seed=seed, n_threads=a.threads, max_tokens=a.max_tokens, options=options,
                              progress=lambda d, t, r: print(f"[{d}/{t} {time.time() - t0:.0f}s] {r['method']}@"
                                                             f"{r['budget']} depth {r['depth']} seed {r['seed']}: "
                                                             f"{'ok' if r['correct'] else 'MISS'} {r['output']!r}",

@@ -24,7 +24,8 @@ _EPILOG_FIDELITY = """examples:
 --instructions: the prompts are real documents installed on this machine (licenses, Python's
 documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
 "Summarize the document above in a few sentences." and by a question about it (--questions 3: by
-each of its three questions); the full cache's greedy answer (at most --continuation tokens) is what is teacher-forced (docs/SELECTION.md).
+each of its three questions); the full cache's greedy answer (at most --continuation tokens) is
+what is teacher-forced (docs/SELECTION.md).
 """
 
 _EPILOG_TASKS = """examples:
