@@ -373,6 +373,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
         raise CLIError("--plot draws raw-text fidelity only; leave it out with --instructions", EXIT_USAGE)
     if args.continuation < 2:
         raise CLIError("--continuation: the answer needs at least 2 tokens", EXIT_USAGE)
+    questions = args.questions or 1  # None: not given (refused without --instructions)
     names = None if args.documents is None else [x.strip() for x in args.documents.split(",") if x.strip()]
     try:
         docs, missing = find_documents(names)
@@ -386,7 +387,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
     mode = "chat" if vocab.metadata.get("tokenizer.chat_template") else "raw"
     try:
         prompts = build_prompts(vocab, docs, mode=mode, max_doc_tokens=args.prompt_tokens,
-                                min_doc_tokens=args.prompt_tokens * 3 // 4, questions=args.questions or 1)
+                                min_doc_tokens=args.prompt_tokens * 3 // 4, questions=questions)
     except ValueError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
     finally:
@@ -411,7 +412,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
             f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
     config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
               "window": args.window, "kernel": args.kernel, **_span_options(args), "max_answer": args.continuation,
-              "max_doc_tokens": args.prompt_tokens, "questions": args.questions or 1,
+              "max_doc_tokens": args.prompt_tokens, "questions": questions,
               "documents": {d.name: d.source for d in docs}, "missing": [m.name for m in missing],
               "threads": args.threads}
     _write_json(args.json_out, {"records": records, "answers": answers, "summary": summary, "pairs": pairs,
