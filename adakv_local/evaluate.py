@@ -112,11 +112,14 @@ def run_fidelity(
     if not 2 <= n_continuation <= 513:
         raise ValueError(f"n_continuation must be in [2, 513] (the continuation is teacher-forced in one "
                          f"512-token ubatch), got {n_continuation}")
+    if not 1 <= (options or {}).get("window", window) <= window:
+        raise ValueError(f"options: window must be in [1, {window}] (the run's window: each prompt is evaluated "
+                         "up to its last window tokens before the runs)")
     longest = max(len(t) for _, t in prompts)
     n_ctx = ((longest + n_continuation + 64) // 256 + 1) * 256
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers, logits_all=True, adakv_budget=max(window, min(budgets)),
-                adakv_window=window, adakv_kernel=kernel, verbose=False)
+                adakv_window=window, adakv_kernel=kernel, adakv_gqa=(options or {}).get("gqa"), verbose=False)
     base = llm.adakv_config
     assert base is not None
     base = dataclasses.replace(base, **(options or {}))

@@ -11,7 +11,8 @@ recorded, exactly as :func:`adakv_local.evaluate.run_fidelity` does for raw text
 end token is one of the forced positions: whether the model stops is part of the answer.
 
 A *setting* is a named set of :class:`~adakv_local.config.AdaKVConfig` options other than the
-budget (``("default", {})``, ``("k15", {"kernel": 15})``; a window no larger than the run's), so
+budget (``("default", {})``, ``("k15", {"kernel": 15})``; a window no larger than the run's, and one
+GQA reduction for all, which the graph is built with), so
 that two selections can be compared prompt by prompt (:func:`paired`).
 
 Prompts that share their beginning (the same document with different instructions) are evaluated
@@ -189,11 +190,15 @@ def run_instruction_fidelity(
             raise ValueError(f"settings[{label!r}]: window must be in [1, {window}] (the run's window: the state is "
                              "saved before the run's last window tokens)")
     configs = {label: AdaKVConfig(budget=max(budgets), **{"window": window, **dict(opts)}) for label, opts in settings}
+    gqa = {c.gqa for c in configs.values()}
+    if len(gqa) > 1:
+        raise ValueError(f"settings: gqa {sorted(gqa)} in one run; the graph reduces the window's scores one way per "
+                         "run (adakv_config.gqa): run each in a run of its own")
     longest = max(len(p.tokens) for p in prompts)
     n_ctx = ((longest + max_answer + 64) // 256 + 1) * 256
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,
                 n_gpu_layers=n_gpu_layers, logits_all=True, adakv_budget=max(budgets), adakv_window=window,
-                verbose=False)
+                adakv_gqa=gqa.pop() if gqa else None, verbose=False)
     groups: dict[str, list[InstructionPrompt]] = {}
     for p in prompts:
         groups.setdefault(p.document, []).append(p)

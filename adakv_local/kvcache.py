@@ -84,11 +84,15 @@ class KVCache:
             raise ValueError("ctx is a NULL llama_context pointer")
         self._ctx = self._n.ffi.cast("struct llama_context *", int(ptr))
         lib = self._n.lib
+        #: the GQA reduction this handle enabled the context with; None when the context was
+        #: enabled before (by another handle), whose reduction and attention path stay in force
+        self.gqa_reduce: str | None = None
         if not lib.llama_adakv_is_enabled(self._ctx):
             params = lib.llama_adakv_default_params()
             params.gqa_reduce = GQA_REDUCE[gqa_reduce]
             params.attn_path = ATTN_PATHS[attn_path]
             self._n.check(lib.llama_adakv_enable(self._ctx, params))
+            self.gqa_reduce = gqa_reduce
         n_layer = self._count(lib.llama_adakv_n_layer(self._ctx))
         ids = np.zeros(n_layer, dtype=np.int32)
         self._n.check(lib.llama_adakv_layer_ids(self._ctx, self._ptr(ids, "int32_t *")))

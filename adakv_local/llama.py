@@ -122,6 +122,18 @@ def _footprint_bound(cfg: AdaKVConfig, budget: int, n_head_kv: int) -> int:
     return per_head
 
 
+def _check_sizes(cfg: AdaKVConfig, n_batch: int, n_ubatch: int, n_ctx: int, prefix: str) -> None:
+    """The window must fit in one ubatch (llama-cpp-python runs ubatches of min(n_batch, n_ubatch)
+    tokens, and n_batch <= n_ctx), and a chunk must leave room for it in the cache."""
+    if min(n_batch, n_ubatch, n_ctx) < cfg.window:
+        raise ConfigError("window", f"({cfg.window}) must fit in one ubatch of min(n_batch, n_ubatch, n_ctx) "
+                          f"tokens: raise n_batch (now {n_batch}), n_ubatch (now {n_ubatch}) and n_ctx (now "
+                          f"{n_ctx}) or lower the window").named(prefix + "window")
+    if cfg.chunk is not None and n_ctx and cfg.chunk > n_ctx - cfg.window:
+        raise ConfigError("chunk", f"({cfg.chunk}) must leave room for the window in the cache: at most "
+                          f"n_ctx - window = {n_ctx - cfg.window}").named(prefix + "chunk")
+
+
 class Llama(llama_cpp.Llama):
     """llama-cpp-python's ``Llama`` with Ada-KV per-head KV-cache eviction.
 
@@ -185,17 +197,10 @@ class Llama(llama_cpp.Llama):
             # sliding-window layers (Gemma 3) keep a ring of the window's size, not n_ctx cells
             if kwargs.get("swa_full") is None:
                 kwargs["swa_full"] = False
-            # llama-cpp-python runs ubatches of min(n_batch, n_ubatch) tokens, and n_batch <= n_ctx
             n_batch, n_ubatch = kwargs.get("n_batch", 512), kwargs.get("n_ubatch", 512)
             n_ctx = kwargs.get("n_ctx", 512) or n_batch  # 0: the model's trained context
-            if min(n_batch, n_ubatch, n_ctx) < config.window:
-                raise ConfigError("window", f"({config.window}) must fit in one ubatch of min(n_batch, n_ubatch, "
-                                  f"n_ctx) tokens: raise n_batch (now {n_batch}), n_ubatch (now {n_ubatch}) and "
-                                  f"n_ctx (now {n_ctx}) or lower the window").named("adakv_window")
-            if config.chunk is not None and n_ctx and config.chunk > n_ctx - config.window:
-                raise ConfigError("chunk", f"({config.chunk}) must leave room for the window in the cache: at most "
-                                  f"n_ctx - window = {n_ctx - config.window}").named("adakv_chunk")
-        self.adakv_config: AdaKVConfig | None = config
+            _check_sizes(config, n_batch, n_ubatch, n_ctx, "adakv_")
+        self._adakv_config: AdaKVConfig | None = config
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
         self._adakv_suspended = False
@@ -570,6 +575,40 @@ class Llama(llama_cpp.Llama):
         yield from gen
 
     # -- inspection --------------------------------------------------------------------------------
+
+    @property
+    def adakv_config(self) -> AdaKVConfig | None:
+        """The eviction settings of the next evaluation; None evaluates without eviction.
+
+        A new value (``dataclasses.replace`` of the current one) may change every option but the GQA
+        reduction, which the graph was built with: it is checked as the constructor checks it.
+
+        Raises:
+            TypeError: neither an AdaKVConfig nor None.
+            ValueError: this Llama was made without eviction (no ``adakv_budget``: it has no
+                score buffers), another ``gqa`` than the one it was made with, or a window or
+                chunk that does not fit its ``n_batch``, ``n_ubatch`` or ``n_ctx``. The setting
+                in force is left as it was.
+        """
+        return self._adakv_config
+
+    @adakv_config.setter
+    def adakv_config(self, config: AdaKVConfig | None) -> None:
+        if config is not None:
+            if not isinstance(config, AdaKVConfig):
+                raise TypeError(f"adakv_config must be an AdaKVConfig or None, got {type(config).__name__}")
+            if self._adakv is None:
+                raise ValueError("adakv_config: this Llama was made without eviction (no adakv_budget), so it has no "
+                                 "score buffers; make it with adakv_budget=... to set an eviction config")
+            made = self._adakv.gqa_reduce
+            if config.gqa != made:
+                raise ConfigError("gqa", f"({config.gqa!r}) is fixed when the Llama is made (the graph reduces the "
+                                  f"window's scores with it): this one was made with {made!r}; make a new Llama "
+                                  f"with adakv_gqa={config.gqa!r}").named("adakv_config.gqa")
+            _check_sizes(config, self.n_batch, self.context_params.n_ubatch, self.n_ctx(), "adakv_config.")
+            if config.method != "full":
+                self._allow_long_prompts()
+        self._adakv_config = config
 
     @property
     def adakv_kvcache(self) -> KVCache | None:

@@ -132,6 +132,16 @@ def test_settings_may_not_set_the_budget(tiny_llama, vocab):
         run_instruction_fidelity(str(tiny_llama), prompts, [("x", {"budget": 64})], [40], window=16)
     with pytest.raises(ValueError, match="window"):
         run_instruction_fidelity(str(tiny_llama), prompts, [("x", {"window": 32})], [40], window=16)
+    with pytest.raises(ValueError, match=r"gqa \['max', 'mean'\] in one run"):
+        run_instruction_fidelity(str(tiny_llama), prompts, [("a", {}), ("b", {"gqa": "max"})], [40], window=16)
+
+
+def test_a_settings_gqa_reaches_the_graph(tiny_llama, vocab):
+    prompts = build_prompts(vocab, [_doc("a", 4)], tasks=("summary",), min_doc_tokens=1)
+    kl = {g: run_instruction_fidelity(str(tiny_llama), prompts, [(g, {"gqa": g})], [40], window=16, max_answer=4)[0][0]
+          for g in ("mean", "max")}
+    assert kl["mean"]["options"] == {"gqa": "mean"} and kl["max"]["options"] == {"gqa": "max"}
+    assert kl["mean"]["kl_mean"] != kl["max"]["kl_mean"]
 
 
 def test_summarize_and_paired():

@@ -97,6 +97,58 @@ def test_short_prompts_are_left_alone(tiny):
     assert llm._adakv.footprint() == 0
 
 
+def test_a_new_config_is_checked_as_the_constructor_checks_it(tiny):
+    import dataclasses
+
+    from adakv_local.config import AdaKVConfig, ConfigError
+
+    llm = make(tiny, 40, adakv_gqa="max", n_batch=64)
+    made = llm.adakv_config
+    assert made.gqa == "max" and llm.adakv_kvcache.gqa_reduce == "max"
+    bad = [
+        (dataclasses.replace(made, gqa="mean"), ConfigError, "adakv_config.gqa .*made with 'max'.*adakv_gqa='mean'"),
+        (dataclasses.replace(made, window=65, budget=80), ConfigError,
+         r"adakv_config.window \(65\) must fit .*n_batch \(now 64\)"),
+        (dataclasses.replace(made, chunk=1020), ConfigError, "adakv_config.chunk .*at most n_ctx - window = 1016"),
+        ({"budget": 40}, TypeError, "AdaKVConfig or None, got dict"),
+    ]
+    for value, err, msg in bad:
+        with pytest.raises(err, match=msg):
+            llm.adakv_config = value
+        assert llm.adakv_config is made  # the setting in force is left as it was
+    other = dataclasses.replace(made, budget=48, method="snapkv", window=16, kernel=3)
+    llm.adakv_config = other
+    toks = llm.tokenize(PROMPT.encode())
+    llm.eval(toks)
+    st = llm.adakv_stats
+    assert st is not None and st.method == "snapkv" and st.budget == 48
+    assert np.all(st.kept[list(llm.adakv_kvcache.layout.layer_ids)] == 48)
+    llm.adakv_config = None  # off: no eviction
+    llm.reset()
+    llm.eval(toks)
+    assert llm.adakv_kvcache.footprint() == 0 and llm.adakv_kvcache.n_cells() == len(toks)
+
+    plain = Llama(model_path=tiny, n_ctx=512, verbose=False)
+    with pytest.raises(ValueError, match="made without eviction .*adakv_budget"):
+        plain.adakv_config = AdaKVConfig(budget=40)
+    assert plain.adakv_config is None
+    plain.adakv_config = None
+
+
+def test_gqa_reduction_reaches_the_scores(tiny):
+    """A run's gqa option reaches the graph: max and mean give other scores on a GQA model."""
+    from adakv_local.evaluate import run_fidelity
+
+    llm = make(tiny, 40)
+    toks = llm.tokenize(PROMPT.encode())
+    llm.close()
+    runs = {g: run_fidelity(tiny, [("p", toks)], ["ada-snapkv"], [24], window=8, n_continuation=4, n_threads=1,
+                            options={"gqa": g}) for g in ("mean", "max")}
+    assert runs["mean"][0]["kl_mean"] != runs["max"][0]["kl_mean"]
+    with pytest.raises(ValueError, match=r"window must be in \[1, 8\]"):
+        run_fidelity(tiny, [("p", toks)], ["ada-snapkv"], [24], window=8, options={"window": 16})
+
+
 METHODS = ["ada-snapkv", "snapkv", "ada-pyramid", "pyramidkv", "streamingllm"]
 
 
