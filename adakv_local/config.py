@@ -65,7 +65,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("span_share", "the most cells whole spans may take in one head, as a share of the average selectable "
            "budget (budget - window): the spans with the best scores first, the rest rank cell by cell (inf: no "
            "limit; docs/SELECTION.md)", "S"),
-    Option("gqa", f"how the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)}", "MODE"),
+    Option("gqa", f"how the scores of the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)} "
+           "(max: a cell one query head attends to is not diluted by the others; closer to the full cache than mean "
+           "on answers, summaries and raw text: docs/SELECTION.md)", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),
     Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1); bounds the cache footprint",
@@ -95,7 +97,8 @@ def _whole(x: Any) -> Any:
 
 @dataclass(frozen=True)
 class AdaKVConfig:
-    """Configuration of per-head KV eviction (defaults follow the Ada-KV and SnapKV papers).
+    """Configuration of per-head KV eviction (defaults follow the Ada-KV and SnapKV papers, except
+    ``spans`` and ``gqa``, chosen by measurement: docs/SELECTION.md).
 
     Raises:
         ConfigError (a ValueError) naming the option and its allowed range, or TypeError.
@@ -108,7 +111,7 @@ class AdaKVConfig:
     pooling: str = "max"
     spans: str = "long-numbers"
     span_share: float = float("inf")
-    gqa: str = "mean"
+    gqa: str = "max"
     alpha: float = 0.2
     max_ratio: float | None = None
     sinks: int = 0

@@ -11,6 +11,7 @@ about a minute on 2 cores: tiny random-weight models, --threads 1. The CLI runs 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -35,8 +36,8 @@ CLI exit codes: 0 success; 1 runtime failure, including input that cannot be use
 empty or binary document, a model file that is not a complete GGUF file); 2 usage error (a bad
 option value, an unknown model name, an `--n-ctx` above the trained context). Every error is one
 line on stderr, no traceback. The next table lists the llama.cpp memory and state calls that a
-compressed cache refuses, with what they return; the last one what `adakv-local serve` answers to
-bad requests.
+compressed cache refuses, with what they return, and the eviction configs a made `Llama` refuses
+(`llm.adakv_config = ...`); the last one what `adakv-local serve` answers to bad requests.
 """
 
 DOC = ("The harbour town woke early. Fishing boats left before dawn, and by the time the bakery opened the first "
@@ -138,7 +139,7 @@ def run_cache_ops(d: Path) -> list[str]:
     """What llama.cpp's memory and state calls do to a compressed cache (they must lose nothing)."""
     import llama_cpp
 
-    from adakv_local import Llama
+    from adakv_local import AdaKVConfig, Llama
 
     def make() -> Any:
         return Llama(model_path=str(d / "tiny.gguf"), n_ctx=1024, n_threads=1, verbose=False, adakv_budget=64,
@@ -146,7 +147,7 @@ def run_cache_ops(d: Path) -> list[str]:
 
     rows = ["## Cache operations on a compressed context", "",
             "A context whose prompt of N tokens was compressed (budget 64, window 16, tiny model); the block",
-            "stands for positions 0 .. N-1. `mem` is `llama_get_memory(llm.ctx)`.", "",
+            "stands for positions 0 .. N-1. `mem` is `llama_get_memory(llm.ctx)`, `replace` `dataclasses.replace`.", "",
             "| operation | result | what is left |", "|---|---|---|"]
     llm = make()
     llm.eval(llm.tokenize(DOC.encode()))
@@ -175,8 +176,16 @@ def run_cache_ops(d: Path) -> list[str]:
     row("llm.n_tokens = 10; llm.eval([1, 2])  # rewind into the block", lambda: (setattr(llm, "n_tokens", 10),
                                                                                   llm.eval([1, 2]))[1])
     llm.n_tokens = n
+    made = llm.adakv_config
+    gqa = "mean" if made.gqa == "max" else "max"
+    row(f"llm.adakv_config = replace(llm.adakv_config, gqa={gqa!r})",
+        lambda: setattr(llm, "adakv_config", dataclasses.replace(made, gqa=gqa)))
+    row("llm.adakv_config = replace(llm.adakv_config, budget=600, window=600)",
+        lambda: setattr(llm, "adakv_config", dataclasses.replace(made, budget=600, window=600)))
     other = Llama(model_path=str(d / "tiny.gguf"), n_ctx=1024, n_threads=1, verbose=False)
     other.eval(other.tokenize(b"plain"))
+    row("other.adakv_config = AdaKVConfig(budget=64)  # other: made without adakv_budget",
+        lambda: setattr(other, "adakv_config", AdaKVConfig(budget=64)))
     row("llm.load_state(state of a context without eviction)", lambda: llm.load_state(other.save_state()))
     other.close()
     llm.close()

@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-doc-tokens", type=int, default=4000)
     s.add_argument("--min-doc-tokens", type=int, default=3000)
     s.add_argument("--window", type=int, default=32)
-    s.add_argument("--gqa", default="mean")
+    s.add_argument("--gqa", default="mean", help="GQA reduction of the scores (default: mean, as SELECTION.md's "
+                   "profiles were made before the default became max)")
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--out", type=Path, required=True)
     r = sub.add_parser("report")

@@ -47,6 +47,19 @@ def test_eval_fidelity_own_prompts(tiny, tmp_path):
     data = json.loads(proc.stdout, parse_constant=strict)
     assert data["config"]["prompts"] == [str(tmp_path / "a.txt")]
     assert data["config"]["span_share"] is None  # inf: no limit, written as null
+    assert data["config"]["gqa"] == "max"  # the default
+
+    # --gqa reaches the graph's reduction: mean and max score the cells of this GQA model otherwise
+    kl = {}
+    for gqa in ("mean", "max"):
+        proc = cli("eval", "fidelity", "--model", tiny, "--prompts", str(tmp_path), "--methods", "snapkv",
+                   "--budgets", "40", "--window", "16", "--continuation", "4", "--threads", "1", "--json", "-",
+                   "--gqa", gqa, "--quiet", timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        data = json.loads(proc.stdout)
+        assert data["config"]["gqa"] == gqa
+        kl[gqa] = data["records"][0]["kl_mean"]
+    assert kl["mean"] != kl["max"]
 
 
 @pytest.mark.parametrize("args, text", [
@@ -54,6 +67,7 @@ def test_eval_fidelity_own_prompts(tiny, tmp_path):
     (["--methods", "h2o"], "unknown method"),
     (["--budgets", "x"], "not a comma-separated list"),
     (["--span-share", "-1"], "must be a number >= 0 (inf: no limit)"),
+    (["--gqa", "sum"], "invalid choice: 'sum'"),
 ])
 def test_eval_fidelity_usage_errors(tiny, args, text):
     proc = cli("eval", "fidelity", "--model", tiny, *args)

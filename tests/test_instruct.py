@@ -133,7 +133,7 @@ def test_settings_may_not_set_the_budget(tiny_llama, vocab):
     with pytest.raises(ValueError, match="window"):
         run_instruction_fidelity(str(tiny_llama), prompts, [("x", {"window": 32})], [40], window=16)
     with pytest.raises(ValueError, match=r"gqa \['max', 'mean'\] in one run"):
-        run_instruction_fidelity(str(tiny_llama), prompts, [("a", {}), ("b", {"gqa": "max"})], [40], window=16)
+        run_instruction_fidelity(str(tiny_llama), prompts, [("a", {}), ("b", {"gqa": "mean"})], [40], window=16)
 
 
 def test_a_settings_gqa_reaches_the_graph(tiny_llama, vocab):

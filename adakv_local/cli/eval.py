@@ -80,8 +80,8 @@ def _methods(text: str) -> list[str]:
     return items
 
 
-def _spans_flag(p: argparse.ArgumentParser) -> None:
-    from ..config import AdaKVConfig
+def _selection_flags(p: argparse.ArgumentParser) -> None:
+    from ..config import GQA_REDUCTIONS, AdaKVConfig
     from ..spans import SPAN_MODES
 
     default = AdaKVConfig(budget=64)
@@ -92,6 +92,9 @@ def _spans_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--span-share", type=_span_share_arg, default=default.span_share, metavar="S",
                    help="the most cells whole spans may take in one head, as a share of budget - window; inf: no "
                    f"limit (default: {default.span_share})")
+    p.add_argument("--gqa", choices=GQA_REDUCTIONS, default=default.gqa,
+                   help="how the scores of the query heads of one KV head are combined: max (a cell one query head "
+                   f"attends to is not diluted) or mean, the default before 2026-11-30 (default: {default.gqa})")
 
 
 def _span_share_arg(text: str) -> float:
@@ -104,9 +107,9 @@ def _span_share_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(getattr(e, "reason", f"not a number: {text!r}")) from None
 
 
-def _span_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Options spans and span_share as AdaKVConfig takes them."""
-    return {"spans": args.spans, "span_share": args.span_share}
+def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Options spans, span_share and gqa as AdaKVConfig takes them."""
+    return {"spans": args.spans, "span_share": args.span_share, "gqa": args.gqa}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -148,7 +151,7 @@ def add_parser(sub: Any) -> None:
                    help="teacher-forced tokens after the prompt (default: 64)")
     f.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
     f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
-    _spans_flag(f)
+    _selection_flags(f)
     f.add_argument("--instructions", action="store_true",
                    help="answers to instructions after real documents instead of raw-text continuations: a summary "
                    "and a question per document (in the model's chat template if it has one), documents cut to at "
@@ -208,7 +211,7 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
     t.add_argument("--kernel", type=positive_int, default=7, metavar="K",
                    help="score pooling width (odd; default: 7)")
-    _spans_flag(t)
+    _selection_flags(t)
     t.set_defaults(func=_cmd_tasks)
 
     b = sub.add_parser(
@@ -339,7 +342,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     log(f"fidelity: {len(prompts)} prompts x {len(args.methods)} methods x {len(args.budgets)} budgets on {model.name}")
     records = run_fidelity(str(model), prompts, args.methods, args.budgets, window=args.window, kernel=args.kernel,
                            n_continuation=args.continuation, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
-                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"), options=_span_options(args))
+                           progress=lambda d, t, m: log(f"[{d}/{t}] {m}"), options=_selection_options(args))
     summary, pairs = summarize(records), compare_pairs(records)
     summary_l1, pairs_l1 = summarize(records, "l1_attn"), compare_pairs(records, "l1_attn")
     for r, r1 in zip(summary, summary_l1):
@@ -352,7 +355,7 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
             f"Ada wins {r['ada_wins']}/{r['n']}; attention L1 ratio {r1['ratio']:.3f}, "
             f"Ada wins {r1['ada_wins']}/{r1['n']}")
     config = {"model": str(model), "methods": args.methods, "budgets": args.budgets, "window": args.window,
-              "kernel": args.kernel, **_span_options(args), "continuation": args.continuation,
+              "kernel": args.kernel, **_selection_options(args), "continuation": args.continuation,
               "prompt_tokens": args.prompt_tokens,
               "prompts": [name for name, _ in prompts], "threads": args.threads}
     _write_json(args.json_out, {"records": records, "summary": summary, "pairs": pairs, "summary_l1_attn": summary_l1,
@@ -395,7 +398,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
     if not prompts:
         raise CLIError(f"no document of at least {args.prompt_tokens * 3 // 4} tokens found; lower --prompt-tokens "
                        "or name other --documents")
-    settings = [(m, {"method": m, "kernel": args.kernel, **_span_options(args)}) for m in args.methods]
+    settings = [(m, {"method": m, "kernel": args.kernel, **_selection_options(args)}) for m in args.methods]
     log(f"instruction fidelity ({mode}): {len(prompts)} prompts ({len({p.document for p in prompts})} documents) x "
         f"{len(settings)} methods x {len(args.budgets)} budgets on {model.name}")
     records, answers = run_instruction_fidelity(
@@ -411,7 +414,7 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
         log(f"{q['task']:>8} {q['a']} vs {q['b']} @ {q['budget']}: KL ratio {q['ratio']:.3f}, lower on "
             f"{q['a_wins']}/{q['n']}, sign test p {q['sign_p']:.3f}")
     config = {"model": str(model), "instructions": True, "mode": mode, "methods": args.methods, "budgets": args.budgets,
-              "window": args.window, "kernel": args.kernel, **_span_options(args), "max_answer": args.continuation,
+              "window": args.window, "kernel": args.kernel, **_selection_options(args), "max_answer": args.continuation,
               "max_doc_tokens": args.prompt_tokens, "questions": questions,
               "documents": {d.name: d.source for d in docs}, "missing": [m.name for m in missing],
               "threads": args.threads}
@@ -487,7 +490,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         records = run_tasks(str(model), tasks=tasks, lengths=args.lengths, depths=args.depths,
                             methods_budgets=settings, mode=args.mode, n_samples=args.samples, seed=args.seed,
                             n_threads=args.threads, n_gpu_layers=args.gpu_layers, window=args.window,
-                            kernel=args.kernel, options=_span_options(args), progress=progress)
+                            kernel=args.kernel, options=_selection_options(args), progress=progress)
     except ValueError as e:  # e.g. a length too short for a task: names the parameter
         raise CLIError(str(e), EXIT_USAGE) from None
     summary = summarize(records)
@@ -496,7 +499,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
             f"{r['correct']}/{r['n']} ({100 * r['accuracy']:.0f}%)")
     config = {"model": str(model), "tasks": tasks, "lengths": args.lengths, "depths": args.depths,
               "settings": settings, "mode": args.mode, "samples": args.samples, "seed": args.seed,
-              "window": args.window, "kernel": args.kernel, **_span_options(args)}
+              "window": args.window, "kernel": args.kernel, **_selection_options(args)}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
         from ..evaluate import plot_tasks
