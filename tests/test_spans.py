@@ -305,12 +305,14 @@ def test_numbers_one_shot_equal_the_reference_and_stay_whole(tiny, share):
     assert max(cut(got)) <= 1
 
 
+@pytest.mark.parametrize("gqa", ["mean", "max"])
 @pytest.mark.parametrize("share", [float("inf"), 1.0])
-def test_numbers_in_chunks_equal_the_reference(tiny, share):
-    llm, ref = (llama(tiny, adakv_spans="numbers", adakv_span_share=share) for _ in range(2))
+def test_numbers_in_chunks_equal_the_reference(tiny, share, gqa):
+    llm, ref = (llama(tiny, adakv_spans="numbers", adakv_span_share=share, adakv_gqa=gqa) for _ in range(2))
     toks = numbers_prompt(llm, 100, 6)
     assert len(toks) > 2 * llm.n_ctx()
     llm.eval(toks)
-    reference_chunked(ref, toks, span_ids=reference_cell_ids, span_share=share)
+    # near ties (the max over query heads makes them likelier): the same ubatches as the fast path
+    reference_chunked(ref, toks, alone=False, span_ids=reference_cell_ids, span_share=share)
     assert kept_positions(llm) == kept_positions(ref)
     assert llm.adakv_stats.compressions > 2
