@@ -38,7 +38,7 @@ DEVICES = [pytest.param(0, id="cpu"), pytest.param(ALL_LAYERS, id="gpu", marks=n
 
 def make(
     path, *, type_kv: str = "f16", force_fallback: bool | None = None, n_ctx: int = 512, enable: bool = True,
-    n_gpu_layers: int = 0,
+    n_gpu_layers: int = 0, gqa_reduce: str = "mean",
 ):
     import llama_cpp
 
@@ -47,7 +47,7 @@ def make(
         type_k=GGML_TYPES[type_kv], type_v=GGML_TYPES[type_kv], n_threads=2, seed=0, verbose=False,
         n_gpu_layers=n_gpu_layers,
     )  # fmt: skip
-    kv = KVCache.from_llama(llm, force_fallback=force_fallback) if enable else None
+    kv = KVCache.from_llama(llm, force_fallback=force_fallback, gqa_reduce=gqa_reduce) if enable else None
     return llm, kv
 
 

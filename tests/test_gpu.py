@@ -300,17 +300,18 @@ def tiny32x8(tmp_path_factory):
 
 @needs_gpu
 @pytest.mark.exactness
+@pytest.mark.parametrize("gqa", ["mean", "max"])
 @pytest.mark.parametrize("type_kv", ["f16", "q8_0", "q4_0"])
-def test_gpu_window_scores_match_the_cpu(tiny64, type_kv):
+def test_gpu_window_scores_match_the_cpu(tiny64, type_kv, gqa):
     out = []
     for n_gpu_layers in (0, ALL_LAYERS):
-        llm, kv = make(tiny64, type_kv=type_kv, n_gpu_layers=n_gpu_layers)
+        llm, kv = make(tiny64, type_kv=type_kv, n_gpu_layers=n_gpu_layers, gqa_reduce=gqa)
         out.append(prefill(llm, kv, llm.tokenize(PROMPT)))
     cpu, gpu = out
     assert cpu.shape == gpu.shape
     # each column is a sum of WINDOW probabilities: errors are relative to that scale (a quantized K
     # meets Q rounded to q8_0 on the CPU, to q8_1 on CUDA: ~1% of scores of ~1/n_kv each)
-    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * WINDOW, err_msg=type_kv)
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * WINDOW, err_msg=f"{type_kv}, gqa {gqa}")
 
 
 def _after_compaction(path, type_kv, n_gpu_layers, *, compact=True, force_fallback=None):
