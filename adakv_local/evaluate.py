@@ -65,6 +65,14 @@ def _mean_ci(xs: Sequence[float]) -> tuple[float, float]:
     return float(a.mean()), float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
 
 
+def check_window_option(options: dict[str, Any], window: int, where: str) -> None:
+    """A window in a run's options may not exceed the run's own: the state is saved before the run's
+    last ``window`` prompt tokens, and a larger window would leave the prompt uncompressed."""
+    if not 1 <= options.get("window", window) <= window:
+        raise ValueError(f"{where}: window must be in [1, {window}] (the run's window: the state is saved before "
+                         "the run's last window tokens)")
+
+
 def _continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config: Any) -> np.ndarray:
     """Restore the prefix, evaluate the window under config (None: full cache); the last logits."""
     llm.load_state(prefix_state)
@@ -112,9 +120,7 @@ def run_fidelity(
     if not 2 <= n_continuation <= 513:
         raise ValueError(f"n_continuation must be in [2, 513] (the continuation is teacher-forced in one "
                          f"512-token ubatch), got {n_continuation}")
-    if not 1 <= (options or {}).get("window", window) <= window:
-        raise ValueError(f"options: window must be in [1, {window}] (the run's window: each prompt is evaluated "
-                         "up to its last window tokens before the runs)")
+    check_window_option(options or {}, window, "options")
     longest = max(len(t) for _, t in prompts)
     n_ctx = ((longest + n_continuation + 64) // 256 + 1) * 256
     llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads, n_threads_batch=n_threads,

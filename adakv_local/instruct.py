@@ -178,7 +178,7 @@ def run_instruction_fidelity(
     every budget in ``sample_budgets`` the compressed cache's own greedy answer.
     """
     from .config import AdaKVConfig
-    from .evaluate import _continue_from, _teacher_force
+    from .evaluate import _continue_from, _teacher_force, check_window_option
     from .llama import Llama
 
     if max_answer < 2:
@@ -186,9 +186,7 @@ def run_instruction_fidelity(
     for label, opts in settings:
         if "budget" in opts:
             raise ValueError(f"settings[{label!r}]: the budget is set by the run, not by a setting")
-        if not 1 <= opts.get("window", window) <= window:
-            raise ValueError(f"settings[{label!r}]: window must be in [1, {window}] (the run's window: the state is "
-                             "saved before the run's last window tokens)")
+        check_window_option(opts, window, f"settings[{label!r}]")
     configs = {label: AdaKVConfig(budget=max(budgets), **{"window": window, **dict(opts)}) for label, opts in settings}
     gqa = {c.gqa for c in configs.values()}
     if len(gqa) > 1:
