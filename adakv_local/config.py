@@ -67,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
            "limit; docs/SELECTION.md)", "S"),
     Option("gqa", f"how the scores of the query heads of one KV head are combined: {' or '.join(GQA_REDUCTIONS)} "
            "(max: a cell one query head attends to is not diluted by the others; closer to the full cache than mean "
-           "on answers, summaries and raw text: docs/SELECTION.md)", "MODE"),
+           "on answers, summaries and raw text: docs/SELECTION.md; mean was the default before 2026-11-30)", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),
     Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1); bounds the cache footprint",

@@ -81,7 +81,7 @@ def _methods(text: str) -> list[str]:
 
 
 def _selection_flags(p: argparse.ArgumentParser) -> None:
-    from ..config import GQA_REDUCTIONS, AdaKVConfig
+    from ..config import GQA_REDUCTIONS, OPTIONS, AdaKVConfig
     from ..spans import SPAN_MODES
 
     default = AdaKVConfig(budget=64)
@@ -92,9 +92,8 @@ def _selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--span-share", type=_span_share_arg, default=default.span_share, metavar="S",
                    help="the most cells whole spans may take in one head, as a share of budget - window; inf: no "
                    f"limit (default: {default.span_share})")
-    p.add_argument("--gqa", choices=GQA_REDUCTIONS, default=default.gqa,
-                   help="how the scores of the query heads of one KV head are combined: max (a cell one query head "
-                   f"attends to is not diluted) or mean, the default before 2026-11-30 (default: {default.gqa})")
+    gqa_help = next(o.help for o in OPTIONS if o.name == "gqa")
+    p.add_argument("--gqa", choices=GQA_REDUCTIONS, default=default.gqa, help=f"{gqa_help} (default: {default.gqa})")
 
 
 def _span_share_arg(text: str) -> float:
