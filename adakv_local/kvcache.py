@@ -19,6 +19,10 @@ from ._native import Native, native
 GQA_REDUCE = {"mean": 0, "max": 1}
 # enum llama_adakv_attn_path: how attention honours the start cells (None: from the environment)
 ATTN_PATHS = {None: -1, "auto": 0, "heads": 1, "mask": 2}
+# enum llama_adakv_layout: how the compacted block lies in memory (None: ADAKV_LAYOUT, else pooled)
+LAYOUTS = {None: -1, "pooled": 0, "rect": 1}
+# enum llama_adakv_attn_used
+ATTN_USED = ("stock", "kernel", "mask", "heads", "gather-kernel", "gather-mask", "gather-heads")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,25 @@ class KVMemory:
         return n_cells * self.cell_bytes + self.swa_used * self.swa_cell_bytes
 
 
+@dataclass(frozen=True)
+class KVBlock:
+    """The compacted block of the sequence (zeros but ``layout`` before a compaction).
+
+    ``cells``: R, the cache cells the block occupies (its footprint: the pooled layout packs every
+    head's kept tokens into them, so R is about the sum of the per-head budgets over the KV heads;
+    the rect layout pays the largest head's budget in every head). ``width``: the most tokens one
+    head keeps. ``cells_used``: cache cells the sequence uses (the block and the cells after it).
+    ``view_cells``: cells of the per-head view that scores, positions and kept cells index
+    (``width + cells_used - cells``).
+    """
+
+    layout: str
+    cells: int
+    width: int
+    cells_used: int
+    view_cells: int
+
+
 class KVCache:
     """Per-head eviction on one llama.cpp context (sequence 0).
 
@@ -64,16 +87,21 @@ class KVCache:
     ``attn_path``: "auto" (the start cells inside the flash-attention kernel where the backend has
     them, else the per-head mask, else one call per KV head), "heads", "mask", or None to read
     ``ADAKV_ATTN_PATH`` (or ``ADAKV_FORCE_FALLBACK=1``, heads) from the environment.
-    ``force_fallback=True`` is ``attn_path="heads"``, ``False`` is "auto".
+    ``force_fallback=True`` is ``attn_path="heads"``, ``False`` is "auto". ``layout``: "pooled" (the
+    block costs the sum of the per-head budgets), "rect" (the largest head's budget in every head;
+    kept for comparisons), or None to read ``ADAKV_LAYOUT`` (default pooled).
     """
 
     def __init__(
-        self, ctx: Any, *, gqa_reduce: str = "mean", force_fallback: bool | None = None, attn_path: str | None = None
+        self, ctx: Any, *, gqa_reduce: str = "mean", force_fallback: bool | None = None, attn_path: str | None = None,
+        layout: str | None = None,
     ) -> None:
         if gqa_reduce not in GQA_REDUCE:
             raise ValueError(f"gqa_reduce must be one of {sorted(GQA_REDUCE)}, got {gqa_reduce!r}")
         if attn_path not in ATTN_PATHS:
             raise ValueError(f"attn_path must be one of auto, heads, mask or None, got {attn_path!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of pooled, rect or None, got {layout!r}")
         if force_fallback is not None:
             if attn_path is not None:
                 raise ValueError("give attn_path or force_fallback, not both")
@@ -91,6 +119,7 @@ class KVCache:
             params = lib.llama_adakv_default_params()
             params.gqa_reduce = GQA_REDUCE[gqa_reduce]
             params.attn_path = ATTN_PATHS[attn_path]
+            params.layout = LAYOUTS[layout]
             self._n.check(lib.llama_adakv_enable(self._ctx, params))
             self.gqa_reduce = gqa_reduce
         n_layer = self._count(lib.llama_adakv_n_layer(self._ctx))
@@ -125,33 +154,46 @@ class KVCache:
     def n_head_kv(self) -> int:
         return self.layout.n_head_kv
 
+    def block(self) -> KVBlock:
+        """The compacted block and the cells the sequence uses."""
+        out = self._n.ffi.new("struct llama_adakv_block *")
+        self._n.check(self._n.lib.llama_adakv_get_block(self._ctx, out))
+        layout = next(k for k, v in LAYOUTS.items() if v == out.layout)
+        return KVBlock(str(layout), out.cells, out.width, out.cells_used, out.view_cells)
+
     def n_cells(self) -> int:
-        """Cells held by the sequence; they are ``[0, n_cells)``."""
+        """Cache cells the sequence uses (memory: the compacted block and the cells after it)."""
+        return self.block().cells_used
+
+    def view_cells(self) -> int:
+        """Cells of the per-head view held by the sequence, ``[0, view_cells)``: what scores,
+        positions, starts and kept cells index (the block's width, then the cells after the block)."""
         return self._count(self._n.lib.llama_adakv_n_cells(self._ctx))
 
     def footprint(self) -> int:
-        """R: cells of the compacted block (0 if nothing is compacted)."""
+        """R: cache cells of the compacted block (0 if nothing is compacted)."""
         return self._count(self._n.lib.llama_adakv_footprint(self._ctx))
 
     def starts(self) -> np.ndarray:
-        """int32 ``[n_layer, n_head_kv]``: first valid cell of every head."""
+        """int32 ``[n_layer, n_head_kv]``: first valid view cell of every head."""
         out = np.zeros((self.n_layer, self.n_head_kv), dtype=np.int32)
         self._n.check(self._n.lib.llama_adakv_get_starts(self._ctx, self._ptr(out, "int32_t *")))
         return out
 
     def attn_used(self) -> list[str]:
-        """Per evicted layer, how the last graph built applied the start cells: "stock" (nothing
+        """Per evicted layer, how the last graph built applied the block: "stock" (nothing
         compacted), "kernel" (inside the flash-attention kernel), "mask" (a per-head mask on the
-        stock kernel) or "heads" (one stock call per KV head)."""
+        stock kernel) or "heads" (one stock call per KV head); "gather-" before the last three: a
+        pooled block gathered into a rectangle for the ubatch with stock ops first."""
         out = np.zeros(self.n_layer, dtype=np.int32)
         self._n.check(self._n.lib.llama_adakv_get_attn_used(self._ctx, self._ptr(out, "int32_t *")))
-        return [("stock", "kernel", "mask", "heads")[int(i)] for i in out]
+        return [ATTN_USED[int(i)] for i in out]
 
     def positions(self, n_cells: int | None = None) -> np.ndarray:
         """int32 ``[n_layer, n_head_kv, n_cells]``: the original position of the token each cell holds
         for each head (the compacted block holds different tokens per head), -1 where it holds none
         for that head. Kept by the library, so it is part of a saved state."""
-        n_cells = self.n_cells() if n_cells is None else n_cells
+        n_cells = self.view_cells() if n_cells is None else n_cells
         out = np.zeros((self.n_layer, self.n_head_kv, n_cells), dtype=np.int32)
         self._n.check(self._n.lib.llama_adakv_get_positions(self._ctx, self._ptr(out, "int32_t *"), int(n_cells)))
         return out
@@ -179,7 +221,7 @@ class KVCache:
 
     def read_scores(self, n_cells: int | None = None) -> np.ndarray:
         """float32 ``[n_layer, n_head_kv, n_cells]`` window scores of the armed decode; disarms."""
-        n_cells = self.n_cells() if n_cells is None else n_cells
+        n_cells = self.view_cells() if n_cells is None else n_cells
         out = np.zeros((self.n_layer, self.n_head_kv, n_cells), dtype=np.float32)
         self._n.check(self._n.lib.llama_adakv_read_scores(self._ctx, self._ptr(out, "float *"), int(n_cells)))
         return out
@@ -187,7 +229,7 @@ class KVCache:
     # compaction
 
     def compact(self, kept: Sequence[Sequence[np.ndarray]]) -> int:
-        """Keep ``kept[layer][head]`` (increasing cell indices) and compact; returns the footprint R."""
+        """Keep ``kept[layer][head]`` (increasing view cells) and compact; returns the footprint R."""
         if len(kept) != self.n_layer or any(len(k) != self.n_head_kv for k in kept):
             raise ValueError(f"kept must be [n_layer={self.n_layer}][n_head_kv={self.n_head_kv}] arrays of cells")
         counts = np.array([[len(c) for c in layer] for layer in kept], dtype=np.int32)
@@ -199,7 +241,8 @@ class KVCache:
         return self.footprint()
 
     def read_rows(self, layer: int, which: str, cell0: int, n_cells: int) -> np.ndarray:
-        """Raw bytes ``uint8 [n_cells, n_head_kv, row_size]`` of K (``which="k"``) or V rows."""
+        """Raw bytes ``uint8 [n_cells, n_head_kv, row_size]`` of K (``which="k"``) or V rows of view cells
+        ``[cell0, cell0 + n_cells)`` (zeros where a view cell holds nothing for a head)."""
         if which not in ("k", "v"):
             raise ValueError(f"which must be 'k' or 'v', got {which!r}")
         is_v = int(which == "v")

@@ -105,14 +105,18 @@ class _Run:
         self.t_mark = now
 
 
-def _footprint_bound(cfg: AdaKVConfig, budget: int, n_head_kv: int) -> int:
-    """The most cells (R) a compression at this budget can leave: the largest budget one head can get.
+def _footprint_bound(cfg: AdaKVConfig, budget: int, n_head_kv: int, layout: str = "pooled") -> int:
+    """The most cells (R) a compression at this budget can leave.
 
-    A layer has n_head_kv * B selectable slots (twice that at most under the pyramid schedule); Ada
+    A layer has n_head_kv * B selectable slots (twice that at most under the pyramid schedule). The
+    pooled block packs a layer's kept tokens into ceil(their number / n_head_kv) cells: about B
+    (2B for a pyramid's largest layer). The rect block is as wide as the largest head's budget: Ada
     gives one head its safeguard floor(alpha * B) plus every slot the other heads do not reserve;
     max_ratio caps it. (The final compression keeps B - w selectable cells plus the window: less.)
     """
     per_layer = 2 * budget if cfg.method in ("pyramidkv", "ada-pyramid") else budget
+    if layout == "pooled":
+        return per_layer + 1
     if cfg.method.startswith("ada-"):
         per_head = n_head_kv * per_layer - (n_head_kv - 1) * int(cfg.alpha * per_layer)
     else:
@@ -294,11 +298,11 @@ class Llama(llama_cpp.Llama):
         assert kv is not None and cfg is not None
         n_after = kv.n_cells() + len(tokens)
         budget = cfg.cells_for(n_after) if budget is None else budget
-        if n_after - float(kv.starts().mean()) <= budget:
+        if kv.view_cells() + len(tokens) - float(kv.starts().mean()) <= budget:  # what the heads hold, on average
             self._eval_batches(tokens)
         else:
             scores = self._eval_scored(tokens, cfg.window)
-            self._compress(scores, n_after, budget, cfg.window)
+            self._compress(scores, budget, cfg.window)
         self._stats_run.end_chunk(len(tokens))
         self._finish_stats(n_after, budget)
         return None
@@ -335,12 +339,11 @@ class Llama(llama_cpp.Llama):
         probe, and compress the cells before it (no window is kept: the probe is not the prompt)."""
         kv = self._adakv
         assert kv is not None
-        n_doc = kv.n_cells() + len(chunk)
         scores = self._eval_scored(chunk + probe, len(probe), count=len(chunk))
         self.n_tokens -= len(probe)
         if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):  # after any compacted block: never refused
             raise RuntimeError(f"adakv: could not remove the probe at position {self.n_tokens}")
-        footprint = self._compress(scores, n_doc, budget, 0)
+        footprint = self._compress(scores, budget, 0)
         if self.n_ctx() - footprint - len(probe) < len(probe):
             self.reset()
             raise ValueError(
@@ -353,7 +356,6 @@ class Llama(llama_cpp.Llama):
         """Evaluate tokens with the last ``window`` scored inside the last ubatch; the scores of every cell."""
         kv = self._adakv
         assert kv is not None
-        n_after = kv.n_cells() + len(tokens)
         k = min(len(tokens), self.n_batch, int(self.context_params.n_ubatch))  # the last piece: one ubatch
         count = len(tokens) if count is None else count
         if len(tokens) > k:
@@ -364,12 +366,14 @@ class Llama(llama_cpp.Llama):
         self._note_peak()
         self._advance(max(0, count - (len(tokens) - k)))
         self._stats_run.seconds["score"] += time.perf_counter() - t0
-        return kv.read_scores(n_after)
+        return kv.read_scores()
 
-    def _compress(self, scores: np.ndarray, n_cells: int, budget: int, window: int) -> int:
-        """Allocate the budget over cells [start, n_cells) with these scores and compact; returns R."""
+    def _compress(self, scores: np.ndarray, budget: int, window: int) -> int:
+        """Allocate the budget over the view cells [start, n) the sequence holds with these scores and
+        compact; returns R."""
         kv, cfg, run = self._adakv, self.adakv_config, self._stats_run
         assert kv is not None and cfg is not None
+        n_cells = kv.view_cells()
         t0 = time.perf_counter()
         alloc = AllocationConfig(budget=budget, window=window, alpha=cfg.alpha, max_ratio=cfg.max_ratio,
                                  sinks=cfg.sinks)
@@ -413,12 +417,13 @@ class Llama(llama_cpp.Llama):
                 "beyond it would break RoPE): shorten the prompt"
             )
         budget = cfg.cells_for(n_cells + len(tokens))
-        bound = _footprint_bound(cfg, budget, self._adakv.n_head_kv if self._adakv else 1)
+        kv = self._adakv
+        bound = _footprint_bound(cfg, budget, kv.n_head_kv if kv else 1, kv.block().layout if kv else "pooled")
         need = bound + 2 * cfg.window
         if need > self.n_ctx():
             raise ValueError(
                 f"n_ctx = {self.n_ctx()} is too small to read a {len(tokens)}-token prompt in chunks at budget "
-                f"{budget}: a compression may leave up to {bound} cells (R, the largest per-head budget), and "
+                f"{budget}: a compression may leave up to {bound} cells (R, the compacted block), and "
                 f"the next chunk and the window need room after them; use n_ctx >= {need}, a smaller budget, "
                 "or bound R with adakv_max_ratio"
             )
@@ -625,7 +630,7 @@ class Llama(llama_cpp.Llama):
         kv = self._adakv
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")
-        per_layer = [[p[p < self.n_tokens] for p in layer] for layer in self._cell_positions(kv.n_cells())]
+        per_layer = [[p[p < self.n_tokens] for p in layer] for layer in self._cell_positions(kv.view_cells())]
         everything = np.arange(self.n_tokens, dtype=np.int64)
         out: list[list[np.ndarray]] = [[everything] * kv.n_head_kv for _ in range(self._n_layer())]
         for i, il in enumerate(kv.layout.layer_ids):
@@ -647,7 +652,7 @@ class Llama(llama_cpp.Llama):
         kv = self._adakv
         assert kv is not None
         kept = np.full((self._n_layer(), kv.n_head_kv), self.n_tokens, dtype=np.int64)
-        n, starts = kv.n_cells(), kv.starts()
+        n, starts = kv.view_cells(), kv.starts()
         for i, il in enumerate(kv.layout.layer_ids):
             kept[il] = n - starts[i]
         return kept

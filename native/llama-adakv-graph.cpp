@@ -7,7 +7,9 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <functional>
 
 uint64_t llama_adakv_graph_epoch(const llama_adakv * ak) {
     return ak ? ak->epoch : 0;
@@ -19,10 +21,11 @@ uint32_t llama_adakv_graph_extra_nodes(const llama_adakv * ak) {
     }
     // per evicted layer, generously: the fallback's 7 tensors per KV head (three views, the mask
     // view and its copy, the attention, the concat), the window scores' ~25 plus 4 per query head
-    // of a group (max reduction), the capture's copy; tensors that are not nodes count against the
-    // same budget (llm_graph_result sizes its tensor pool by it)
+    // of a group (max reduction), the capture's copy, the pooled layout's gathered view (K, V and
+    // the mask: ~20); tensors that are not nodes count against the same budget (llm_graph_result
+    // sizes its tensor pool by it)
     const uint32_t n_gqa = (uint32_t) (ak->n_head / ak->n_head_kv);
-    return (uint32_t) ak->layers.size() * (8u * (uint32_t) ak->n_head_kv + 4u * n_gqa + 64u);
+    return (uint32_t) ak->layers.size() * (8u * (uint32_t) ak->n_head_kv + 4u * n_gqa + 96u);
 }
 
 llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) {
@@ -55,20 +58,46 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
 // ubatch (a long prompt after a compaction) takes the one-call-per-KV-head path instead
 static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
 
-// the attention of one layer with the start cells applied, best first: the stock node (nothing
-// compacted), the same node with per-head starts (the backend's kernels honour them), the same
-// node with a per-head mask (stock kernels), or one stock call per KV head
-static ggml_tensor * llama_adakv_graph_heads(
-        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap) {
-    if (ak->footprint == 0) {
-        l.attn_used = LLAMA_ADAKV_USED_STOCK;
-        return fa; // nothing compacted: stock attention
+// The per-head view of a pooled block, gathered with stock ops for one ubatch (the routes that do
+// not read the pooled rows in the kernel, and the window scores): K or V of view cells [0, n_view),
+// [d, n_view, n_head_kv], F16 for an f16 cache (exact), else F32 (the dequantized values).
+static ggml_tensor * adakv_view_kv(
+        ggml_context * ctx, const llama_adakv & ak, const llama_adakv_layer & l, ggml_tensor * t, int64_t d,
+        int64_t n_view) {
+    const int64_t H    = ak.n_head_kv;
+    ggml_tensor * rows = ggml_view_2d(ctx, t, d, (int64_t) ak.kv_size * H, t->nb[1] / H, 0); // [d, kv_size*H]
+    ggml_tensor * idx  = ggml_view_2d(ctx, l.view_rows, n_view, H, l.view_rows->nb[1], 0);   // [n_view, H]
+    idx                = ggml_reshape_1d(ctx, ggml_cont(ctx, idx), n_view * H);
+    ggml_tensor * g    = ggml_get_rows(ctx, rows, idx); // F32 [d, n_view*H], head-major
+    if (t->type == GGML_TYPE_F16) {
+        g = ggml_cast(ctx, g, GGML_TYPE_F16);
     }
+    return ggml_reshape_3d(ctx, g, d, n_view, H);
+}
+
+// the mask of the view: F16 [n_kv, n_q] of the cache cells -> F16 [width + n_kv - footprint, n_q],
+// 0 for the block's view cells (the past: always visible), then the mask of the cells after the block
+static ggml_tensor * adakv_view_mask(ggml_context * ctx, const llama_adakv & ak, ggml_tensor * mask) {
+    const int64_t n_kv = mask->ne[0];
+    const int64_t n_q  = mask->ne[1];
+    ggml_tensor * tail =
+            ggml_view_2d(ctx, mask, n_kv - ak.footprint, n_q, mask->nb[1], (size_t) ak.footprint * mask->nb[0]);
+    ggml_tensor * tmpl = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ak.width, n_q);
+    ggml_tensor * zero = ggml_scale(ctx, ggml_repeat(ctx, ggml_arange(ctx, 0.0f, (float) ak.width, 1.0f), tmpl), 0.0f);
+    return ggml_cast(ctx, ggml_concat(ctx, zero, ggml_cast(ctx, tail, GGML_TYPE_F32), 0), GGML_TYPE_F16);
+}
+
+// the attention of one layer over a block that is a rectangle with per-head start cells (the rect
+// layout, or the gathered view of a pooled block), best first: the start cells inside the kernel,
+// a per-head mask on the stock kernel, or one stock call per KV head
+static ggml_tensor * llama_adakv_graph_rect(
+        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap,
+        bool gathered) {
     ggml_backend_dev_t dev = llama_adakv_dev_of(l.k);
     if (ak->attn_path == LLAMA_ADAKV_ATTN_AUTO) {
-        ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
+        ggml_flash_attn_ext_set_head_start(fa, gathered ? l.vstart_i32 : l.start_i32);
         if (ggml_backend_dev_supports_op(dev, fa)) {
-            l.attn_used = LLAMA_ADAKV_USED_KERNEL;
+            l.attn_used = gathered ? LLAMA_ADAKV_USED_GATHER_KERNEL : LLAMA_ADAKV_USED_KERNEL;
             return fa;
         }
         ggml_flash_attn_ext_set_head_start(fa, nullptr);
@@ -80,14 +109,44 @@ static ggml_tensor * llama_adakv_graph_heads(
         llama_adakv_head_mask_bytes(k->ne[1], q->ne[1], q->ne[2]) <= ADAKV_HEAD_MASK_MAX_BYTES) {
         fa->src[3] = llama_adakv_head_mask(ctx, mask, l.start_f32, k->ne[1], mask ? mask->ne[1] : q->ne[1], q->ne[2]);
         if (ggml_backend_dev_supports_op(dev, fa)) {
-            l.attn_used = LLAMA_ADAKV_USED_MASK;
+            l.attn_used = gathered ? LLAMA_ADAKV_USED_GATHER_MASK : LLAMA_ADAKV_USED_MASK;
             return fa;
         }
         fa->src[3] = mask;
     }
     GGML_ASSERT(fa->src[4] == nullptr && "adakv: the per-head fallback does not support attention sinks");
-    l.attn_used = LLAMA_ADAKV_USED_HEADS;
+    l.attn_used = gathered ? LLAMA_ADAKV_USED_GATHER_HEADS : LLAMA_ADAKV_USED_HEADS;
     return llama_adakv_fa_fallback(ctx, q, k, fa->src[2], mask, l.start.data(), scale, softcap);
+}
+
+// the attention of one layer with the block applied: the stock node (nothing compacted), the rect
+// routes, or for a pooled block the same node with its pooled rows (the backend's kernels read
+// them), else the rect routes over the block's view gathered for this ubatch
+static ggml_tensor * llama_adakv_graph_heads(
+        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap,
+        const std::function<std::array<ggml_tensor *, 3>()> & gather) {
+    if (ak->footprint == 0) {
+        l.attn_used = LLAMA_ADAKV_USED_STOCK;
+        return fa; // nothing compacted: stock attention
+    }
+    if (ak->layout != LLAMA_ADAKV_LAYOUT_POOLED) {
+        return llama_adakv_graph_rect(ak, ctx, l, fa, scale, softcap, false);
+    }
+    if (ak->attn_path == LLAMA_ADAKV_ATTN_AUTO) {
+        ggml_flash_attn_ext_set_head_start(fa, l.start_i32);
+        ggml_flash_attn_ext_set_head_pool(fa, l.pool_i32);
+        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
+            l.attn_used = LLAMA_ADAKV_USED_KERNEL;
+            return fa;
+        }
+        ggml_flash_attn_ext_set_head_pool(fa, nullptr);
+        ggml_flash_attn_ext_set_head_start(fa, nullptr);
+    }
+    const auto view = gather(); // K, V and the mask of the view
+    fa->src[1]      = view[0];
+    fa->src[2]      = view[1];
+    fa->src[3]      = view[2];
+    return llama_adakv_graph_rect(ak, ctx, l, fa, scale, softcap, true);
 }
 
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il) {
@@ -110,7 +169,26 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
     memcpy(&scale, (const float *) fa->op_params + 0, sizeof(float));
     memcpy(&softcap, (const float *) fa->op_params + 2, sizeof(float));
 
+    // a pooled block's view, gathered for this ubatch where something reads it (built lazily: the
+    // in-kernel route of a decoded token needs none)
+    const bool pooled      = ak->layout == LLAMA_ADAKV_LAYOUT_POOLED && ak->footprint > 0;
+    const int64_t n_view   = ak->width + k->ne[1] - ak->footprint;
+    ggml_tensor * k_view   = nullptr;
+    ggml_tensor * v_view   = nullptr;
+    ggml_tensor * mask_view = nullptr;
+    auto gather            = [&]() -> std::array<ggml_tensor *, 3> {
+        if (pooled && k_view == nullptr) {
+            k_view    = adakv_view_kv(ctx, *ak, l, l.k, k->ne[0], n_view);
+            v_view    = adakv_view_kv(ctx, *ak, l, l.v, v->ne[0], n_view);
+            mask_view = mask ? adakv_view_mask(ctx, *ak, mask) : nullptr;
+        }
+        return { k_view, v_view, mask_view };
+    };
+
     if (ak->armed_window > 0) {
+        gather();
+        ggml_tensor * k_s    = pooled ? k_view : k;
+        ggml_tensor * mask_s = pooled ? mask_view : mask;
         // the window is the ubatch's last w tokens: their rows of q [d_k, n_tokens, n_head] and of
         // the mask [n_kv, n_tokens (padded), 1, 1], so that the prompt's last ubatch scores it in passing
         const int64_t n_tokens = q->ne[1];
@@ -118,22 +196,23 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
         ggml_tensor * q_w      = ggml_view_4d(
                 ctx, q, q->ne[0], w, q->ne[2], q->ne[3], q->nb[1], q->nb[2], q->nb[3], (n_tokens - w) * q->nb[1]);
         ggml_tensor * mask_w = nullptr;
-        if (mask != nullptr) {
+        if (mask_s != nullptr) {
             mask_w = ggml_view_4d(
-                    ctx, mask, mask->ne[0], w, mask->ne[2], mask->ne[3], mask->nb[1], mask->nb[2], mask->nb[3],
-                    (n_tokens - w) * mask->nb[1]);
+                    ctx, mask_s, mask_s->ne[0], w, mask_s->ne[2], mask_s->ne[3], mask_s->nb[1], mask_s->nb[2],
+                    mask_s->nb[3], (n_tokens - w) * mask_s->nb[1]);
         }
-        // [n_kv, n_head_kv] into the persistent buffer, cells [0, n_kv) of every head
+        // [n_view, n_head_kv] into the persistent buffer, view cells [0, n_view) of every head
         ggml_tensor * s = llama_adakv_window_scores(
-                ctx, q_w, k, mask_w, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale, softcap);
+                ctx, q_w, k_s, mask_w, ak->footprint > 0 ? l.start_f32 : nullptr, ak->params.gqa_reduce, scale,
+                softcap);
         ggml_tensor * dst = ggml_view_2d(ctx, l.scores, s->ne[0], s->ne[1], l.scores->nb[1], 0);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, s, dst));
         ak->scored_tokens               = (int32_t) w;
-        ak->scored_n_kv                 = (uint32_t) k->ne[1];
+        ak->scored_n_kv                 = (uint32_t) k_s->ne[1];
         ak->scored[ak->layer_of_il[il]] = true;
     }
 
-    ggml_tensor * out = llama_adakv_graph_heads(ak, ctx, l, fa, scale, softcap);
+    ggml_tensor * out = llama_adakv_graph_heads(ak, ctx, l, fa, scale, softcap, gather);
     llama_adakv_graph_capture(ak, ctx, gf, out, (size_t) ak->layer_of_il[il]);
     return out;
 }

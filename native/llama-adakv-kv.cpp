@@ -49,7 +49,8 @@ struct llama_adakv_access {
 };
 
 static const uint32_t ADAKV_STATE_MAGIC   = 0x564b4441; // "ADKV"
-static const uint32_t ADAKV_STATE_VERSION = 2;
+// 3: the block's layout, width and per-head counts (2, before the pooled layout: start cells)
+static const uint32_t ADAKV_STATE_VERSION = 3;
 
 llama_adakv::~llama_adakv() {
     llama_adakv_free_capture(*this);
@@ -65,8 +66,8 @@ llama_adakv::~llama_adakv() {
 }
 
 void llama_adakv_reset_table(llama_adakv & ak) {
+    llama_adakv_set_counts(ak, {}, 0);
     for (auto & l : ak.layers) {
-        std::fill(l.start.begin(), l.start.end(), 0);
         l.kept_pos.clear();
     }
     ak.footprint = 0;
@@ -77,13 +78,73 @@ void llama_adakv_reset_table(llama_adakv & ak) {
     ak.epoch++;
 }
 
+void llama_adakv_set_counts(llama_adakv & ak, const std::vector<int32_t> & counts, int32_t width) {
+    const int32_t H = ak.n_head_kv;
+    for (size_t i = 0; i < ak.layers.size(); ++i) {
+        auto & l = ak.layers[i];
+        l.count.assign(H, 0);
+        l.start.assign(H, 0);
+        l.row0.assign(H, 0);
+        int32_t row = 0;
+        for (int32_t h = 0; h < H && !counts.empty(); ++h) {
+            l.count[h] = counts[i * H + h];
+            l.start[h] = width - l.count[h];
+            l.row0[h]  = row;
+            row += l.count[h];
+        }
+    }
+    ak.width = width;
+}
+
+int64_t llama_adakv_view_row(const llama_adakv & ak, const llama_adakv_layer & l, int32_t h, int64_t c) {
+    const int64_t H = ak.n_head_kv;
+    if (c >= ak.width) {
+        return (ak.footprint + (c - ak.width)) * H + h; // the cache cell footprint + (c - width)
+    }
+    const int64_t L = l.count[h];
+    const int64_t j = c - (ak.width - L); // the head's j-th kept token
+    if (j < 0) {
+        return -1;
+    }
+    if (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED) {
+        return l.row0[h] + j;
+    }
+    return (ak.footprint - L + j) * H + h; // rect: footprint == width
+}
+
 void llama_adakv_upload_starts(llama_adakv & ak) {
     ak.lctx->synchronize();
+    const bool pooled = ak.layout == LLAMA_ADAKV_LAYOUT_POOLED && ak.footprint > 0;
     std::vector<float> f;
+    std::vector<int32_t> kernel_start;
+    std::vector<int32_t> pool;
+    std::vector<int32_t> rows;
     for (auto & l : ak.layers) {
-        ggml_backend_tensor_set(l.start_i32, l.start.data(), 0, l.start.size() * sizeof(int32_t));
+        // the kernel reads the pooled rows, then the cells from the footprint on
+        kernel_start.assign(l.start.size(), ak.footprint);
+        ggml_backend_tensor_set(
+                l.start_i32, pooled ? kernel_start.data() : l.start.data(), 0, l.start.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(l.vstart_i32, l.start.data(), 0, l.start.size() * sizeof(int32_t));
         f.assign(l.start.begin(), l.start.end());
         ggml_backend_tensor_set(l.start_f32, f.data(), 0, f.size() * sizeof(float));
+        if (!pooled) {
+            continue;
+        }
+        pool.clear();
+        rows.assign((size_t) ak.view_cap * ak.n_head_kv, 0);
+        for (int32_t h = 0; h < ak.n_head_kv; ++h) {
+            pool.push_back(l.row0[h]);
+            pool.push_back(l.count[h]);
+            // rows of cells outside the cache (never read) and below the start (masked) are row 0
+            for (uint32_t c = 0; c < ak.view_cap; ++c) {
+                const int64_t r = llama_adakv_view_row(ak, l, h, c);
+                if (r >= 0 && r < (int64_t) ak.kv_size * ak.n_head_kv) {
+                    rows[(size_t) h * ak.view_cap + c] = (int32_t) r;
+                }
+            }
+        }
+        ggml_backend_tensor_set(l.pool_i32, pool.data(), 0, pool.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(l.view_rows, rows.data(), 0, rows.size() * sizeof(int32_t));
     }
 }
 
@@ -178,8 +239,8 @@ bool llama_adakv_on_seq_shift(llama_adakv * ak, llama_seq_id seq_id, llama_pos p
     return false;
 }
 
-// header: magic, version, n_layer, n_head_kv; block: footprint, pos_lo, pos_hi, pos_first;
-// starts [n_layer][n_head_kv]; kept positions [n_layer][n_head_kv][footprint]
+// header: magic, version, n_layer, n_head_kv; block: layout, footprint, width, pos_lo, pos_hi,
+// pos_first; counts [n_layer][n_head_kv]; kept positions [n_layer][n_head_kv][width]
 void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
@@ -188,10 +249,10 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
     const uint32_t hdr[4] = { ADAKV_STATE_MAGIC, ADAKV_STATE_VERSION, (uint32_t) ak->layers.size(),
                               (uint32_t) ak->n_head_kv };
     io.write(hdr, sizeof(hdr));
-    const int32_t blk[4] = { ak->footprint, ak->pos_lo, ak->pos_hi, ak->pos_first };
+    const int32_t blk[6] = { ak->layout, ak->footprint, ak->width, ak->pos_lo, ak->pos_hi, ak->pos_first };
     io.write(blk, sizeof(blk));
     for (const auto & l : ak->layers) {
-        io.write(l.start.data(), l.start.size() * sizeof(int32_t));
+        io.write(l.count.data(), l.count.size() * sizeof(int32_t));
     }
     for (const auto & l : ak->layers) {
         if (!l.kept_pos.empty()) { // no zero-size copy from a null pointer
@@ -207,6 +268,27 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
     throw std::runtime_error(msg);
 }
 
+// the saved counts of every layer must describe a block of `width` and `fp` cells in `layout`
+static bool adakv_counts_ok(const llama_adakv & ak, const std::vector<int32_t> & counts, int32_t fp, int32_t width) {
+    const int32_t H = ak.n_head_kv;
+    for (size_t i = 0; i < ak.layers.size(); ++i) {
+        int64_t sum = 0;
+        int32_t max = 0;
+        for (int32_t h = 0; h < H; ++h) {
+            const int32_t L = counts[i * H + h];
+            if (fp > 0 ? (L < 1 || L > width) : L != 0) {
+                return false;
+            }
+            sum += L;
+            max = std::max(max, L);
+        }
+        if (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED ? sum > (int64_t) fp * H : max > fp) {
+            return false;
+        }
+    }
+    return ak.layout == LLAMA_ADAKV_LAYOUT_POOLED || width == fp;
+}
+
 void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
@@ -216,30 +298,44 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     if (hdr[0] != ADAKV_STATE_MAGIC) {
         adakv_state_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
     }
+    if (hdr[1] == 2) {
+        adakv_state_error(
+                "adakv: this state was saved by adakv-local before the pooled block (state version 2), "
+                "whose compacted cache this version cannot read; evaluate the prompt again");
+    }
     if (hdr[1] != ADAKV_STATE_VERSION) {
         adakv_state_error("adakv: this state was saved by another version of adakv-local");
     }
     if (hdr[2] != ak->layers.size() || (int32_t) hdr[3] != ak->n_head_kv) {
         adakv_state_error("adakv: this state was saved from a model with another layer layout");
     }
-    int32_t blk[4];
+    int32_t blk[6];
     io.read(blk, sizeof(blk));
-    if (blk[0] < 0 || (uint32_t) blk[0] > ak->kv_size) {
+    const int32_t fp    = blk[1];
+    const int32_t width = blk[2];
+    if (blk[0] != ak->layout) {
+        adakv_state_error(
+                ak->layout == LLAMA_ADAKV_LAYOUT_POOLED
+                        ? "adakv: this state holds a block of the rect layout and this context uses the pooled one "
+                          "(make the context with layout = LLAMA_ADAKV_LAYOUT_RECT, or ADAKV_LAYOUT=rect)"
+                        : "adakv: this state holds a block of the pooled layout and this context uses the rect one "
+                          "(make the context with layout = LLAMA_ADAKV_LAYOUT_POOLED)");
+    }
+    if (fp < 0 || (uint32_t) fp > ak->kv_size || width < 0 || (uint32_t) width > ak->kv_size ||
+        (fp == 0) != (width == 0)) {
         adakv_state_error("adakv: the saved compacted block does not fit this context's cache");
     }
-    std::vector<int32_t> starts(ak->layers.size() * ak->n_head_kv);
-    io.read(starts.data(), starts.size() * sizeof(int32_t));
-    for (int32_t s : starts) {
-        if (s < 0 || (blk[0] > 0 ? s >= blk[0] : s != 0)) {
-            adakv_state_error("adakv: the saved start table is corrupt");
-        }
+    std::vector<int32_t> counts(ak->layers.size() * ak->n_head_kv);
+    io.read(counts.data(), counts.size() * sizeof(int32_t));
+    if (!adakv_counts_ok(*ak, counts, fp, width)) {
+        adakv_state_error("adakv: the saved start table is corrupt");
     }
-    std::vector<llama_pos> kept(starts.size() * blk[0]);
+    std::vector<llama_pos> kept(counts.size() * width);
     if (!kept.empty()) {
         io.read(kept.data(), kept.size() * sizeof(llama_pos));
     }
 
-    if (seq_id != -1 && blk[0] > 0) {
+    if (seq_id != -1 && fp > 0) {
         adakv_state_error(
                 "adakv: refusing to restore a compacted sequence: its per-head layout only "
                 "holds in the context it was saved from (save and load the whole context instead)");
@@ -248,11 +344,12 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         adakv_state_error("adakv: refusing to restore a sequence into a compacted cache");
     }
     ak->pending           = seq_id == -1;
-    ak->pending_fp        = blk[0];
-    ak->pending_pos_lo    = blk[1];
-    ak->pending_pos_hi    = blk[2];
-    ak->pending_pos_first = blk[3];
-    ak->pending_starts    = std::move(starts);
+    ak->pending_fp        = fp;
+    ak->pending_width     = width;
+    ak->pending_pos_lo    = blk[3];
+    ak->pending_pos_hi    = blk[4];
+    ak->pending_pos_first = blk[5];
+    ak->pending_counts    = std::move(counts);
     ak->pending_kept      = std::move(kept);
 }
 
@@ -260,11 +357,11 @@ void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     if (ak == nullptr || !ak->pending || seq_id != -1) {
         return;
     }
-    const size_t n_kept = (size_t) ak->n_head_kv * ak->pending_fp;
+    const size_t n_kept = (size_t) ak->n_head_kv * ak->pending_width;
+    llama_adakv_set_counts(*ak, ak->pending_fp > 0 ? ak->pending_counts : std::vector<int32_t>(), ak->pending_width);
     for (size_t i = 0; i < ak->layers.size(); ++i) {
-        auto & l = ak->layers[i];
-        std::copy_n(ak->pending_starts.begin() + i * ak->n_head_kv, ak->n_head_kv, l.start.begin());
-        l.kept_pos.assign(ak->pending_kept.begin() + i * n_kept, ak->pending_kept.begin() + (i + 1) * n_kept);
+        ak->layers[i].kept_pos.assign(
+                ak->pending_kept.begin() + i * n_kept, ak->pending_kept.begin() + (i + 1) * n_kept);
     }
     ak->footprint = ak->pending_fp;
     ak->pos_lo    = ak->pending_pos_lo;
@@ -288,7 +385,20 @@ struct llama_adakv_params llama_adakv_default_params(void) {
     llama_adakv_params p;
     p.gqa_reduce = LLAMA_ADAKV_GQA_MEAN;
     p.attn_path  = LLAMA_ADAKV_ATTN_ENV;
+    p.layout     = LLAMA_ADAKV_LAYOUT_ENV;
     return p;
+}
+
+// ADAKV_LAYOUT=pooled|rect; anything else is pooled
+static int32_t adakv_layout_from_env() {
+    const char * layout = getenv("ADAKV_LAYOUT");
+    if (layout != nullptr && strcmp(layout, "rect") == 0) {
+        return LLAMA_ADAKV_LAYOUT_RECT;
+    }
+    if (layout != nullptr && strcmp(layout, "pooled") != 0 && layout[0] != '\0') {
+        LLAMA_LOG_WARN("%s: ignoring ADAKV_LAYOUT=%s (expected pooled or rect)\n", __func__, layout);
+    }
+    return LLAMA_ADAKV_LAYOUT_POOLED;
 }
 
 // ADAKV_ATTN_PATH=auto|heads|mask, or ADAKV_FORCE_FALLBACK=1 (heads); anything else is auto
@@ -346,6 +456,11 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                 LLAMA_ADAKV_ERR_INVALID,
                 "%s: attn_path must be -1 (environment), 0 (auto), 1 (heads) or 2 (mask), got %d", __func__,
                 params.attn_path);
+    }
+    if (params.layout < LLAMA_ADAKV_LAYOUT_ENV || params.layout > LLAMA_ADAKV_LAYOUT_RECT) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: layout must be -1 (environment), 0 (pooled) or 1 (rect), got %d",
+                __func__, params.layout);
     }
     if (params.gqa_reduce != LLAMA_ADAKV_GQA_MEAN && params.gqa_reduce != LLAMA_ADAKV_GQA_MAX) {
         return llama_adakv_set_error(
@@ -414,6 +529,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     ak->params    = params;
     ak->kv_size   = kv->get_size();
     ak->attn_path = params.attn_path == LLAMA_ADAKV_ATTN_ENV ? adakv_attn_path_from_env() : params.attn_path;
+    ak->layout    = params.layout == LLAMA_ADAKV_LAYOUT_ENV ? adakv_layout_from_env() : params.layout;
+    ak->view_cap  = 2 * ak->kv_size;
 
     ak->layers = llama_adakv_access::layers(*kv);
     if (ak->layers.empty()) {
@@ -449,8 +566,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                     __func__, ggml_type_name(l.k->type), ggml_type_name(l.v->type));
         }
         ak->layer_of_il[l.il] = (int32_t) i;
-        l.start.assign(ak->n_head_kv, 0);
     }
+    llama_adakv_set_counts(*ak, {}, 0);
 
     // persistent tensors next to each layer's cache
     std::map<ggml_backend_buffer_type_t, std::vector<size_t>> by_buft;
@@ -458,7 +575,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         by_buft[ggml_backend_buffer_get_type(ak->layers[i].k->buffer)].push_back(i);
     }
     for (auto & [buft, ids] : by_buft) {
-        ggml_init_params ip = { 3 * ids.size() * ggml_tensor_overhead(), nullptr, true };
+        ggml_init_params ip = { 6 * ids.size() * ggml_tensor_overhead(), nullptr, true };
         ggml_context * tctx = ggml_init(ip);
         if (!tctx) {
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
@@ -466,9 +583,13 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         ak->ctxs.push_back(tctx);
         for (size_t i : ids) {
             auto & l    = ak->layers[i];
-            l.start_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
-            l.start_f32 = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
-            l.scores    = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->kv_size, ak->n_head_kv);
+            l.start_i32  = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
+            l.vstart_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
+            l.start_f32  = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
+            l.pool_i32   = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
+            l.view_rows  = ggml_new_tensor_2d(
+                    tctx, GGML_TYPE_I32, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1, ak->n_head_kv);
+            l.scores     = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);
         }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
@@ -536,25 +657,46 @@ int32_t llama_adakv_n_cells(const struct llama_context * ctx) {
                 "of cells from cell 0",
                 __func__);
     }
-    return n;
+    return ak->width + n - ak->footprint;
 }
 
-// original position of the token that cell c holds for head h of layer l, or -1 (see kept_pos)
-static llama_pos adakv_cell_pos(
-        const llama_adakv & ak, const llama_adakv_layer & l, const llama_kv_cells & cells, int32_t h, int32_t c) {
-    if (c < ak.footprint) {
-        return l.kept_pos[(size_t) h * ak.footprint + c];
+int32_t llama_adakv_get_block(const struct llama_context * ctx, struct llama_adakv_block * out) {
+    llama_adakv_clear_error();
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
     }
-    return cells.is_empty(c) ? -1 : cells.pos_get(c);
+    const int32_t n = adakv_seq_cells(*ak);
+    if (n < 0) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: sequence 0 does not occupy a contiguous range of cells from cell 0",
+                __func__);
+    }
+    out->layout     = ak->layout;
+    out->cells      = ak->footprint;
+    out->width      = ak->width;
+    out->cells_used = n;
+    out->view_cells = ak->width + n - ak->footprint;
+    return LLAMA_ADAKV_OK;
+}
+
+// original position of the token that view cell c holds for head h of layer l, or -1 (see kept_pos)
+static llama_pos adakv_cell_pos(
+        const llama_adakv & ak, const llama_adakv_layer & l, const llama_kv_cells & cells, int32_t h, int64_t c) {
+    if (c < ak.width) {
+        return l.kept_pos[(size_t) h * ak.width + c];
+    }
+    const uint32_t cell = (uint32_t) (ak.footprint + (c - ak.width));
+    return cell >= cells.size() || cells.is_empty(cell) ? -1 : cells.pos_get(cell);
 }
 
 int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * out, int32_t n_cells) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
-    if (out == nullptr || n_cells < 1 || (uint32_t) n_cells > ak->kv_size) {
+    if (out == nullptr || n_cells < 1 || (uint32_t) n_cells > ak->view_cap) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID, "%s: out must not be NULL and n_cells must be in [1, %u], got %d", __func__,
-                ak->kv_size, n_cells);
+                ak->view_cap, n_cells);
     }
     const auto & cells = llama_adakv_access::cells(*ak->kv);
     for (size_t i = 0; i < ak->layers.size(); ++i) {
@@ -683,23 +825,16 @@ static ggml_tensor * adakv_alias_i32(ggml_context * ctx, ggml_tensor * t) {
     return a;
 }
 
-// moves, for every KV head h, rows src[h][0..L) of the cache tensor t to cells [0, R) (see the layout in
-// llama-adakv-state.h); idx holds, per head, the source cell of every destination cell
+// moves head rows of the cache tensor t (K or V of one layer, seen as kv_size * n_head_kv rows of
+// head_bytes): destination row r (r < n_dst) gets source row idx[r] (see the layouts in
+// llama-adakv-state.h); get_rows reads every source before cpy writes, so sources and destinations
+// may overlap
 static ggml_tensor * adakv_build_move(
-        ggml_context * ctx,
-        ggml_tensor * t,
-        int64_t head_bytes,
-        int64_t n_head_kv,
-        int64_t kv_size,
-        int64_t R,
-        ggml_tensor * idx) {
-    ggml_tensor * a        = adakv_alias_i32(ctx, t);
-    const size_t row_bytes = t->nb[1];
-    // [head_bytes/4, kv_size, n_head_kv]: a head's row of a cell
-    ggml_tensor * src = ggml_view_3d(ctx, a, head_bytes / 4, kv_size, n_head_kv, row_bytes, head_bytes, 0);
-    // [head_bytes/4, R, n_head_kv]
-    ggml_tensor * moved = ggml_get_rows(ctx, src, idx);
-    ggml_tensor * dst   = ggml_view_3d(ctx, a, head_bytes / 4, R, n_head_kv, row_bytes, head_bytes, 0);
+        ggml_context * ctx, ggml_tensor * t, int64_t head_bytes, int64_t n_rows, ggml_tensor * idx) {
+    ggml_tensor * a    = adakv_alias_i32(ctx, t);
+    ggml_tensor * rows = ggml_view_2d(ctx, a, head_bytes / 4, n_rows, head_bytes, 0); // [head_bytes/4, n_rows]
+    ggml_tensor * moved = ggml_get_rows(ctx, rows, idx);                               // [head_bytes/4, n_dst]
+    ggml_tensor * dst   = ggml_view_2d(ctx, a, head_bytes / 4, idx->ne[0], head_bytes, 0);
     return ggml_cpy(ctx, moved, dst);
 }
 
@@ -709,7 +844,7 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     if (counts == nullptr || kept == nullptr) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: counts and cells must not be NULL", __func__);
     }
-    const int32_t N = adakv_seq_cells(*ak);
+    const int32_t N = adakv_seq_cells(*ak); // cache cells
     if (N <= 0) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID,
@@ -717,54 +852,74 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
                 "else (n >= 1)",
                 __func__);
     }
-    const int32_t H = ak->n_head_kv;
-    const size_t NL = ak->layers.size();
+    const int32_t NV     = ak->width + N - ak->footprint; // view cells
+    const int32_t H      = ak->n_head_kv;
+    const size_t NL      = ak->layers.size();
+    const bool pooled    = ak->layout == LLAMA_ADAKV_LAYOUT_POOLED;
+    const int32_t L_most = std::min<int32_t>(NV, (int32_t) ak->kv_size);
 
     // validate everything before anything changes
-    int32_t R  = 0;
+    int32_t W  = 0; // the new width
+    int32_t R  = 0; // the new footprint
     size_t off = 0;
     for (size_t i = 0; i < NL; ++i) {
+        int64_t sum = 0;
         for (int32_t h = 0; h < H; ++h) {
             const int32_t L = counts[i * H + h];
             const int32_t s = ak->layers[i].start[h];
-            if (L < 1 || L > N - s) {
+            if (L < 1 || L > std::min(NV - s, L_most)) {
                 return llama_adakv_set_error(
                         LLAMA_ADAKV_ERR_INVALID,
                         "%s: layer %d head %d keeps %d cells; it must "
                         "keep between 1 and %d",
-                        __func__, ak->layers[i].il, h, L, N - s);
+                        __func__, ak->layers[i].il, h, L, std::min(NV - s, L_most));
             }
             for (int32_t j = 0; j < L; ++j) {
                 const int32_t c = kept[off + j];
-                if (c < s || c >= N || (j > 0 && c <= kept[off + j - 1])) {
+                if (c < s || c >= NV || (j > 0 && c <= kept[off + j - 1])) {
                     return llama_adakv_set_error(
                             LLAMA_ADAKV_ERR_INVALID,
                             "%s: layer %d head %d: kept cell #%d = %d "
                             "is not increasing inside [%d, %d)",
-                            __func__, ak->layers[i].il, h, j, c, s, N);
+                            __func__, ak->layers[i].il, h, j, c, s, NV);
                 }
             }
-            R = std::max(R, L);
+            W = std::max(W, L);
+            sum += L;
             off += L;
         }
+        R = std::max<int32_t>(R, pooled ? (int32_t) ((sum + H - 1) / H) : W);
     }
+    R = pooled ? R : W;
+    // a head keeps at most what it holds, so the block never needs more cells than the sequence uses
+    GGML_ASSERT(R <= N);
 
-    // index table of every layer: [R, H], destination cell -> source cell; and the original
-    // positions of the tokens the block will hold: [H, R], -1 below a head's start
+    // per layer: the source head row of every destination head row, and the original positions of
+    // the tokens that the view cells [0, W) will hold, [H, W], -1 below a head's start
     auto & cells = llama_adakv_access::cells(*ak->kv);
-    std::vector<std::vector<int32_t>> idx(NL, std::vector<int32_t>((size_t) R * H));
-    std::vector<std::vector<llama_pos>> kept_pos(NL, std::vector<llama_pos>((size_t) R * H, -1));
+    std::vector<std::vector<int32_t>> idx(NL);
+    std::vector<std::vector<llama_pos>> kept_pos(NL, std::vector<llama_pos>((size_t) W * H, -1));
     off = 0;
     for (size_t i = 0; i < NL; ++i) {
+        const auto & l = ak->layers[i];
+        auto & id      = idx[i];
+        if (!pooled) {
+            id.resize((size_t) R * H);
+            for (int64_t r = 0; r < (int64_t) R * H; ++r) {
+                id[r] = (int32_t) r; // below a head's start: left as it is
+            }
+        }
         for (int32_t h = 0; h < H; ++h) {
             const int32_t L = counts[i * H + h];
-            int32_t * col   = idx[i].data() + (size_t) h * R;
-            for (int32_t c = 0; c < R - L; ++c) {
-                col[c] = c; // below the start: left as it is
-            }
-            memcpy(col + (R - L), kept + off, L * sizeof(int32_t));
             for (int32_t j = 0; j < L; ++j) {
-                kept_pos[i][(size_t) h * R + (R - L) + j] = adakv_cell_pos(*ak, ak->layers[i], cells, h, kept[off + j]);
+                const int64_t src = llama_adakv_view_row(*ak, l, h, kept[off + j]);
+                GGML_ASSERT(src >= 0);
+                if (pooled) {
+                    id.push_back((int32_t) src); // rows of head h follow those of the heads before it
+                } else {
+                    id[(size_t) (R - L + j) * H + h] = (int32_t) src;
+                }
+                kept_pos[i][(size_t) h * W + (W - L) + j] = adakv_cell_pos(*ak, l, cells, h, kept[off + j]);
             }
             off += L;
         }
@@ -786,6 +941,8 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         by_backend[be].push_back(i);
     }
     ctx->synchronize();
+    const auto & hp       = ctx->get_model().hparams;
+    const int64_t n_rows  = (int64_t) ak->kv_size * H;
     for (auto & [be, ids] : by_backend) {
         // per layer: the index tensor, and for K and V an alias, two views, get_rows and cpy
         const size_t n_nodes = 16 * ids.size() + 16;
@@ -796,16 +953,13 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         std::vector<ggml_tensor *> idx_t;
         for (size_t i : ids) {
             const auto & l      = ak->layers[i];
-            const auto & hp     = ctx->get_model().hparams;
-            ggml_tensor * t_idx = ggml_new_tensor_2d(gctx, GGML_TYPE_I32, R, H);
+            ggml_tensor * t_idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) idx[i].size());
             ggml_set_input(t_idx);
             idx_t.push_back(t_idx);
             ggml_build_forward_expand(
-                    gf, adakv_build_move(
-                                gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), H, ak->kv_size, R, t_idx));
+                    gf, adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), n_rows, t_idx));
             ggml_build_forward_expand(
-                    gf, adakv_build_move(
-                                gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), H, ak->kv_size, R, t_idx));
+                    gf, adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), n_rows, t_idx));
         }
         ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
         bool ok               = ggml_gallocr_alloc_graph(galloc, gf);
@@ -839,10 +993,8 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     }
     llama_adakv_access::head(*ak->kv) = R;
 
+    llama_adakv_set_counts(*ak, std::vector<int32_t>(counts, counts + NL * H), W);
     for (size_t i = 0; i < NL; ++i) {
-        for (int32_t h = 0; h < H; ++h) {
-            ak->layers[i].start[h] = R - counts[i * H + h];
-        }
         ak->layers[i].kept_pos = std::move(kept_pos[i]);
     }
     ak->footprint = R;
@@ -877,7 +1029,7 @@ int32_t llama_adakv_read_rows(
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (layer < 0 || (size_t) layer >= ak->layers.size() || cell0 < 0 || n_cells < 1 ||
-        (uint32_t) (cell0 + n_cells) > ak->kv_size) {
+        (int64_t) cell0 + n_cells > (int64_t) ak->view_cap) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer or cell range out of bounds", __func__);
     }
     const int64_t hb = llama_adakv_row_size(ctx, layer, is_v);
@@ -887,11 +1039,18 @@ int32_t llama_adakv_read_rows(
                 (long long) hb);
     }
     ctx->synchronize();
-    ggml_tensor * t = is_v ? ak->layers[layer].v : ak->layers[layer].k;
+    const auto & l  = ak->layers[layer];
+    ggml_tensor * t = is_v ? l.v : l.k;
     char * dst      = (char *) out;
     for (int32_t c = 0; c < n_cells; ++c) {
-        ggml_backend_tensor_get(t, dst, (size_t) (cell0 + c) * t->nb[1], (size_t) ak->n_head_kv * hb);
-        dst += ak->n_head_kv * hb;
+        for (int32_t h = 0; h < ak->n_head_kv; ++h, dst += hb) {
+            const int64_t r = llama_adakv_view_row(*ak, l, h, cell0 + c);
+            if (r < 0 || r >= (int64_t) ak->kv_size * ak->n_head_kv) {
+                memset(dst, 0, hb); // nothing there for this head
+            } else {
+                ggml_backend_tensor_get(t, dst, (size_t) r * hb, hb);
+            }
+        }
     }
     return LLAMA_ADAKV_OK;
 }

@@ -1,17 +1,27 @@
 // llama-adakv-state.h - the per-context state of adakv-local (internal to libllama)
 //
-// Cache layout of the evicted sequence after a compaction (one stream, sequence 0):
+// The compacted block of sequence 0 (one stream), one layer, H KV heads keeping L[h] tokens;
+// W = max L over all layers and heads (the width), R = the footprint (cache cells of the block):
 //
-//   cell:    0                      R - L[h]                R              N
-//            |---- invalid for h ----|---- kept rows of h ---|--- free ... |
-//   head h:  start[h] = R - L[h]  (L[h] = cells head h keeps, R = max over heads = footprint)
+//   pooled layout (default): the memory of cells [0, R) seen as R*H head rows
+//     head rows:  0          row0[1]       row0[2]             sum L      R*H
+//                 |-- h = 0 --|--- h = 1 ---|------ h = 2 ------|- unused -|
+//     row0[h] = L[0] + .. + L[h-1];  R = max over layers of ceil(sum_h L[h] / H)
 //
-//   - every layer and KV head keeps its own cells, moved (byte copies) in original order to
-//     the top of the block, so that the observation window ends up last in every head;
-//   - the cells [0, R) are relabelled with positions P - R + 1 .. P (P = last position), so
+//   rect layout: cells [R - L[h], R) of head h, R = W
+//     cell:    0                      R - L[h]                R
+//              |---- invalid for h ----|---- kept rows of h ---|
+//
+//   both:  cells [R, n) hold the tokens that came after the block (ordinary cells); the per-head
+//          view (the C API's cells) puts each head's kept rows at view cells [W - L[h], W) and
+//          cache cell R + i at view cell W + i; start[h] = W - L[h] is the view's start cell.
+//
+//   - rows are moved by byte copies, in original order, so the observation window ends up last;
+//   - cells [0, R) are relabelled with positions P - R + 1 .. P (P = last position), so
 //     seq_pos_max is unchanged and decoding continues at P + 1; K keeps the RoPE of the
 //     original positions;
-//   - new tokens are appended at R and after; attention of head h reads cells >= start[h].
+//   - attention of head h reads its kept rows, then the cells from R on (in the kernel, or
+//     through a per-ubatch gather of the view with stock ops: llama-adakv-graph.cpp).
 
 #pragma once
 
@@ -36,16 +46,22 @@ struct llama_adakv_layer {
     ggml_tensor * v = nullptr; // the layer's V storage (not transposed): [n_embd_v_gqa, kv_size]
 
     // persistent tensors on the device of the layer's cache
-    ggml_tensor * start_i32 = nullptr; // I32 [n_head_kv]          start cell of each KV head
-    ggml_tensor * start_f32 = nullptr; // F32 [1, n_head_kv]       the same, for the score mask
-    ggml_tensor * scores    = nullptr; // F32 [kv_size, n_head_kv] window scores of each cell
+    ggml_tensor * start_i32  = nullptr; // I32 [n_head_kv]         the kernel's start cell of each KV head
+                                        //                         (pooled: R for every head)
+    ggml_tensor * vstart_i32 = nullptr; // I32 [n_head_kv]         the view's start cell of each KV head
+    ggml_tensor * start_f32  = nullptr; // F32 [1, n_head_kv]      the same, for the score and head masks
+    ggml_tensor * pool_i32   = nullptr; // I32 [2, n_head_kv]      pooled layout: (row0, L) of each KV head
+    ggml_tensor * view_rows  = nullptr; // I32 [view_cap, n_head_kv] head row of every view cell (pooled)
+    ggml_tensor * scores     = nullptr; // F32 [view_cap, n_head_kv] window scores of each view cell
 
-    std::vector<int32_t> start; // host copy of start_i32
+    std::vector<int32_t> start; // [n_head_kv] the view's start cells (host copy of vstart_i32)
+    std::vector<int32_t> count; // [n_head_kv] L: tokens each head keeps in the block (0: none)
+    std::vector<int32_t> row0;  // [n_head_kv] pooled layout: first head row of each head's pool
 
     int32_t attn_used = LLAMA_ADAKV_USED_STOCK; // enum llama_adakv_attn_used of the last graph built
 
-    // original position of the token that cell c < footprint holds for head h, at [h * footprint + c]
-    // (-1 below the head's start); cells from the footprint on keep their own positions
+    // original position of the token that view cell c < width holds for head h, at [h * width + c]
+    // (-1 below the head's start); view cells from the width on hold the positions of their cache cells
     std::vector<llama_pos> kept_pos;
 };
 
@@ -55,9 +71,11 @@ struct llama_adakv {
     llama_kv_cache * kv_swa = nullptr; // the sliding-window cache of an iSWA model (not evicted), or null
 
     llama_adakv_params params = {};
-    int32_t attn_path         = LLAMA_ADAKV_ATTN_AUTO; // enum llama_adakv_attn_path, never ENV
+    int32_t attn_path         = LLAMA_ADAKV_ATTN_AUTO;     // enum llama_adakv_attn_path, never ENV
+    int32_t layout            = LLAMA_ADAKV_LAYOUT_POOLED; // enum llama_adakv_layout, never ENV
 
     uint32_t kv_size  = 0;
+    uint32_t view_cap = 0; // view cells that fit the score and view-row buffers: 2 * kv_size
     int32_t n_head_kv = 0;
     int32_t n_head    = 0;
 
@@ -72,8 +90,9 @@ struct llama_adakv {
 
     // compacted block: cells [0, footprint) of sequence 0, labelled with positions [pos_lo, pos_hi];
     // it stands for the tokens at positions [pos_first, pos_hi] (pos_first <= pos_lo), so that
-    // a removal or a shift of any of those positions cuts into it
+    // a removal or a shift of any of those positions cuts into it; width: the most tokens a head keeps
     int32_t footprint   = 0;
+    int32_t width       = 0;
     llama_pos pos_lo    = -1;
     llama_pos pos_hi    = -1;
     llama_pos pos_first = -1;
@@ -97,11 +116,12 @@ struct llama_adakv {
     // a state blob read by state_read_begin, applied by state_read_end
     bool pending                = false;
     int32_t pending_fp          = 0;
+    int32_t pending_width       = 0;
     llama_pos pending_pos_lo    = -1;
     llama_pos pending_pos_hi    = -1;
     llama_pos pending_pos_first = -1;
-    std::vector<int32_t> pending_starts; // [n_layer * n_head_kv]
-    std::vector<llama_pos> pending_kept; // [n_layer * n_head_kv * pending_fp]
+    std::vector<int32_t> pending_counts; // [n_layer * n_head_kv]
+    std::vector<llama_pos> pending_kept; // [n_layer * n_head_kv * pending_width]
 
     ~llama_adakv();
 };
@@ -133,8 +153,17 @@ void llama_adakv_graph_capture(llama_adakv * ak, ggml_context * ctx, ggml_cgraph
 // resets the start table to zeros and forgets the compacted block
 void llama_adakv_reset_table(llama_adakv & ak);
 
-// writes the host start table of every layer into the persistent tensors, after the context's
-// queued work is done (a graph still running on an asynchronous backend may be reading them)
+// sets the block's per-head counts of every layer ([n_layer * n_head_kv], or empty for no block)
+// and width, and derives the starts and the pooled rows (row0) from them
+void llama_adakv_set_counts(llama_adakv & ak, const std::vector<int32_t> & counts, int32_t width);
+
+// the head row (row r at byte r * row size of K or V, r = cell * n_head_kv + head in ordinary
+// cells) that view cell c of head h of layer l holds, or -1 if it holds nothing for that head
+int64_t llama_adakv_view_row(const llama_adakv & ak, const llama_adakv_layer & l, int32_t h, int64_t c);
+
+// writes the host start table of every layer (with the pooled rows and the view rows) into the
+// persistent tensors, after the context's queued work is done (a graph still running on an
+// asynchronous backend may be reading them)
 void llama_adakv_upload_starts(llama_adakv & ak);
 
 // the device holding an allocated tensor (host buffer types have none: the CPU device)

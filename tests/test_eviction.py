@@ -38,7 +38,7 @@ DEVICES = [pytest.param(0, id="cpu"), pytest.param(ALL_LAYERS, id="gpu", marks=n
 
 def make(
     path, *, type_kv: str = "f16", force_fallback: bool | None = None, n_ctx: int = 512, enable: bool = True,
-    n_gpu_layers: int = 0, gqa_reduce: str = "mean",
+    n_gpu_layers: int = 0, gqa_reduce: str = "mean", layout: str = "pooled", attn_path: str | None = None,
 ):
     import llama_cpp
 
@@ -47,7 +47,9 @@ def make(
         type_k=GGML_TYPES[type_kv], type_v=GGML_TYPES[type_kv], n_threads=2, seed=0, verbose=False,
         n_gpu_layers=n_gpu_layers,
     )  # fmt: skip
-    kv = KVCache.from_llama(llm, force_fallback=force_fallback, gqa_reduce=gqa_reduce) if enable else None
+    if attn_path is None and force_fallback is not None:
+        attn_path = "heads" if force_fallback else "auto"
+    kv = KVCache.from_llama(llm, attn_path=attn_path or "auto", gqa_reduce=gqa_reduce, layout=layout) if enable else None
     return llm, kv
 
 
@@ -162,30 +164,42 @@ def test_scores_need_a_last_ubatch_that_ends_with_the_window(tiny64):
 # --- compaction ----------------------------------------------------------------------------------
 
 
+def block_cells(kept, layout):
+    """R of a compaction that keeps these sets: the pooled block packs each layer's kept rows into
+    ceil(their number / n_head_kv) cells, the rect block is as wide as the largest head."""
+    if layout == "rect":
+        return max(len(c) for layer in kept for c in layer)
+    return max(-(-sum(len(c) for c in layer) // len(layer)) for layer in kept)
+
+
 @pytest.mark.exactness
+@pytest.mark.parametrize("layout", ["pooled", "rect"])
 @pytest.mark.parametrize("n_gpu_layers", DEVICES)
 @pytest.mark.parametrize("type_kv", ["f16", "q8_0", "q4_0"])
-def test_compaction_is_bitwise_exact(tiny64, type_kv, n_gpu_layers):
-    llm, kv = make(tiny64, type_kv=type_kv, n_gpu_layers=n_gpu_layers)
+def test_compaction_is_bitwise_exact(tiny64, type_kv, n_gpu_layers, layout):
+    llm, kv = make(tiny64, type_kv=type_kv, n_gpu_layers=n_gpu_layers, layout=layout)
     toks = llm.tokenize(PROMPT)
     prefill(llm, kv, toks)
     n = kv.n_cells()
     before = {(layer, w): kv.read_rows(layer, w, 0, n) for layer in range(kv.n_layer) for w in "kv"}
     kept = random_kept(kv, n, WINDOW, seed=zlib.crc32(type_kv.encode()))
     r = kv.compact(kept)
-    assert r == max(len(c) for layer in kept for c in layer)
-    assert kv.n_cells() == r
+    width = max(len(c) for layer in kept for c in layer)
+    assert r == block_cells(kept, layout)
+    assert kv.block() == kv.block().__class__(layout, r, width, r, width)
+    assert kv.n_cells() == r and kv.view_cells() == width
     starts = kv.starts()
     for layer in range(kv.n_layer):
         for w in "kv":
-            after = kv.read_rows(layer, w, 0, r)
+            after = kv.read_rows(layer, w, 0, width)  # the per-head view of the block
             for h in range(kv.n_head_kv):
                 cells = kept[layer][h]
-                assert starts[layer, h] == r - len(cells)
+                assert starts[layer, h] == width - len(cells)
                 np.testing.assert_array_equal(
-                    after[r - len(cells) :, h], before[(layer, w)][cells, h],
+                    after[width - len(cells) :, h], before[(layer, w)][cells, h],
                     err_msg=f"{type_kv} layer {layer} {w} head {h}",
                 )  # fmt: skip
+                assert not after[: width - len(cells), h].any()  # nothing there for this head
     # positions: the block ends at the last prompt position, decoding continues after it
     import llama_cpp
 
@@ -407,9 +421,10 @@ def test_second_prompt_is_compressed_again(compacted):
     r1 = kv.footprint()
     starts1 = kv.starts()
     more = llm.tokenize(b" Another paragraph follows here, with new words in it.", add_bos=False)
+    width1 = kv.block().width
     scores = prefill(llm, kv, more)
-    n2 = kv.n_cells()
-    assert n2 == r1 + len(more)
+    n2 = kv.view_cells()
+    assert kv.n_cells() == r1 + len(more) and n2 == width1 + len(more)
     for layer in range(kv.n_layer):  # cells below a head's start were invalid: they score nothing
         for h in range(kv.n_head_kv):
             assert np.all(scores[layer, h, : starts1[layer, h]] == 0)

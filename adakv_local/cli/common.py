@@ -251,8 +251,7 @@ def _cache_cells(llm: Any) -> tuple[int, float]:
     kv = getattr(llm, "_adakv", None)
     if kv is None:
         return llm.n_tokens, float(llm.n_tokens)
-    n = int(kv.n_cells())
-    return n, float(n - kv.starts().mean())
+    return int(kv.n_cells()), float(kv.view_cells() - kv.starts().mean())
 
 
 def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int, cls: Any = None,

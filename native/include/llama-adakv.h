@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 5
+#define LLAMA_ADAKV_ABI_VERSION 6
 
 #ifdef __cplusplus
 extern "C" {
@@ -63,7 +63,17 @@ LLAMA_API void llama_adakv_clear_last_error(void);
 //   llama_adakv_compact(ctx, counts, cells)            then decode on as usual
 //
 // "Layer" below is an evicted layer: the layers of the (non-SWA) KV cache, in model order.
-// Cells are indices into the cache; sequence 0 always occupies cells [0, n_cells).
+//
+// The block. A compaction keeps L[l][h] tokens in head h of layer l. The cache's cells [0, R)
+// hold them (R: the footprint) and the cells from R on hold the tokens that came after. The
+// pooled layout (the default) stores head h's kept rows one after the other in the memory of
+// cells [0, R), R = max over layers of ceil(sum_h L[l][h] / n_head_kv); the rect layout stores
+// them in cells [R - L[l][h], R) of the head, R = max L.
+// Cells in this API are the cells of the per-head view, the same in both layouts: with
+// W = max L[l][h] (the block's width), view cell c < W of head h holds its kept token
+// c - (W - L[l][h]) (none below start[l][h] = W - L[l][h]), view cell c >= W the cache cell
+// R + (c - W). Before any compaction (W = R = 0) view cells are cache cells, and sequence 0
+// occupies cells [0, n_cells) of the view. Scores, positions, starts and kept cells use the view.
 //
 // After a compaction the block stands for every position from the sequence's first to the
 // last compacted one, [first, P]. The llama_memory_* calls keep to that: seq_rm removes the
@@ -92,15 +102,30 @@ enum llama_adakv_attn_path {
 
 // how the last graph built for a layer applied the start cells (llama_adakv_get_attn_used)
 enum llama_adakv_attn_used {
-    LLAMA_ADAKV_USED_STOCK  = 0, // nothing compacted: stock attention (or no graph built yet)
-    LLAMA_ADAKV_USED_KERNEL = 1, // the start cells inside the flash-attention kernel
-    LLAMA_ADAKV_USED_MASK   = 2, // one stock call with a per-head mask
-    LLAMA_ADAKV_USED_HEADS  = 3, // one stock call per KV head
+    LLAMA_ADAKV_USED_STOCK         = 0, // nothing compacted: stock attention (or no graph built yet)
+    LLAMA_ADAKV_USED_KERNEL        = 1, // the block read inside the flash-attention kernel (start cells,
+                                        // and the pooled rows of the pooled layout)
+    LLAMA_ADAKV_USED_MASK          = 2, // one stock call with a per-head mask
+    LLAMA_ADAKV_USED_HEADS         = 3, // one stock call per KV head
+    LLAMA_ADAKV_USED_GATHER_KERNEL = 4, // pooled layout: the block gathered into a per-ubatch rectangle
+                                        // (stock get_rows), read by the kernel with start cells
+    LLAMA_ADAKV_USED_GATHER_MASK   = 5, // the same rectangle, one stock call with a per-head mask
+    LLAMA_ADAKV_USED_GATHER_HEADS  = 6, // the same rectangle, one stock call per KV head
+};
+
+// how the compacted block lies in the cache's memory (see "The block" above)
+enum llama_adakv_layout {
+    LLAMA_ADAKV_LAYOUT_ENV    = -1, // from the environment: ADAKV_LAYOUT=pooled|rect; else POOLED
+    LLAMA_ADAKV_LAYOUT_POOLED = 0,  // each head's kept rows one after the other in the memory of the
+                                    // block's first cells: the block costs the sum of the budgets
+    LLAMA_ADAKV_LAYOUT_RECT   = 1,  // a rectangle as wide as the largest head, each head from its own
+                                    // start cell: the block costs the largest budget in every head
 };
 
 struct llama_adakv_params {
     int32_t gqa_reduce; // enum llama_adakv_gqa_reduce (default: LLAMA_ADAKV_GQA_MEAN)
     int32_t attn_path;  // enum llama_adakv_attn_path (default: LLAMA_ADAKV_ATTN_ENV)
+    int32_t layout;     // enum llama_adakv_layout (default: LLAMA_ADAKV_LAYOUT_ENV)
 };
 
 LLAMA_API struct llama_adakv_params llama_adakv_default_params(void);
@@ -122,8 +147,19 @@ LLAMA_API int32_t llama_adakv_n_head_kv(const struct llama_context * ctx);
 // out[n_layer]: the model layer index of each evicted layer
 LLAMA_API int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_t * out);
 
-// cells held by sequence 0 (they are [0, n)), or an error code if its cells are not laid out so
+// cells of the per-head view that sequence 0 holds (they are [0, n)), or an error code if its
+// cells are not laid out so; the cache cells it uses are llama_adakv_get_block's cells_used
 LLAMA_API int32_t llama_adakv_n_cells(const struct llama_context * ctx);
+
+// the compacted block of sequence 0 (all zero but layout before a compaction)
+struct llama_adakv_block {
+    int32_t layout;     // enum llama_adakv_layout in force on the context
+    int32_t cells;      // R: cache cells the block occupies (the footprint)
+    int32_t width;      // W: the most tokens one head keeps; view cells [0, W) are the block's
+    int32_t cells_used; // cache cells sequence 0 uses: the block and the cells after it
+    int32_t view_cells; // cells of the per-head view: W + cells_used - R
+};
+LLAMA_API int32_t llama_adakv_get_block(const struct llama_context * ctx, struct llama_adakv_block * out);
 
 // Arms window scoring for the next llama_decode, whose last ubatch ends with the observation
 // window: its last n_window tokens (1 <= n_window <= n_ubatch, and <= that ubatch's tokens) are
@@ -137,11 +173,11 @@ LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_w
 // INVALID if scoring was not armed or the decode's last ubatch had fewer than n_window tokens.
 LLAMA_API int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells);
 
-// Keeps, for every layer l and KV head h, counts[l*n_head_kv + h] >= 1 cells: the next that
-// many entries of cells (all heads one after the other, layer-major), strictly increasing,
-// each in [start[l][h], n_cells). They are moved (byte copies, in order) to cells
-// [R - count, R) with R = the largest count, start[l][h] = R - count, cells [R, n_cells) are
-// freed and [0, R) get positions P-R+1 .. P (P: last position, unchanged).
+// Keeps, for every layer l and KV head h, counts[l*n_head_kv + h] cells, 1 <= count <= the
+// cache size: the next that many entries of cells (all heads one after the other, layer-major;
+// view cells), strictly increasing, each in [start[l][h], n_cells). Their rows are moved (byte
+// copies, in order) into the block of the context's layout (see "The block"), the cache cells
+// from R on are freed and [0, R) get positions P-R+1 .. P (P: last position, unchanged).
 // INVALID: nothing changed. BACKEND: the cache was cleared.
 LLAMA_API int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, const int32_t * cells);
 
@@ -161,21 +197,22 @@ struct llama_adakv_memory {
     int64_t swa_used;       // cells the sliding-window cache holds now
 };
 LLAMA_API int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out);
-// R, the cells of the compacted block (0 if nothing is compacted), or an error code
+// R, the cache cells of the compacted block (0 if nothing is compacted), or an error code
 LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
 
-// out[n_layer][n_head_kv][n_cells]: the original position of the token that each of the cells
-// [0, n_cells) holds for each head (cells of the compacted block hold different tokens in
-// different heads), or -1 where the cell holds nothing for that head (below the head's start,
-// or empty). 1 <= n_cells <= the cache size. This table is part of the context's state: it
-// travels with llama_state_get_data / llama_state_set_data.
+// out[n_layer][n_head_kv][n_cells]: the original position of the token that each of the view
+// cells [0, n_cells) holds for each head (the block holds different tokens in different heads),
+// or -1 where the cell holds nothing for that head (below the head's start, or empty).
+// 1 <= n_cells <= twice the cache size. This table is part of the context's state: it travels
+// with llama_state_get_data / llama_state_set_data.
 LLAMA_API int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * out, int32_t n_cells);
 
 // bytes of one KV head's row of K (is_v = 0) or V (is_v = 1) in evicted layer `layer`, or an error code
 LLAMA_API int64_t llama_adakv_row_size(const struct llama_context * ctx, int32_t layer, int32_t is_v);
 
-// copies the raw rows of cells [cell0, cell0 + n_cells) of K or V of an evicted layer into out,
-// [n_cells][n_head_kv][row_size] bytes (out_size must be exactly that), for exactness checks
+// copies the raw rows of view cells [cell0, cell0 + n_cells) of K or V of an evicted layer into
+// out, [n_cells][n_head_kv][row_size] bytes (out_size must be exactly that; zeros where a cell
+// holds nothing for a head), for exactness checks
 LLAMA_API int32_t llama_adakv_read_rows(
         struct llama_context * ctx,
         int32_t layer,
