@@ -76,6 +76,53 @@ def flash_attn_cpu(
     return out, k_used, v_used
 
 
+def flash_attn_pooled_cpu(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    mask: np.ndarray | None,
+    starts: np.ndarray,
+    pools: np.ndarray,
+    scale: float,
+    *,
+    kv_type: str = "f16",
+    n_threads: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Attention with the pooled rows of patch 0004: q [n_head, n_q, d_k] over k [n_kv, n_head_kv, d_k]
+    and v [n_kv, n_head_kv, d_v] laid out as a KV cache (head row r = cell * n_head_kv + head).
+
+    KV head h sees head rows ``pools[h, 0] .. pools[h, 0] + pools[h, 1] - 1`` (mask 0), then cells
+    ``>= starts[h]``. Returns (out [n_q, n_head, d_v], K and V as the kernel read them).
+    """
+    if kv_type not in GGML_TYPES:
+        raise ValueError(f"kv_type must be one of {sorted(GGML_TYPES)}, got {kv_type!r}")
+    n = native()
+    ffi = n.ffi
+    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
+    starts = np.ascontiguousarray(starts, dtype=np.int32)
+    pools = np.ascontiguousarray(pools, dtype=np.int32)
+    n_head, n_q, d_k = q.shape
+    n_kv, n_head_kv, d_v = v.shape
+    if k.shape != (n_kv, n_head_kv, d_k) or starts.shape != (n_head_kv,) or pools.shape != (n_head_kv, 2):
+        raise ValueError("k must be [n_kv, n_head_kv, d_k], starts [n_head_kv] and pools [n_head_kv, 2]")
+    if mask is not None:
+        mask = np.ascontiguousarray(mask, dtype=np.float32)
+        if mask.shape != (n_q, n_kv):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    out = np.empty((n_q, n_head, d_v), dtype=np.float32)
+    k_used = np.empty_like(k)
+    v_used = np.empty_like(v)
+
+    fp = functools.partial(_pointer, ffi)
+    rc = n.lib.llama_adakv_flash_attn_pooled_cpu(
+        fp(q), fp(k), fp(v), fp(mask), fp(starts, "int32_t *"), fp(pools, "int32_t *"),
+        n_q, n_kv, n_head, n_head_kv, d_k, d_v, GGML_TYPES[kv_type], float(scale), n_threads,
+        fp(out), fp(k_used), fp(v_used),
+    )  # fmt: skip
+    n.check(rc)
+    return out, k_used, v_used
+
+
 def window_scores_cpu(
     q: np.ndarray,
     k: np.ndarray,

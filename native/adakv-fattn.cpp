@@ -364,6 +364,70 @@ int32_t llama_adakv_flash_attn_cpu(
     return LLAMA_ADAKV_OK;
 }
 
+int32_t llama_adakv_flash_attn_pooled_cpu(
+        const float * q,
+        const float * k,
+        const float * v,
+        const float * mask,
+        const int32_t * starts,
+        const int32_t * pools,
+        int32_t n_q,
+        int32_t n_kv,
+        int32_t n_head,
+        int32_t n_head_kv,
+        int32_t d_k,
+        int32_t d_v,
+        int32_t kv_type,
+        float scale,
+        int32_t n_threads,
+        float * out,
+        float * k_used,
+        float * v_used) {
+    llama_adakv_clear_error();
+    int32_t rc = adakv_op_check(
+            __func__, q, k, starts, out, n_q, n_kv, n_head, n_head_kv, d_k, d_v, kv_type, n_threads, true);
+    if (rc != LLAMA_ADAKV_OK) {
+        return rc;
+    }
+    if (!v || !pools) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: v and pools must not be NULL", __func__);
+    }
+    const ggml_type t = (ggml_type) kv_type;
+    adakv_op_inputs in;
+    // q and the mask from the shared init; K and V in the cache's layout below
+    if (!adakv_op_init(in, q, k, v, mask, n_q, n_kv, n_head, n_head_kv, d_k, d_v, t, (size_t) n_q * n_head * d_v, n_threads)) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the op context", __func__);
+    }
+    // [d * n_head_kv, n_kv]: a cache tensor, viewed [d, n_kv, n_head_kv] as llama.cpp's attention does
+    ggml_tensor * kc = ggml_new_tensor_2d(in.ctx, t, (int64_t) d_k * n_head_kv, n_kv);
+    ggml_tensor * vc = ggml_new_tensor_2d(in.ctx, t, (int64_t) d_v * n_head_kv, n_kv);
+    adakv_convert_rows(t, k, kc->data, (int64_t) n_kv * n_head_kv, d_k);
+    adakv_convert_rows(t, v, vc->data, (int64_t) n_kv * n_head_kv, d_v);
+    ggml_tensor * kv_k = ggml_view_3d(in.ctx, kc, d_k, n_kv, n_head_kv, kc->nb[1], kc->nb[1] / n_head_kv, 0);
+    ggml_tensor * kv_v = ggml_view_3d(in.ctx, vc, d_v, n_kv, n_head_kv, vc->nb[1], vc->nb[1] / n_head_kv, 0);
+
+    ggml_tensor * ts = ggml_new_tensor_1d(in.ctx, GGML_TYPE_I32, n_head_kv);
+    ggml_tensor * tp = ggml_new_tensor_2d(in.ctx, GGML_TYPE_I32, 2, n_head_kv);
+    memcpy(ts->data, starts, n_head_kv * sizeof(int32_t));
+    memcpy(tp->data, pools, 2 * n_head_kv * sizeof(int32_t));
+    ggml_tensor * res = ggml_flash_attn_ext(in.ctx, in.q, kv_k, kv_v, in.m, scale, 0.0f, 0.0f);
+    ggml_prec_set_acc(res, GGML_PREC_F32);
+    ggml_flash_attn_ext_set_head_start(res, ts);
+    ggml_flash_attn_ext_set_head_pool(res, tp);
+    rc = adakv_op_compute(__func__, in, res, n_threads);
+    if (rc != LLAMA_ADAKV_OK) {
+        return rc;
+    }
+    memcpy(out, res->data, ggml_nbytes(res));
+    if (k_used) {
+        adakv_rows_to_float(t, kc->data, k_used, ggml_nelements(kc));
+    }
+    if (v_used) {
+        adakv_rows_to_float(t, vc->data, v_used, ggml_nelements(vc));
+    }
+    return LLAMA_ADAKV_OK;
+}
+
 int32_t llama_adakv_window_scores_cpu(
         const float * q,
         const float * k,

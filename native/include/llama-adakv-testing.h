@@ -57,6 +57,34 @@ LLAMA_API int32_t llama_adakv_flash_attn_cpu(
         float * k_used,
         float * v_used);
 
+// The pooled rows of patch 0004 (one ggml_flash_attn_ext with starts and pools): K and V laid out
+// as a KV cache holds them, cell after cell with the heads of a cell one after the other, so that
+// head row r (r = cell * n_head_kv + head in ordinary cells) is the r-th row of d values. KV head h
+// attends to head rows pools[2h] .. pools[2h] + pools[2h+1] - 1 (mask 0), then to cells >= starts[h]
+// (with the mask); the rows are clamped to the cells below starts[h], as in the kernel.
+//   k      : F32 [n_kv][n_head_kv][d_k],  v : F32 [n_kv][n_head_kv][d_v]
+//   starts : I32 [n_head_kv] in [0, n_kv];  pools : I32 [n_head_kv][2] (first row, rows)
+//   q, mask, out, k_used, v_used as above (k_used, v_used in the layout of k and v)
+LLAMA_API int32_t llama_adakv_flash_attn_pooled_cpu(
+        const float * q,
+        const float * k,
+        const float * v,
+        const float * mask,
+        const int32_t * starts,
+        const int32_t * pools,
+        int32_t n_q,
+        int32_t n_kv,
+        int32_t n_head,
+        int32_t n_head_kv,
+        int32_t d_k,
+        int32_t d_v,
+        int32_t kv_type,
+        float scale,
+        int32_t n_threads,
+        float * out,
+        float * k_used,
+        float * v_used);
+
 // Window scores (see llama_adakv_read_scores) of queries q over keys k on the CPU backend, with
 // the same graph the model uses: q F32 [n_head][n_q][d_k], k F32 [n_head_kv][n_kv][d_k] (converted
 // to kv_type first), mask F32 [n_q][n_kv] or NULL, starts I32 [n_head_kv] in [0, n_kv) (cells
