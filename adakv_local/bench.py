@@ -8,6 +8,7 @@ anything.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -101,40 +102,55 @@ def greedy_decode(llm: Any, n: int) -> float:
 # how attention honours the start cells: kvcache's names (None, "from the environment", is what
 # run_one sets itself)
 ATTN_PATHS = tuple(p for p in kvcache.ATTN_PATHS if p is not None)
+# how the compacted block lies in memory: kvcache's names
+LAYOUTS = tuple(p for p in kvcache.LAYOUTS if p is not None)
 
 
 @contextlib.contextmanager
-def _attn_path(path: str) -> Iterator[None]:
-    """ADAKV_ATTN_PATH while a context is created (the library reads it when eviction is enabled)."""
-    old = os.environ.get("ADAKV_ATTN_PATH")
-    os.environ["ADAKV_ATTN_PATH"] = path
+def _attn_path(path: str, layout: str = "pooled") -> Iterator[None]:
+    """ADAKV_ATTN_PATH and ADAKV_LAYOUT while a context is created (the library reads them when
+    eviction is enabled)."""
+    old = {k: os.environ.get(k) for k in ("ADAKV_ATTN_PATH", "ADAKV_LAYOUT")}
+    os.environ.update({"ADAKV_ATTN_PATH": path, "ADAKV_LAYOUT": layout})
     try:
         yield
     finally:
-        if old is None:
-            del os.environ["ADAKV_ATTN_PATH"]
-        else:
-            os.environ["ADAKV_ATTN_PATH"] = old
+        for k, v in old.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def mode_name(method: str, attn_path: str = "auto", layout: str = "pooled") -> str:
+    """A bench row's mode: the method, then in brackets what differs from the default (the attention
+    path, the rect layout), e.g. "ada-snapkv[mask,rect]"."""
+    tags = [t for t, default in ((attn_path, "auto"), (layout, "pooled")) if t != default]
+    return f"{method}[{','.join(tags)}]" if tags else method
 
 
 def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: int | None, method: str,
             n_threads: int, n_gpu_layers: int = 0, window: int = 32, flash_attn: bool = True,
-            attn_path: str = "auto", n_ctx: int | None = None, chunk: int | None = None) -> BenchRecord:
+            attn_path: str = "auto", n_ctx: int | None = None, chunk: int | None = None,
+            layout: str = "pooled") -> BenchRecord:
     """One prompt: prefill (timed end to end, compression included), decode. ``n_ctx`` (eviction
     only): a cache smaller than the prompt, read in chunks of at most ``chunk`` tokens; by default
     the cache holds the prompt. ``flash_attn=False`` (full cache only) measures llama.cpp's other
     attention path; ``attn_path`` (eviction only) how attention honours the start cells ("auto":
-    the best the backend has). ``overhead_share`` is left None: run() sets it against the full cache."""
+    the best the backend has), ``layout`` how the block lies in memory (``LAYOUTS``). ``overhead_share``
+    is left None: run() sets it against the full cache."""
     if budget is not None and not flash_attn:
         raise ValueError("eviction needs flash attention")
     if attn_path not in ATTN_PATHS:
         raise ValueError(f"attn_path must be one of {', '.join(ATTN_PATHS)}, got {attn_path!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if n_ctx is not None and budget is None:
         raise ValueError("a cache smaller than the prompt (n_ctx) needs eviction (a budget)")
     n_ctx = n_ctx or ((len(tokens) + n_decode + 64) // 256 + 1) * 256
     kw: dict[str, Any] = ({"adakv_budget": budget, "adakv_method": method, "adakv_window": window,
                            "adakv_chunk": chunk} if budget else {})
-    with _attn_path(attn_path):
+    with _attn_path(attn_path, layout):
         llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False,
                     **kw)
@@ -151,7 +167,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         dec = greedy_decode(llm, n_decode)
         mode = "full" if flash_attn else "full-nofa"
         if budget is not None:
-            mode = method if attn_path == "auto" else f"{method}[{attn_path}]"
+            mode = mode_name(method, attn_path, layout)
         extra: dict[str, Any] = {}
         if st is not None:
             extra = dict(chunks=st.chunks, compressions=st.compressions, peak_cells=st.peak_cells,
@@ -240,7 +256,7 @@ def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
 def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "ada-snapkv", n_decode: int = 64,
         n_threads: int = 2, n_gpu_layers: int = 0, nofa_baseline: bool = False,
         attn_paths: Sequence[str] = ("auto",), repeats: int = 1, n_ctx: int | None = None,
-        chunk: int | None = None, direct: int = 0,
+        chunk: int | None = None, direct: int = 0, layouts: Sequence[str] = ("pooled",),
         log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Full cache and eviction at every prompt length; records as dicts, with ratios on the eviction rows.
 
@@ -254,8 +270,8 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
     ``overhead_direct_cpu_share`` are its extra seconds over the full cache's prefill.
     ``nofa_baseline``: also run the full cache without flash attention ("full-nofa", first), and
     give the eviction rows ``decode_speedup_nofa``, their decode speed over that baseline's.
-    ``attn_paths``: one eviction run per attention path (see ``ATTN_PATHS``), each against the
-    same full-cache run.
+    ``attn_paths``, ``layouts``: one eviction run per attention path (see ``ATTN_PATHS``) and block
+    layout (``LAYOUTS``), each against the same full-cache run.
     """
     vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
     all_tokens = prompt_tokens(vocab, max(lengths))
@@ -271,9 +287,9 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
             full = run_one(model_path, toks, n_decode, budget=None, method=method, n_threads=n_threads,
                            n_gpu_layers=n_gpu_layers)
             out.append(dict(asdict(full), repeat=rep))
-            for path in attn_paths:
+            for path, layout in itertools.product(attn_paths, layouts):
                 ev = run_one(model_path, toks, n_decode, budget=budget, method=method, n_threads=n_threads,
-                             n_gpu_layers=n_gpu_layers, attn_path=path, n_ctx=n_ctx, chunk=chunk)
+                             n_gpu_layers=n_gpu_layers, attn_path=path, n_ctx=n_ctx, chunk=chunk, layout=layout)
                 chunked = ev.chunks > 1
                 ev = replace(ev, overhead_share=ev.prefill_seconds / full.prefill_seconds - 1.0,
                              overhead_cpu_share=ev.prefill_cpu_seconds / full.prefill_cpu_seconds - 1.0,
@@ -299,7 +315,7 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
                 pct = lambda xs: ", ".join(f"{100 * c:+.1f}%" for c in xs)  # noqa: E731
                 chunks = (f", {ev.chunks} chunks in {ev.n_ctx} cells (peak {ev.peak_cells}), per-chunk overhead "
                           f"{pct(ev.chunk_overhead)} (CPU time {pct(ev.chunk_cpu_overhead)})" if chunked else "")
-                log(f"{n:>6} tokens{'' if path == 'auto' else f' [{path}]'}: decode {full.decode_tps:7.1f} -> "
+                log(f"{n:>6} tokens {ev.mode}: decode {full.decode_tps:7.1f} -> "
                     f"{ev.decode_tps:7.1f} t/s (x{re_['decode_speedup']:.2f}), prefill {full.prefill_seconds:.2f} -> "
                     f"{ev.prefill_seconds:.2f} s (overhead {100 * ev.overhead_share:+.1f}%, CPU time "
                     f"{100 * ev.overhead_cpu_share:+.1f}%), KV {full.kv_cells_before} -> {ev.kv_cells_after} cells"

@@ -70,8 +70,9 @@ OPTIONS: tuple[Option, ...] = (
            "on answers, summaries and raw text: docs/SELECTION.md; mean was the default before 2026-11-30)", "MODE"),
     Option("alpha", "Ada-KV safeguard: every head keeps at least alpha * (budget - window) of its own best cells "
            "(0 to 1)", "A"),
-    Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1); bounds the cache footprint",
-           "R"),
+    Option("max_ratio", "cap on one head's budget as a multiple of the average (>= 1). It no longer bounds memory: "
+           "the pooled block costs the sum of the per-head budgets whatever their spread (until 2026-12-06 it "
+           "bounded R, the largest head's budget, which every head paid); it only limits Ada's adaptivity", "R"),
     Option("sinks", "first prompt cells always kept (StreamingLLM's sinks; a floor for the other methods)", "N"),
     Option("chunk", "a prompt longer than the cache (n_ctx) is read in chunks of at most this many tokens, "
            "compressed in between with the prompt's last window as a probe; default: as many as fit", "C"),

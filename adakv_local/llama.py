@@ -41,9 +41,10 @@ class AdaKVStats:
 
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
     that are not evicted, such as sliding-window layers, show the full length). footprint: R,
-    the cells of the compacted block: every head of a layer costs R cells of memory, R being the
-    largest per-head budget (``adakv_max_ratio`` bounds it). freed: cells released for new
-    tokens. cells_before: the cells the prompt would need without eviction.
+    the cache cells of the compacted block: each layer's kept tokens are packed into its memory,
+    so R is the sum of the per-head budgets over the KV heads (rounded up; the fullest layer's).
+    For Ada-SnapKV and SnapKV that is the budget. freed: cells released for new tokens.
+    cells_before: the cells the prompt would need without eviction.
 
     A prompt that does not fit the cache is read in ``chunks`` with a compression between them
     (``compressions`` counts them all, the final one included). ``peak_cells``: the most cells the
@@ -345,10 +346,11 @@ class Llama(llama_cpp.Llama):
             raise RuntimeError(f"adakv: could not remove the probe at position {self.n_tokens}")
         footprint = self._compress(scores, budget, 0)
         if self.n_ctx() - footprint - len(probe) < len(probe):
+            rect = kv.block().layout == "rect"
             self.reset()
             raise ValueError(
                 f"adakv: a compression left {footprint} cells (R) of the cache's {self.n_ctx()}, too few to read "
-                "the rest of the prompt; raise n_ctx, lower the budget or bound R with adakv_max_ratio (the "
+                f"the rest of the prompt; raise n_ctx{', lower the budget or bound R with adakv_max_ratio' if rect else ' or lower the budget'} (the "
                 "context was reset)"
             )
 
@@ -418,14 +420,15 @@ class Llama(llama_cpp.Llama):
             )
         budget = cfg.cells_for(n_cells + len(tokens))
         kv = self._adakv
-        bound = _footprint_bound(cfg, budget, kv.n_head_kv if kv else 1, kv.block().layout if kv else "pooled")
+        layout = kv.block().layout if kv else "pooled"
+        bound = _footprint_bound(cfg, budget, kv.n_head_kv if kv else 1, layout)
         need = bound + 2 * cfg.window
         if need > self.n_ctx():
             raise ValueError(
                 f"n_ctx = {self.n_ctx()} is too small to read a {len(tokens)}-token prompt in chunks at budget "
                 f"{budget}: a compression may leave up to {bound} cells (R, the compacted block), and "
-                f"the next chunk and the window need room after them; use n_ctx >= {need}, a smaller budget, "
-                "or bound R with adakv_max_ratio"
+                f"the next chunk and the window need room after them; use n_ctx >= {need} or a smaller budget"
+                + (", or bound R with adakv_max_ratio" if layout == "rect" else "")
             )
         return budget
 

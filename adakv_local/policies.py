@@ -194,7 +194,7 @@ class AllocationConfig:
                ``AdaKVPress.alpha_safeguard``): every head first keeps its own top
                floor(alpha * B') cells (float in [0, 1]).
     max_ratio: None, or a float >= 1: no head keeps more than floor(max_ratio * B')
-               selectable cells, which bounds the per-layer footprint R = max_h B_h + w.
+               selectable cells (max_h B_h + w, the width of the block; its memory is the sum).
     sinks:     the first ``sinks`` cells are always kept and count against the budget (int >= 0).
     """
 

@@ -6,19 +6,21 @@
 #
 # It configures the project's own CMakeLists.txt with -DADAKV_CUDA=ON for one architecture
 # (which prepares the patched llama.cpp with cmake/prepare_llama_cpp.py, as every build does)
-# and builds the object files below: no library, no link. Which objects, and why (patch 0003
-# changes the headers fattn-common.cuh, fattn-vec.cuh, fattn-tile.cuh and fattn-mma-f16.cuh,
-# which every flash-attention template instance includes; the instances are what makes a full
-# CUDA build take most of an hour):
-#   ggml-backend.cpp                          the generic supports_op refusal (patches 0001, 0003)
+# and builds the object files below: no library, no link. Which objects, and why (patches 0003
+# and 0005 change the headers fattn-common.cuh, fattn-vec.cuh, fattn-tile.cuh and
+# fattn-mma-f16.cuh, which every flash-attention template instance includes; the instances are
+# what makes a full CUDA build take most of an hour):
+#   ggml-backend.cpp                          the generic supports_op refusal (patches 0001, 0003-0005)
 #   fattn.cu                                  kernel selection = supports_op, launch_fattn's callers
-#   fattn-vec-instance-f16-f16.cu             the vec kernel with f16 K/V (D 64, 128, 256)
+#   fattn-vec-instance-f16-f16.cu             the vec kernel with f16 K/V (D 64, 128, 256): start
+#                                             cells (0003), pooled rows (0005)
 #   fattn-vec-instance-q8_0-q8_0.cu           the vec kernel with quantized K/V (q8_1 Q path)
 #   fattn-tile-instance-dkq128-dv128.cu       the tile kernel, D 128, every column/GQA variant
-#   fattn-mma-f16-instance-ncols1_1-ncols2_16.cu  the mma kernel, which only gains the argument
+#                                             (ncols2 1 with and ncols2 > 1 without bounds checks)
+#   fattn-mma-f16-instance-ncols1_1-ncols2_16.cu  the mma kernel, which only gains the arguments
 #                                             (the instance file with the fewest cases)
 # The other vec and tile instances differ only in template arguments, the other mma instances
-# in nothing that the patch touches.
+# in nothing that the patches touch.
 #
 # Environment:
 #   ADAKV_CUDA_CHECK_ARCH  CMAKE_CUDA_ARCHITECTURES value (default 90: Hopper; 75 for Turing)

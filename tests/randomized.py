@@ -23,7 +23,7 @@ The oracle, for every step:
   llama-cpp-python believes it holds (its history is never cut inside the compacted block, and
   cells = footprint + tokens after the block); a compression happens exactly when the call has
   at least ``window`` tokens and takes the average cells per head above the budget; after one:
-  ``adakv_stats`` matches (budget, cells, footprint = max kept = cells held), each layer keeps
+  ``adakv_stats`` matches (budget, cells, footprint = the block of the layout = cells held), each layer keeps
   the total that the method's allocation gives (``policies.METHODS[m].allocate`` on scores of
   the same validity pattern: totals and uniform counts do not depend on the score values), Ada
   heads stay between their safeguard floor and their ``max_ratio`` cap, every head keeps the
@@ -141,6 +141,7 @@ class CaseConfig:
     n_ctx: int = 1024
     spans: str = "long-numbers"
     span_share: float = float("inf")
+    layout: str = "pooled"  # how the block lies in memory (ADAKV_LAYOUT): "pooled" or "rect"
 
     def llama_kwargs(self, models: Path) -> dict[str, Any]:
         return dict(
@@ -218,6 +219,7 @@ def _draw_config(seed: int) -> CaseConfig:
         # drawn from a stream of its own, so that the other options of every seed stay as they were
         spans=_pick(np.random.default_rng([seed, 14]), ["none", "numbers", "long-numbers", "words"]),
         span_share=_pick(np.random.default_rng([seed, 15]), [float("inf"), 0.0, 0.125, 0.25, 0.5, 2.0]),
+        layout=_pick(np.random.default_rng([seed, 16]), ["pooled", "rect"], [0.75, 0.25]),
     )  # fmt: skip
 
 
@@ -416,9 +418,10 @@ class CheckedLlama(Llama):
         if n == 0:
             self.rt_block_end, self.rt_sinks_kept = None, None
             shape = (kv.n_layer, kv.n_head_kv)
-            return dict(n=0, cells=0, starts=np.zeros(shape, np.int64), positions=None, stats=self.adakv_stats)
+            return dict(n=0, cells=0, view=0, starts=np.zeros(shape, np.int64), positions=None,
+                        stats=self.adakv_stats)
         check_cache_holds_history(self)
-        return dict(n=n, cells=kv.n_cells(), starts=kv.starts().astype(np.int64),
+        return dict(n=n, cells=kv.n_cells(), view=kv.view_cells(), starts=kv.starts().astype(np.int64),
                     positions=self.adakv_kept_positions(), stats=self.adakv_stats)  # fmt: skip
 
     def _rt_after(self, tokens: Sequence[int], before: dict[str, Any]) -> None:
@@ -427,17 +430,18 @@ class CheckedLlama(Llama):
         kv = self.adakv_kvcache
         m, w = len(tokens), cfg.window
         check(self.n_tokens == before["n"] + m, f"n_tokens {self.n_tokens} after eval of {m} on {before['n']}")
-        n_after = before["cells"] + m
+        n_after = before["cells"] + m  # cache cells
+        n_view = before["view"] + m  # cells of the per-head view (what starts and kept cells index)
         budget = cfg.adakv.cells_for(n_after)
         starts = before["starts"]
         compressed = self.adakv_stats is not before["stats"]
-        should = cfg.method != "full" and m >= w and n_after - float(starts.mean()) > budget
+        should = cfg.method != "full" and m >= w and n_view - float(starts.mean()) > budget
         where = f"eval of {m} tokens on {before['n']} (cells {before['cells']} -> {n_after}, budget {budget})"
         if cfg.method == "full":
             pass  # keeps every cell: compressing or not are both right; positions are checked below
         elif should:
             check(compressed, f"no compression after the {where}, whose average cells per head "
-                  f"{n_after - float(starts.mean()):.1f} exceed the budget")  # fmt: skip
+                  f"{n_view - float(starts.mean()):.1f} exceed the budget")  # fmt: skip
         else:
             check(not compressed, f"a compression after the {where}, which does not need one")
         if not compressed:
@@ -454,12 +458,15 @@ class CheckedLlama(Llama):
         check(st.prompt_tokens == self.n_tokens, f"adakv_stats.prompt_tokens {st.prompt_tokens} != {self.n_tokens}")
         check(np.array_equal(st.kept[ids], kept), f"adakv_stats.kept {st.kept[ids].tolist()} != kept positions "
               f"{kept.tolist()}")  # fmt: skip
-        check(r == st.footprint == kept.max() == kv.n_cells() and st.freed == n_after - r,
-              f"footprint {r} / stats {st.footprint} / max kept {kept.max()} / cells {kv.n_cells()} / "
+        # the rect block is as wide as the largest head; the pooled one packs each layer's kept rows
+        want_r = kept.max() if cfg.layout == "rect" else int(max(-(-row.sum() // kv.n_head_kv) for row in kept))
+        check(r == st.footprint == want_r == kv.n_cells() and st.freed == n_after - r,
+              f"footprint {r} / stats {st.footprint} / {cfg.layout} block {want_r} / cells {kv.n_cells()} / "
               f"freed {st.freed} after the {where}")  # fmt: skip
+        check(kv.view_cells() == kept.max(), f"view cells {kv.view_cells()} != most kept {kept.max()}")
 
         # the allocation: policies' own counts on scores with the same validity pattern
-        n_sel = n_after - min(w, n_after)
+        n_sel = n_view - min(w, n_view)
         alloc = AllocationConfig(budget=budget, window=w, alpha=cfg.alpha, max_ratio=cfg.max_ratio, sinks=cfg.sinks)
         policy = METHODS[cfg.method]
         rng = np.random.default_rng(0)
@@ -473,7 +480,7 @@ class CheckedLlama(Llama):
         sel_b = _sel_budgets(cfg, len(ids), budget, n_sel)
         ada = cfg.method in ("ada-snapkv", "ada-pyramid")
         for i, il in enumerate(ids):
-            win = np.array([n_after - max(n_sel, int(s)) for s in starts[i]])
+            win = np.array([n_view - max(n_sel, int(s)) for s in starts[i]])
             want = np.asarray(counts[i]) + win
             got = kept[i]
             check(got.sum() == want.sum(), f"layer {il} keeps {got.sum()} cells in all (heads {got.tolist()}), "
@@ -666,7 +673,8 @@ class Case:
     def make(self) -> CheckedLlama:
         # read when eviction is enabled: ADAKV_ATTN_PATH=auto|heads|mask, or (older libraries, and
         # the same meaning in newer ones) ADAKV_FORCE_FALLBACK=1 for heads
-        env = {"ADAKV_ATTN_PATH": self.cfg.attn_path, "ADAKV_FORCE_FALLBACK": str(int(self.cfg.attn_path == "heads"))}
+        env = {"ADAKV_ATTN_PATH": self.cfg.attn_path, "ADAKV_FORCE_FALLBACK": str(int(self.cfg.attn_path == "heads")),
+               "ADAKV_LAYOUT": self.cfg.layout}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:

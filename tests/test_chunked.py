@@ -109,10 +109,10 @@ def reference_chunked(llm: Llama, tokens: list[int], chunk: int = CHUNK, alone: 
         scored(piece)  # the chunk, then the probe
         llm.n_tokens -= w
         assert llm._ctx.kv_cache_seq_rm(-1, llm.n_tokens, -1)
-        compress(n, 0)
+        compress(kv.view_cells(), 0)  # the cells of the per-head view (after the chunk, without the probe)
         compressions += 1
     scored(doc[i:])  # the last chunk, then the window
-    compress(kv.n_cells(), w)
+    compress(kv.view_cells(), w)
     return chunks, compressions
 
 
@@ -244,7 +244,7 @@ def test_refusals_leave_everything_as_it_was(tiny):
     with pytest.raises(ValueError, match="logits_all"):
         llama(tiny, logits_all=True).eval(prompt_of(llm, 100, 10))
     with pytest.raises(ValueError, match="n_ctx = 256 is too small"):
-        llama(tiny, adakv_budget=200, adakv_chunk=None).eval(prompt_of(llm, 100, 10))
+        llama(tiny, adakv_budget=245, adakv_chunk=None).eval(prompt_of(llm, 100, 10))  # R ~ 245 + 2 windows
     with pytest.raises(ValueError, match="adakv_chunk"):
         llama(tiny, adakv_chunk=N_CTX)
     with pytest.raises(ValueError, match="adakv_chunk"):

@@ -192,10 +192,10 @@ def test_too_long_document_advice_fits_the_case(tiny, doc, tmp_path):
 
 def test_document_longer_than_the_cache_is_read_in_chunks(tiny, doc):
     """With eviction, --n-ctx below the prompt reads it in chunks; too small a cache for the budget says so."""
-    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8")
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8", "--budget", "480")
     assert proc.returncode == 2
     line = one_line_error(proc)
-    assert "--n-ctx = 512 is too small" in line and "budget 256" in line and "--n-ctx >= " in line, line
+    assert "--n-ctx = 512 is too small" in line and "budget 480" in line and "--n-ctx >= " in line, line
     proc = cli("summarize", str(doc), "--model", str(tiny), "--n-ctx", "512", "--max-tokens", "8", "--budget", "64",
                "--chunk", "200", "--json", "--quiet", *EVICT)
     assert proc.returncode == 0, proc.stderr

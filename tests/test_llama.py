@@ -162,11 +162,14 @@ def test_budgets_windows_and_stats(tiny, method):
     kv = llm._adakv
     assert st is not None and st.method == method and st.budget == budget
     assert st.prompt_tokens == len(toks) == st.cells_before
-    assert st.footprint == kv.footprint() == st.kept.max() and st.freed == len(toks) - st.footprint
-    assert set(st.seconds) == {"score", "allocate", "compact"}
     kept = st.kept[list(kv.layout.layer_ids)]
+    # the pooled block: each layer's kept tokens packed into ceil(their number / n_head_kv) cells
+    assert st.footprint == kv.footprint() == max(-(-kept.sum(axis=1) // kv.n_head_kv))
+    assert st.freed == len(toks) - st.footprint and kv.block().width == kept.max()
+    assert set(st.seconds) == {"score", "allocate", "compact"}
     if method in ("ada-snapkv", "snapkv"):
         assert np.all(kept.sum(axis=1) == kv.n_head_kv * budget)
+        assert st.footprint == budget  # Ada's memory is SnapKV's
     if method in ("snapkv", "streamingllm"):
         assert np.all(kept == budget)
     if method in ("ada-pyramid", "pyramidkv"):

@@ -46,16 +46,28 @@ shared machine disturbs far less than the wall time).
 """
 
 
+def _names_arg(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma-separated list of names out of ``allowed``."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"{option}: {', '.join(bad) or 'empty list'}: use a comma-separated list "
+                                         f"of {', '.join(allowed)}")
+    return items
+
+
 def _attn_paths_arg(text: str) -> list[str]:
     """--attn-paths: a comma-separated list of bench.ATTN_PATHS."""
     from ..bench import ATTN_PATHS
 
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in items if x not in ATTN_PATHS]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"--attn-paths: {', '.join(bad) or 'empty list'}: use a comma-separated list "
-                                         f"of {', '.join(ATTN_PATHS)}")
-    return items
+    return _names_arg(text, "--attn-paths", ATTN_PATHS)
+
+
+def _layouts_arg(text: str) -> list[str]:
+    """--layouts: a comma-separated list of bench.LAYOUTS."""
+    from ..bench import LAYOUTS
+
+    return _names_arg(text, "--layouts", LAYOUTS)
 
 
 def _csv(kind: Any, name: str):
@@ -230,6 +242,10 @@ def add_parser(sub: Any) -> None:
                    help="one eviction run per way of honouring the start cells, e.g. auto,mask,heads: auto (the "
                    "best the backend has: inside the kernel on the CPU), mask (a per-head mask on the stock "
                    "kernel, Metal's path), heads (one stock call per KV head) (default: auto)")
+    b.add_argument("--layouts", type=_layouts_arg, default=["pooled"],
+                   help="one eviction run per layout of the compacted block, e.g. pooled,rect: pooled (each "
+                   "head's kept tokens packed: the block costs the sum of the per-head budgets), rect (as "
+                   "wide as the largest head in every head, the layout before 2026-12-06) (default: pooled)")
     b.add_argument("--repeats", type=positive_int, default=1, metavar="N",
                    help="alternate the full cache and eviction N times per length; overheads are medians (default: 1)")
     b.add_argument("--direct", type=non_negative_int, default=0, metavar="N",
@@ -518,7 +534,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
                   n_threads=args.threads, n_gpu_layers=args.gpu_layers, nofa_baseline=args.nofa_baseline,
                   attn_paths=args.attn_paths, repeats=args.repeats, n_ctx=args.n_ctx, chunk=args.chunk,
-                  direct=args.direct,
+                  direct=args.direct, layouts=args.layouts,
                   log=_log(args))
     cpu = overhead_summary(records, "overhead_cpu_share")
     for (mode, n), share in sorted(overhead_summary(records).items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -527,7 +543,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
               "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
               "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths, "repeats": args.repeats,
-              "n_ctx": args.n_ctx, "chunk": args.chunk, "direct": args.direct}
+              "n_ctx": args.n_ctx, "chunk": args.chunk, "direct": args.direct, "layouts": args.layouts}
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
