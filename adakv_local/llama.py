@@ -347,10 +347,11 @@ class Llama(llama_cpp.Llama):
         footprint = self._compress(scores, budget, 0)
         if self.n_ctx() - footprint - len(probe) < len(probe):
             rect = kv.block().layout == "rect"
+            cap = ", lower the budget or bound R with adakv_max_ratio" if rect else " or lower the budget"
             self.reset()
             raise ValueError(
                 f"adakv: a compression left {footprint} cells (R) of the cache's {self.n_ctx()}, too few to read "
-                f"the rest of the prompt; raise n_ctx{', lower the budget or bound R with adakv_max_ratio' if rect else ' or lower the budget'} (the "
+                f"the rest of the prompt; raise n_ctx{cap} (the "
                 "context was reset)"
             )
 

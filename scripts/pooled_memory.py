@@ -90,14 +90,15 @@ def main() -> int:
     print("| model | KV type | budget | layout | Ada-SnapKV R / MiB | SnapKV R / MiB | Ada/SnapKV bytes | "
           "Ada-Pyramid R / MiB | PyramidKV R / MiB | Ada/PyramidKV bytes |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
-    for (model, type_kv, layout, method, budget), r in by_key.items():
+    for model, type_kv, layout, method, budget in by_key:
         if method != "ada-snapkv":
             continue
         cells = []
         for ada in BASELINE:
-            a, b = by_key[(model, type_kv, layout, ada, budget)], by_key[(model, type_kv, layout, BASELINE[ada], budget)]
-            cells += [f"{a['footprint']} / {a['kv_bytes'] / 2**20:.2f}", f"{b['footprint']} / {b['kv_bytes'] / 2**20:.2f}",
-                      f"x{a['kv_bytes'] / b['kv_bytes']:.3f}"]
+            a = by_key[(model, type_kv, layout, ada, budget)]
+            b = by_key[(model, type_kv, layout, BASELINE[ada], budget)]
+            cells += [f"{a['footprint']} / {a['kv_bytes'] / 2**20:.2f}",
+                      f"{b['footprint']} / {b['kv_bytes'] / 2**20:.2f}", f"x{a['kv_bytes'] / b['kv_bytes']:.3f}"]
         print(f"| {model} | {type_kv} | {budget} | {layout} | " + " | ".join(cells) + " |")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "config": vars(args) | {"json": str(args.json)}}, indent=1))

@@ -49,8 +49,9 @@ def make(
     )  # fmt: skip
     if attn_path is None and force_fallback is not None:
         attn_path = "heads" if force_fallback else "auto"
-    kv = KVCache.from_llama(llm, attn_path=attn_path or "auto", gqa_reduce=gqa_reduce, layout=layout) if enable else None
-    return llm, kv
+    if not enable:
+        return llm, None
+    return llm, KVCache.from_llama(llm, attn_path=attn_path or "auto", gqa_reduce=gqa_reduce, layout=layout)
 
 
 def prefill(llm, kv, tokens, window=WINDOW):

@@ -13,9 +13,9 @@ import zlib
 
 import numpy as np
 import pytest
+from test_fattn_op import TOL, causal_mask
 
 from adakv_local.fattn import flash_attn_pooled_cpu
-from test_fattn_op import TOL, causal_mask
 
 pytestmark = pytest.mark.exactness
 

@@ -13,10 +13,10 @@ import zlib
 
 import numpy as np
 import pytest
+from test_eviction import CONT, PROMPT, WINDOW, block_cells, continuation_logits, make, prefill, random_kept
 
 import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
 from adakv_local.errors import NativeInvalidArgument
-from test_eviction import CONT, PROMPT, WINDOW, block_cells, continuation_logits, make, prefill, random_kept
 
 MORE = b" Another paragraph follows here, with new words in it, and numbers: 31337 and 2048."
 
