@@ -395,7 +395,8 @@ int32_t llama_adakv_flash_attn_pooled_cpu(
     const ggml_type t = (ggml_type) kv_type;
     adakv_op_inputs in;
     // q and the mask from the shared init; K and V in the cache's layout below
-    if (!adakv_op_init(in, q, k, v, mask, n_q, n_kv, n_head, n_head_kv, d_k, d_v, t, (size_t) n_q * n_head * d_v, n_threads)) {
+    if (!adakv_op_init(
+                in, q, k, v, mask, n_q, n_kv, n_head, n_head_kv, d_k, d_v, t, (size_t) n_q * n_head * d_v, n_threads)) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the op context", __func__);
     }
     // [d * n_head_kv, n_kv]: a cache tensor, viewed [d, n_kv, n_head_kv] as llama.cpp's attention does

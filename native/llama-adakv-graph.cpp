@@ -62,7 +62,11 @@ static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
 // not read the pooled rows in the kernel, and the window scores): K or V of view cells [0, n_view),
 // [d, n_view, n_head_kv], F16 for an f16 cache (exact), else F32 (the dequantized values).
 static ggml_tensor * adakv_view_kv(
-        ggml_context * ctx, const llama_adakv & ak, const llama_adakv_layer & l, ggml_tensor * t, int64_t d,
+        ggml_context * ctx,
+        const llama_adakv & ak,
+        const llama_adakv_layer & l,
+        ggml_tensor * t,
+        int64_t d,
         int64_t n_view) {
     const int64_t H    = ak.n_head_kv;
     ggml_tensor * rows = ggml_view_2d(ctx, t, d, (int64_t) ak.kv_size * H, t->nb[1] / H, 0); // [d, kv_size*H]
@@ -91,7 +95,12 @@ static ggml_tensor * adakv_view_mask(ggml_context * ctx, const llama_adakv & ak,
 // layout, or the gathered view of a pooled block), best first: the start cells inside the kernel,
 // a per-head mask on the stock kernel, or one stock call per KV head
 static ggml_tensor * llama_adakv_graph_rect(
-        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap,
+        llama_adakv * ak,
+        ggml_context * ctx,
+        llama_adakv_layer & l,
+        ggml_tensor * fa,
+        float scale,
+        float softcap,
         bool gathered) {
     ggml_backend_dev_t dev = llama_adakv_dev_of(l.k);
     if (ak->attn_path == LLAMA_ADAKV_ATTN_AUTO) {
@@ -123,7 +132,12 @@ static ggml_tensor * llama_adakv_graph_rect(
 // routes, or for a pooled block the same node with its pooled rows (the backend's kernels read
 // them), else the rect routes over the block's view gathered for this ubatch
 static ggml_tensor * llama_adakv_graph_heads(
-        llama_adakv * ak, ggml_context * ctx, llama_adakv_layer & l, ggml_tensor * fa, float scale, float softcap,
+        llama_adakv * ak,
+        ggml_context * ctx,
+        llama_adakv_layer & l,
+        ggml_tensor * fa,
+        float scale,
+        float softcap,
         const std::function<std::array<ggml_tensor *, 3>()> & gather) {
     if (ak->footprint == 0) {
         l.attn_used = LLAMA_ADAKV_USED_STOCK;
@@ -171,12 +185,12 @@ ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_
 
     // a pooled block's view, gathered for this ubatch where something reads it (built lazily: the
     // in-kernel route of a decoded token needs none)
-    const bool pooled      = ak->layout == LLAMA_ADAKV_LAYOUT_POOLED && ak->footprint > 0;
-    const int64_t n_view   = ak->width + k->ne[1] - ak->footprint;
-    ggml_tensor * k_view   = nullptr;
-    ggml_tensor * v_view   = nullptr;
+    const bool pooled       = ak->layout == LLAMA_ADAKV_LAYOUT_POOLED && ak->footprint > 0;
+    const int64_t n_view    = ak->width + k->ne[1] - ak->footprint;
+    ggml_tensor * k_view    = nullptr;
+    ggml_tensor * v_view    = nullptr;
     ggml_tensor * mask_view = nullptr;
-    auto gather            = [&]() -> std::array<ggml_tensor *, 3> {
+    auto gather             = [&]() -> std::array<ggml_tensor *, 3> {
         if (pooled && k_view == nullptr) {
             k_view    = adakv_view_kv(ctx, *ak, l, l.k, k->ne[0], n_view);
             v_view    = adakv_view_kv(ctx, *ak, l, l.v, v->ne[0], n_view);

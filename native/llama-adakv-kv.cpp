@@ -48,7 +48,7 @@ struct llama_adakv_access {
     }
 };
 
-static const uint32_t ADAKV_STATE_MAGIC   = 0x564b4441; // "ADKV"
+static const uint32_t ADAKV_STATE_MAGIC = 0x564b4441; // "ADKV"
 // 3: the block's layout, width and per-head counts (2, before the pooled layout: start cells)
 static const uint32_t ADAKV_STATE_VERSION = 3;
 
@@ -582,14 +582,14 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         }
         ak->ctxs.push_back(tctx);
         for (size_t i : ids) {
-            auto & l    = ak->layers[i];
+            auto & l     = ak->layers[i];
             l.start_i32  = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
             l.vstart_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
             l.start_f32  = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
             l.pool_i32   = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
             l.view_rows  = ggml_new_tensor_2d(
                     tctx, GGML_TYPE_I32, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1, ak->n_head_kv);
-            l.scores     = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
+            l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);
         }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
@@ -829,10 +829,10 @@ static ggml_tensor * adakv_alias_i32(ggml_context * ctx, ggml_tensor * t) {
 // head_bytes): destination row r (r < n_dst) gets source row idx[r] (see the layouts in
 // llama-adakv-state.h); get_rows reads every source before cpy writes, so sources and destinations
 // may overlap
-static ggml_tensor * adakv_build_move(
-        ggml_context * ctx, ggml_tensor * t, int64_t head_bytes, int64_t n_rows, ggml_tensor * idx) {
-    ggml_tensor * a    = adakv_alias_i32(ctx, t);
-    ggml_tensor * rows = ggml_view_2d(ctx, a, head_bytes / 4, n_rows, head_bytes, 0); // [head_bytes/4, n_rows]
+static ggml_tensor *
+adakv_build_move(ggml_context * ctx, ggml_tensor * t, int64_t head_bytes, int64_t n_rows, ggml_tensor * idx) {
+    ggml_tensor * a     = adakv_alias_i32(ctx, t);
+    ggml_tensor * rows  = ggml_view_2d(ctx, a, head_bytes / 4, n_rows, head_bytes, 0); // [head_bytes/4, n_rows]
     ggml_tensor * moved = ggml_get_rows(ctx, rows, idx);                               // [head_bytes/4, n_dst]
     ggml_tensor * dst   = ggml_view_2d(ctx, a, head_bytes / 4, idx->ne[0], head_bytes, 0);
     return ggml_cpy(ctx, moved, dst);
@@ -941,8 +941,8 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
         by_backend[be].push_back(i);
     }
     ctx->synchronize();
-    const auto & hp       = ctx->get_model().hparams;
-    const int64_t n_rows  = (int64_t) ak->kv_size * H;
+    const auto & hp      = ctx->get_model().hparams;
+    const int64_t n_rows = (int64_t) ak->kv_size * H;
     for (auto & [be, ids] : by_backend) {
         // per layer: the index tensor, and for K and V an alias, two views, get_rows and cpy
         const size_t n_nodes = 16 * ids.size() + 16;
