@@ -3,7 +3,8 @@
 
 For each model, KV cache type, method, budget and block layout, one prompt of --tokens tokens of
 standard-library prose (adakv_local.bench.prompt_tokens) is evaluated by adakv-local's Llama and
-compressed once; the row records what the compacted cache holds: R (``adakv_stats.footprint``, cache
+compressed once (the prompt but its last ubatch is evaluated once per context and restored for
+every setting); the row records what the compacted cache holds: R (``adakv_stats.footprint``, cache
 cells of the block) and the K/V bytes of the cells the sequence uses (``adakv_stats.kv_bytes``, from
 the native memory figures), and each Ada method's bytes over its baseline's (Ada-SnapKV / SnapKV,
 Ada-Pyramid / PyramidKV) at the same budget and layout. The layouts are set with ADAKV_LAYOUT:
@@ -31,23 +32,34 @@ BASELINE = {"ada-snapkv": "snapkv", "ada-pyramid": "pyramidkv"}
 TYPES = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
-def measure(path: str, tokens: list[int], *, method: str, budget: int, type_kv: str, layout: str,
-            threads: int) -> dict:
+def measure(path: str, tokens: list[int], *, budgets: list[int], type_kv: str, layout: str,
+            threads: int) -> list[dict]:
+    """Every method and budget on one context: the prompt but its last ubatch is evaluated once (no
+    compression) and saved; each run restores it and evaluates the last ubatch with its setting."""
+    from dataclasses import replace
+
     from adakv_local.llama import Llama
 
     os.environ["ADAKV_LAYOUT"] = layout
     llm = Llama(model_path=path, n_ctx=len(tokens) + 256, n_threads=threads, n_threads_batch=threads,
-                type_k=TYPES[type_kv], type_v=TYPES[type_kv], adakv_budget=budget, adakv_method=method,
-                verbose=False)
+                type_k=TYPES[type_kv], type_v=TYPES[type_kv], adakv_budget=budgets[0], verbose=False)
     try:
-        llm.eval(tokens)
-        st = llm.adakv_stats
-        if st is None:
-            raise RuntimeError(f"{method} at {budget} did not compress a {len(tokens)}-token prompt")
-        block = llm.adakv_kvcache.block()
-        return {"method": method, "budget": budget, "type_kv": type_kv, "layout": layout,
-                "footprint": st.footprint, "width": block.width, "kv_bytes": st.kv_bytes,
-                "kv_bytes_allocated": st.kv_bytes_allocated, "prompt_tokens": len(tokens)}
+        k = min(len(tokens), llm.n_batch, int(llm.context_params.n_ubatch))
+        with llm.adakv_suspended():
+            llm.eval(tokens[:-k])
+        state, cfg, rows = llm.save_state(), llm.adakv_config, []
+        for method, budget in itertools.product(METHODS, budgets):
+            llm.load_state(state)
+            llm.adakv_config = replace(cfg, method=method, budget=budget)
+            llm.eval(tokens[-k:])
+            st = llm.adakv_stats
+            if st is None or st.budget != budget or st.method != method:
+                raise RuntimeError(f"{method} at {budget} did not compress a {len(tokens)}-token prompt")
+            rows.append({"method": method, "budget": budget, "type_kv": type_kv, "layout": layout,
+                         "footprint": st.footprint, "width": llm.adakv_kvcache.block().width,
+                         "kv_bytes": st.kv_bytes, "kv_bytes_allocated": st.kv_bytes_allocated,
+                         "prompt_tokens": len(tokens)})
+        return rows
     finally:
         llm.close()
 
@@ -79,13 +91,12 @@ def main() -> int:
             vocab = Llama(model_path=path, vocab_only=True, verbose=False)
             tokens = prompt_tokens(vocab, args.tokens)
             vocab.close()
-            for type_kv, layout, method, budget in itertools.product(args.types.split(","), ("pooled", "rect"),
-                                                                      METHODS, budgets):
-                row = dict(measure(path, tokens, method=method, budget=budget, type_kv=type_kv, layout=layout,
-                                   threads=args.threads), model=name)
-                rows.append(row)
-                print(f"{name} {type_kv} {layout:6} {method:11} @ {budget:3}: R {row['footprint']:4} cells, "
-                      f"{row['kv_bytes'] / 2**20:7.2f} MiB", file=sys.stderr, flush=True)
+            for type_kv, layout in itertools.product(args.types.split(","), ("pooled", "rect")):
+                for row in measure(path, tokens, budgets=budgets, type_kv=type_kv, layout=layout,
+                                   threads=args.threads):
+                    rows.append(dict(row, model=name))
+                    print(f"{name} {type_kv} {layout:6} {row['method']:11} @ {row['budget']:3}: R "
+                          f"{row['footprint']:4} cells, {row['kv_bytes'] / 2**20:7.2f} MiB", file=sys.stderr, flush=True)
     by_key = {(r["model"], r["type_kv"], r["layout"], r["method"], r["budget"]): r for r in rows}
     print("| model | KV type | budget | layout | Ada-SnapKV R / MiB | SnapKV R / MiB | Ada/SnapKV bytes | "
           "Ada-Pyramid R / MiB | PyramidKV R / MiB | Ada/PyramidKV bytes |")

@@ -1,8 +1,9 @@
 """Eviction on a GPU backend (CUDA), checked against the CPU.
 
 Patch 0003 makes the CUDA vec kernel (up to 2 queries) and tile kernel (any batch) honour the
-per-KV-head start cells, and CUDA's supports_op accept exactly those shapes; the rest takes the
-per-head fallback. Checked here, on a machine with a GPU (``scripts/device_check.sh``):
+per-KV-head start cells, patch 0005 the pooled rows of the pooled block (patch 0004), and CUDA's
+supports_op accept exactly those shapes; the rest takes the portable routes. Checked here, on a
+machine with a GPU (``scripts/device_check.sh``):
 
 * op level, through ggml's own C API (cffi over libggml, no adakv entry point): one
   ggml_flash_attn_ext with starts, K/V in the KV cache's layout (cells outermost), random Q/K/V,
@@ -10,10 +11,13 @@ per-head fallback. Checked here, on a machine with a GPU (``scripts/device_check
   head sizes 64/128, GQA 1/4/8; 1, 2 and 32 queries; n_kv a multiple of 256 (vec kernel for
   decode) or not (tile kernel); against the float64 reference of test_fattn_op.py. The same
   harness also runs on the CPU backend, everywhere, so that CI tests the harness itself;
+* the same with pooled rows (head rows below the start, runs of 0, 1, a tile +-1 and ~300 rows)
+  against the float64 reference of test_fattn_pooled.py;
 * supports_op: accepted for the extended shapes, refused for the others, while the same op
-  without starts is accepted (so the refusal is the starts');
+  without starts is accepted (so the refusal is the starts'), with and without pooled rows;
 * model level: window scores and continuations after the same compaction match the CPU path
-  (tiny64, and 32 layers with 8 KV heads of 128); the scoring graph adds no CPU split (K never
+  (tiny64, and 32 layers with 8 KV heads of 128), for the pooled and the rect block; the scoring
+  graph adds no CPU split (K never
   goes to the host); the GPU fast path equals the GPU fallback. Compaction (bitwise) and "keep
   every cell == no eviction" run on the GPU as the ``gpu`` cases of tests/test_eviction.py.
 """
@@ -55,6 +59,7 @@ ggml_tensor * ggml_flash_attn_ext(ggml_context * ctx, ggml_tensor * q, ggml_tens
                                   ggml_tensor * mask, float scale, float max_bias, float logit_softcap);
 void ggml_flash_attn_ext_set_prec(ggml_tensor * a, int prec);
 void ggml_flash_attn_ext_set_head_start(ggml_tensor * a, ggml_tensor * starts);
+void ggml_flash_attn_ext_set_head_pool(ggml_tensor * a, ggml_tensor * pools);
 ggml_cgraph * ggml_new_graph(ggml_context * ctx);
 void ggml_build_forward_expand(ggml_cgraph * cgraph, ggml_tensor * tensor);
 size_t ggml_quantize_chunk(int type, const float * src, void * dst, int64_t start, int64_t nrows,
@@ -111,9 +116,10 @@ class _FaOp:
 
     q [n_head, n_q, d_k] per stream; K and V in the KV cache's layout [n_kv][n_head_kv][d] (cells
     outermost), seen by the op as the view [d, n_kv, n_head_kv]; starts I32 [n_head_kv, n_starts]
-    or no starts at all (n_starts 0)."""
+    or no starts at all (n_starts 0); with ``pools``, the pooled rows of patch 0004, I32 [2, n_head_kv]."""
 
-    def __init__(self, n_head, n_q, d_k, d_v, n_head_kv, n_kv, kv_type, *, scale=1.0, mask=True, n_seq=1, n_starts=1):
+    def __init__(self, n_head, n_q, d_k, d_v, n_head_kv, n_kv, kv_type, *, scale=1.0, mask=True, n_seq=1, n_starts=1,
+                 pools=False):
         ffi, lib = _ggml()
         self.ffi, self.lib = ffi, lib
         params = ffi.new("struct ggml_init_params *", [16 * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead()])
@@ -132,6 +138,10 @@ class _FaOp:
         if n_starts:
             self.starts = lib.ggml_new_tensor_2d(self.ctx, GGML_TYPE_I32, n_head_kv, n_starts)
             lib.ggml_flash_attn_ext_set_head_start(self.op, self.starts)
+        self.pools = ffi.NULL
+        if pools:
+            self.pools = lib.ggml_new_tensor_2d(self.ctx, GGML_TYPE_I32, 2, n_head_kv)
+            lib.ggml_flash_attn_ext_set_head_pool(self.op, self.pools)
 
     def supported_by(self, backend_name: str) -> bool:
         return bool(self.lib.ggml_backend_supports_op(_backend(backend_name), self.op))
@@ -140,12 +150,14 @@ class _FaOp:
         self.lib.ggml_free(self.ctx)
 
 
-def flash_attn_on(backend_name, q, k, v, mask, starts, scale, kv_type):
-    """ggml_flash_attn_ext with starts on one backend; out [n_q, n_head, d_v], or None if the
-    backend refuses the op. q [n_head, n_q, d_k], k/v [n_head_kv, n_kv, d], mask [n_q, n_kv]."""
+def flash_attn_on(backend_name, q, k, v, mask, starts, scale, kv_type, pools=None):
+    """ggml_flash_attn_ext with starts (and the pooled rows ``pools`` [n_head_kv, 2], if given) on one
+    backend; out [n_q, n_head, d_v], or None if the backend refuses the op. q [n_head, n_q, d_k],
+    k/v [n_head_kv, n_kv, d], mask [n_q, n_kv]."""
     n_head, n_q, d_k = q.shape
     n_head_kv, n_kv, d_v = v.shape
-    fa = _FaOp(n_head, n_q, d_k, d_v, n_head_kv, n_kv, kv_type, scale=scale, mask=mask is not None)
+    fa = _FaOp(n_head, n_q, d_k, d_v, n_head_kv, n_kv, kv_type, scale=scale, mask=mask is not None,
+               pools=pools is not None)
     ffi, lib = fa.ffi, fa.lib
     try:
         be = _backend(backend_name)
@@ -160,6 +172,8 @@ def flash_attn_on(backend_name, q, k, v, mask, starts, scale, kv_type):
                       (fa.k, _kv_bytes(k.transpose(1, 0, 2), kv_type)),
                       (fa.v, _kv_bytes(v.transpose(1, 0, 2), kv_type)),
                       (fa.starts, np.ascontiguousarray(starts, dtype=np.int32))]  # fmt: skip
+            if pools is not None:
+                inputs.append((fa.pools, np.ascontiguousarray(pools, dtype=np.int32)))
             if mask is not None:
                 m16 = np.empty(mask.shape, dtype=np.uint16)
                 lib.ggml_fp32_to_fp16_row(ffi.from_buffer("float[]", np.ascontiguousarray(mask, dtype=np.float32)),
@@ -254,6 +268,57 @@ def test_negative_starts_read_from_cell_zero(backend_name, n_kv):
     assert err <= TOL["f16"], f"{backend_name} n_kv={n_kv}: {err:.3g}"
 
 
+# pooled rows (patch 0004 on the CPU, 0005 on CUDA): (kv_type, d, gqa, n_q, n_kv, pool rows of head 0):
+# the vec kernel (1-2 queries over a multiple of 256 cells), the tile kernel (a batch, or a length
+# that is not a multiple of 256); runs of 0, 1, a tile -1 / +1 (vec 128, tile 64) and ~300 rows
+POOL_CASES = [
+    ("f16", 128, 4, 1, 512, 127), ("f16", 128, 4, 2, 768, 129), ("q8_0", 64, 8, 1, 512, 1),
+    ("q4_0", 128, 1, 1, 512, 300), ("f16", 128, 4, 32, 512, 65), ("q8_0", 64, 4, 3, 600, 63),
+    ("f16", 64, 1, 40, 300, 0), ("f16", 256, 4, 1, 512, 200),
+]  # fmt: skip
+
+
+def _pool_inputs(case):
+    """q, K/V in the cache's layout, the mask, starts (the block's end, shared) and pools [4, 2]."""
+    kv_type, d, gqa, n_q, n_kv, first = case
+    n_head_kv = 4
+    rng = np.random.default_rng(zlib.crc32(repr(("gpu-pool", case)).encode()))
+    block = max(2 * n_q, (n_kv - n_q) // 2)  # cells below the start hold the pooled rows
+    rows = [first] + [int(r) for r in rng.integers(1, block, size=n_head_kv - 1)]
+    rows = [min(r, block) for r in rows]  # head h's run lies in head rows [h * block, (h + 1) * block)
+    pools = np.array([[h * block, r] for h, r in enumerate(rows)], np.int32)
+    q = rng.standard_normal((n_head_kv * gqa, n_q, d)).astype(np.float32)
+    k = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float32)
+    v = rng.standard_normal((n_kv, n_head_kv, d)).astype(np.float32)
+    return q, k, v, causal_mask(n_q, n_kv), np.full(n_head_kv, block, np.int32), pools
+
+
+@pytest.mark.exactness
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "{}_d{}_gqa{}_q{}_n{}_p{}".format(*c))
+def test_flash_attn_with_pools_matches_reference(backend_name, case):
+    from test_fattn_pooled import reference as pooled_reference
+
+    from adakv_local.fattn import flash_attn_pooled_cpu
+
+    kv_type = case[0]
+    q, k, v, mask, starts, pools = _pool_inputs(case)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    # the harness takes K/V head-major and lays them out as the cache does (cells outermost)
+    out = flash_attn_on(backend_name, q, k.transpose(1, 0, 2), v.transpose(1, 0, 2), mask, starts, scale, kv_type,
+                        pools=pools)  # fmt: skip
+    info = f"backend={backend_name} case={case} pools={pools.tolist()}"
+    assert out is not None, f"supports_op refused pooled rows ({info})"
+    _, k_used, v_used = flash_attn_pooled_cpu(q, k, v, mask, starts, pools, scale, kv_type=kv_type)
+    ref = pooled_reference(q, k_used, v_used, mask, starts, pools, scale)
+    assert np.all(np.isfinite(out)), info
+    err = np.abs(out - ref).max()
+    assert err <= TOL[kv_type], f"{backend_name} vs reference: {err:.3g} > {TOL[kv_type]} ({info})"
+    no_pools = pools.copy()
+    no_pools[:, 1] = 0  # the case can fail: without the pooled rows the result is another one
+    assert np.abs(pooled_reference(q, k_used, v_used, mask, starts, no_pools, scale) - ref).max() > 2 * TOL[kv_type]
+
+
 # (d_k, d_v, n_head, n_head_kv, n_q, kv_type, n_seq, n_starts): True where CUDA's kernels honour
 # the starts; every case is accepted without starts, so a refusal is the starts'
 SUPPORT_CASES = [
@@ -269,13 +334,26 @@ SUPPORT_CASES = [
     ((192, 128, 16, 2, 1, "f16", 1, 1), False),  # DK != DV (mma only)
     ((576, 512, 16, 1, 1, "f16", 1, 1), False),  # MLA (mma only)
 ]
+# the same with pooled rows (patch 0005): the vec and tile shapes above, one table for all streams
+POOL_SUPPORT_CASES = [
+    ((64, 64, 8, 2, 1, "f16", 1, 1), True),
+    ((128, 128, 32, 8, 1, "q8_0", 1, 1), True),
+    ((128, 128, 32, 8, 2, "q4_0", 1, 1), True),
+    ((128, 128, 32, 8, 32, "f16", 1, 1), True),
+    ((128, 128, 8, 2, 1, "f16", 2, 2), False),
+    ((192, 128, 16, 2, 1, "f16", 1, 1), False),
+]
 
 
 @needs_cuda
-@pytest.mark.parametrize("case, expected", SUPPORT_CASES, ids=lambda c: str(c).replace(" ", ""))
-def test_cuda_supports_op_exactly_the_extended_shapes(case, expected):
+@pytest.mark.parametrize("pools", [False, True])
+@pytest.mark.parametrize("case, expected", SUPPORT_CASES + POOL_SUPPORT_CASES, ids=lambda c: str(c).replace(" ", ""))
+def test_cuda_supports_op_exactly_the_extended_shapes(case, expected, pools):
+    if pools and (case, expected) not in POOL_SUPPORT_CASES:
+        pytest.skip("a shape of the start cells only")
     d_k, d_v, n_head, n_head_kv, n_q, kv_type, n_seq, n_starts = case
-    ops = {s: _FaOp(n_head, n_q, d_k, d_v, n_head_kv, 512, kv_type, n_seq=n_seq, n_starts=s) for s in (0, n_starts)}
+    ops = {s: _FaOp(n_head, n_q, d_k, d_v, n_head_kv, 512, kv_type, n_seq=n_seq, n_starts=s, pools=pools and s > 0)
+           for s in (0, n_starts)}  # fmt: skip
     try:
         assert ops[0].supported_by("CUDA0"), f"the stock op is refused: {case}"
         assert ops[n_starts].supported_by("CUDA0") == expected, case
@@ -314,12 +392,12 @@ def test_gpu_window_scores_match_the_cpu(tiny64, type_kv, gqa):
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3 * WINDOW, err_msg=f"{type_kv}, gqa {gqa}")
 
 
-def _after_compaction(path, type_kv, n_gpu_layers, *, compact=True, force_fallback=None):
+def _after_compaction(path, type_kv, n_gpu_layers, *, compact=True, force_fallback=None, layout="pooled"):
     """Attention outputs (captured, every layer) and logits of a continuation after the same random
     compaction: a prompt batch (CUDA: tile kernel), then one-token decodes (vec kernel).
     Returns (attention [n_layer, n_tokens, n_head * d_v], logits [n_tokens, n_vocab], the routes
     the layers took for the batch and for the last decode (KVCache.attn_used))."""
-    llm, kv = make(path, type_kv=type_kv, n_gpu_layers=n_gpu_layers, force_fallback=force_fallback)
+    llm, kv = make(path, type_kv=type_kv, n_gpu_layers=n_gpu_layers, force_fallback=force_fallback, layout=layout)
     prefill(llm, kv, llm.tokenize(PROMPT))
     if compact:
         kv.compact(random_kept(kv, kv.n_cells(), WINDOW, seed=5))
@@ -343,14 +421,15 @@ CONTINUATION_CASES = [("tiny64", "f16"), ("tiny64", "q8_0"), ("tiny64", "q4_0"),
 
 @needs_gpu
 @pytest.mark.exactness
+@pytest.mark.parametrize("layout", ["pooled", "rect"])
 @pytest.mark.parametrize("model, type_kv", CONTINUATION_CASES)
-def test_gpu_continuation_matches_the_cpu(model, type_kv, request):
+def test_gpu_continuation_matches_the_cpu(model, type_kv, layout, request):
     path = request.getfixturevalue(model)
     (att_cpu, logits_cpu, _), (att_gpu, logits_gpu, used) = (
-        _after_compaction(path, type_kv, n) for n in (0, ALL_LAYERS)
+        _after_compaction(path, type_kv, n, layout=layout) for n in (0, ALL_LAYERS)
     )
     att_full, _, _ = _after_compaction(path, type_kv, 0, compact=False)
-    info = f"model={model} type_kv={type_kv}"
+    info = f"model={model} type_kv={type_kv} layout={layout}"
     assert used == {"kernel"}, f"CUDA did not run the starts in its kernels: {used} ({info})"
     # attention outputs of every layer: the kernels' own error (f16 or q8_1 Q, f16 accumulators) and
     # what earlier layers pass on; on the CPU alone the fast path and the fallback differ by up to
@@ -373,7 +452,7 @@ def test_gpu_fast_path_equals_the_fallback(tiny64):
     (fast, _, used_fast), (fallback, _, used_fallback) = (
         _after_compaction(tiny64, "f16", ALL_LAYERS, force_fallback=f) for f in (False, True)
     )
-    assert used_fast == {"kernel"} and used_fallback == {"heads"}, (used_fast, used_fallback)
+    assert used_fast == {"kernel"} and used_fallback == {"gather-heads"}, (used_fast, used_fallback)
     scale = np.abs(fallback).max()
     err = np.abs(fast - fallback).max()
     assert err <= 1e-2 * scale, (err, scale)  # different CUDA kernels (vec/tile vs per-head views)
