@@ -199,6 +199,15 @@ def run_cache_ops(d: Path) -> list[str]:
     llama_cpp.llama_state_seq_get_data(llm.ctx, buf, size, 0)
     row("llama_state_seq_set_data(ctx, <sequence 0 of this compressed context>, size, 0)",
         lambda: llama_cpp.llama_state_seq_set_data(llm.ctx, buf, size, 0))
+    os.environ["ADAKV_LAYOUT"] = "rect"  # read when eviction is enabled
+    try:
+        rect = make()
+    finally:
+        del os.environ["ADAKV_LAYOUT"]
+    rect.eval(rect.tokenize(DOC.encode()))
+    row("llm.load_state(state of a compressed context made with ADAKV_LAYOUT=rect)",
+        lambda: llm.load_state(rect.save_state()))
+    rect.close()
     row("llama_memory_seq_rm(mem, 0, 0, -1)  # the whole sequence",
         lambda: llama_cpp.llama_memory_seq_rm(mem, 0, 0, -1))
     llm.close()

@@ -17,13 +17,16 @@
 #
 # 1. correctness (OUT_DIR/pytest.log): tests/test_gpu.py (one flash-attention op with starts on
 #    CUDA against a float64 reference: f16/q8_0/q4_0, head sizes 64/128, GQA 1/4/8, 1/2/32
-#    queries, starts 0, n_kv - n_q and inside a tile; supports_op exactly for the extended shapes;
-#    end-to-end attention and logits against the CPU path on tiny64 and on 32 layers x 8 KV heads;
+#    queries, starts 0, n_kv - n_q and inside a tile; the same with the pooled block's rows of
+#    patch 0005 (runs of 0, 1, a tile -1/+1 and ~300 rows, vec and tile kernels); supports_op
+#    exactly for the extended shapes, with and without pooled rows; end-to-end attention and
+#    logits against the CPU path on tiny64 and on 32 layers x 8 KV heads, pooled and rect block;
 #    scoring adds no CPU split; fast path == fallback) and the gpu cases of tests/test_eviction.py
 #    (compaction bitwise, keeping every cell == no eviction);
 # 2. speed (OUT_DIR/speed.json, speed.log, a table): scripts/device_speed.py on a random
 #    Llama-3-8B-shaped Q4_K model it writes: prompts of 4K, 32K and 128K tokens; decode t/s with
-#    the full cache, with eviction at budget 2048 and with the forced per-head fallback; prefill
+#    the full cache, with eviction at budget 2048 (the pooled block read in the kernels) and with
+#    the forced per-head fallback (the block gathered per ubatch, one call per KV head); prefill
 #    time, compression overhead, device memory around the compression.
 # ADAKV_CHECK_TEST_TIMEOUT / ADAKV_CHECK_SPEED_TIMEOUT (seconds, default 240 / 330) bound the steps;
 # ADAKV_CHECK_SPEED_ARGS replaces the speed step's arguments (e.g. "--lengths 4096,32768").

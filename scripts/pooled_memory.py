@@ -96,7 +96,8 @@ def main() -> int:
                                    threads=args.threads):
                     rows.append(dict(row, model=name))
                     print(f"{name} {type_kv} {layout:6} {row['method']:11} @ {row['budget']:3}: R "
-                          f"{row['footprint']:4} cells, {row['kv_bytes'] / 2**20:7.2f} MiB", file=sys.stderr, flush=True)
+                          f"{row['footprint']:4} cells, {row['kv_bytes'] / 2**20:7.2f} MiB", file=sys.stderr,
+                          flush=True)
     by_key = {(r["model"], r["type_kv"], r["layout"], r["method"], r["budget"]): r for r in rows}
     print("| model | KV type | budget | layout | Ada-SnapKV R / MiB | SnapKV R / MiB | Ada/SnapKV bytes | "
           "Ada-Pyramid R / MiB | PyramidKV R / MiB | Ada/PyramidKV bytes |")
