@@ -155,13 +155,24 @@ def paired(a: dict, b: dict) -> str:
     return "\n".join(lines)
 
 
+def _mean_ci(xs: list[float]) -> str:
+    """mean ± the half-width of its 95% normal confidence interval, as the fidelity tables give it."""
+    n, mean = len(xs), sum(xs) / len(xs)
+    if n < 2:
+        return f"{mean:.4f}"
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    return f"{mean:.4f} ± {1.96 * sd / math.sqrt(n):.4f}"
+
+
 def footprint(data: dict) -> str:
     """Each Ada method's mean footprint R against SnapKV at the budget nearest to it (SnapKV's R is its
-    budget): about the same memory, prompt by prompt."""
+    budget): about the same memory, prompt by prompt. KV MiB: the K/V bytes the compressed cache
+    holds (``kv_bytes``, records that have it)."""
     by = {(r["method"], r["budget"], r["prompt"]): r for r in data["records"]}
     snap = sorted({b for (m, b, _) in by if m == "snapkv"})
-    lines = ["| Ada method @ budget | its mean R (max) | SnapKV @ budget (R) | KL Ada | KL SnapKV | SnapKV lower on | "
-             "sign test p | attention L1 Ada / SnapKV |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| Ada method @ budget | its mean R (max) | KV MiB | SnapKV @ budget (R) | KV MiB | KL Ada (95% CI) | "
+             "KL SnapKV (95% CI) | Ada lower on | sign test p | attention L1 Ada / SnapKV |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for ada in ("ada-snapkv", "ada-pyramid"):
         for b in sorted({b for (m, b, _) in by if m == ada}):
             prompts = sorted(p for (m, bb, p) in by if m == ada and bb == b)
@@ -169,12 +180,16 @@ def footprint(data: dict) -> str:
             mean_r = sum(r["footprint"] for r in rs) / len(rs)
             sb = min(snap, key=lambda x: abs(x - mean_r))
             ss = [by[("snapkv", sb, p)] for p in prompts]
-            wins = sum(x["kl_mean"] < y["kl_mean"] for x, y in zip(ss, rs))
-            losses = sum(x["kl_mean"] > y["kl_mean"] for x, y in zip(ss, rs))
+            wins = sum(x["kl_mean"] < y["kl_mean"] for x, y in zip(rs, ss))
+            losses = sum(x["kl_mean"] > y["kl_mean"] for x, y in zip(rs, ss))
             m = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-            lines.append(f"| {ada} @ {b} | {mean_r:.0f} ({max(r['footprint'] for r in rs)}) | {sb} ({sb}) | "
-                         f"{m(rs, 'kl_mean'):.4f} | {m(ss, 'kl_mean'):.4f} | {wins} of {len(prompts)} | "
-                         f"{sign_test_p(wins, losses):.3g} | {m(rs, 'l1_attn'):.4f} / {m(ss, 'l1_attn'):.4f} |")
+            mib = lambda xs, m=m: (f"{m(xs, 'kv_bytes') / 2**20:.2f}"  # noqa: E731
+                                   if all(x.get("kv_bytes") for x in xs) else "-")
+            kl_a, kl_s = _mean_ci([r["kl_mean"] for r in rs]), _mean_ci([r["kl_mean"] for r in ss])
+            lines.append(f"| {ada} @ {b} | {mean_r:.0f} ({max(r['footprint'] for r in rs)}) | {mib(rs)} | "
+                         f"{sb} ({sb}) | {mib(ss)} | {kl_a} | {kl_s} | {wins} of {len(prompts)} | "
+                         f"{sign_test_p(wins, losses):.3g} | "
+                         f"{m(rs, 'l1_attn'):.4f} / {m(ss, 'l1_attn'):.4f} |")
     return "\n".join(lines)
 
 
