@@ -29,12 +29,12 @@ def _metal_available() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def run(path: str, n_gpu_layers: int) -> tuple[np.ndarray, list[str]]:
+def run(path: str, n_gpu_layers: int, layout: str = "pooled") -> tuple[np.ndarray, list[str]]:
     """Prefill with scoring, compact with the same seeded kept cells on every device, then decode
     CONT token by token; (logits of CONT, the path each layer used)."""
     from test_eviction import make, prefill, random_kept
 
-    llm, kv = make(path, n_gpu_layers=n_gpu_layers, n_ctx=1024)
+    llm, kv = make(path, n_gpu_layers=n_gpu_layers, n_ctx=1024, layout=layout)
     toks = llm.tokenize(PROMPT)
     prefill(llm, kv, toks)
     kv.compact(random_kept(kv, kv.n_cells(), 8, seed=5))
@@ -59,14 +59,17 @@ def models(tmp_path_factory):
     }
 
 
+@pytest.mark.parametrize("layout", ["pooled", "rect"])
 @pytest.mark.parametrize("model", ["llama-gqa", "llama-32x8", "gemma3-iswa"])
-def test_metal_mask_path_equals_the_cpu(models, model):
+def test_metal_mask_path_equals_the_cpu(models, model, layout):
     if not _metal_available():
         pytest.skip("this build has no Metal backend (build on macOS with the default options)")
-    cpu, cpu_used = run(models[model], 0)
-    gpu, gpu_used = run(models[model], 999)
+    cpu, cpu_used = run(models[model], 0, layout)
+    gpu, gpu_used = run(models[model], 999, layout)
     assert set(cpu_used) == {"kernel"}, cpu_used
-    assert set(gpu_used) == {"mask"}, f"Metal should take the per-head mask path, took {gpu_used}"
+    # the pooled block is gathered into a rectangle per ubatch (stock get_rows), then the same mask
+    want = {"pooled": "gather-mask", "rect": "mask"}[layout]
+    assert set(gpu_used) == {want}, f"Metal should take the per-head mask path ({want}), took {gpu_used}"
     # Metal's flash attention converts Q to f16 and accumulates in f16 halves on some paths; the
     # logits of a random tiny model have a scale of ~10: 2e-2 relative to that scale
     scale = np.abs(cpu).max()
