@@ -27,6 +27,16 @@ def _pointer(ffi: Any, a: np.ndarray | None, ctype: str = "float *") -> Any:
     return ffi.NULL if a is None else ffi.cast(ctype, a.ctypes.data)
 
 
+def _mask_arg(mask: np.ndarray | None, n_q: int, n_kv: int) -> np.ndarray | None:
+    """The additive mask [n_q, n_kv] as float32, C-contiguous (or None)."""
+    if mask is None:
+        return None
+    mask = np.ascontiguousarray(mask, dtype=np.float32)
+    if mask.shape != (n_q, n_kv):
+        raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    return mask
+
+
 def flash_attn_cpu(
     q: np.ndarray,
     k: np.ndarray,
@@ -58,10 +68,7 @@ def flash_attn_cpu(
         raise ValueError(f"k has shape {k.shape}, expected {(n_head_kv, n_kv, d_k)}")
     if starts.shape != (n_head_kv,):
         raise ValueError(f"starts has shape {starts.shape}, expected {(n_head_kv,)}")
-    if mask is not None:
-        mask = np.ascontiguousarray(mask, dtype=np.float32)
-        if mask.shape != (n_q, n_kv):
-            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    mask = _mask_arg(mask, n_q, n_kv)
     out = np.empty((n_q, n_head, d_v), dtype=np.float32)
     k_used = np.empty_like(k)
     v_used = np.empty_like(v)
@@ -105,10 +112,7 @@ def flash_attn_pooled_cpu(
     n_kv, n_head_kv, d_v = v.shape
     if k.shape != (n_kv, n_head_kv, d_k) or starts.shape != (n_head_kv,) or pools.shape != (n_head_kv, 2):
         raise ValueError("k must be [n_kv, n_head_kv, d_k], starts [n_head_kv] and pools [n_head_kv, 2]")
-    if mask is not None:
-        mask = np.ascontiguousarray(mask, dtype=np.float32)
-        if mask.shape != (n_q, n_kv):
-            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    mask = _mask_arg(mask, n_q, n_kv)
     out = np.empty((n_q, n_head, d_v), dtype=np.float32)
     k_used = np.empty_like(k)
     v_used = np.empty_like(v)
@@ -153,10 +157,7 @@ def window_scores_cpu(
     n_head_kv, n_kv, _ = k.shape
     if k.shape != (n_head_kv, n_kv, d) or starts.shape != (n_head_kv,):
         raise ValueError("k must be [n_head_kv, n_kv, d] and starts [n_head_kv]")
-    if mask is not None:
-        mask = np.ascontiguousarray(mask, dtype=np.float32)
-        if mask.shape != (n_q, n_kv):
-            raise ValueError(f"mask has shape {mask.shape}, expected {(n_q, n_kv)}")
+    mask = _mask_arg(mask, n_q, n_kv)
     out = np.empty((n_head_kv, n_kv), dtype=np.float32)
     k_used = np.empty_like(k)
 

@@ -69,6 +69,8 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    import adakv_local  # noqa: F401  (the installed package, before document() puts the checkout on sys.path)
+
     doc = document(args.doc_chars)
     rows = {layout: conversation(args.model, doc, layout=layout, budget=args.budget, threads=args.threads,
                                  max_tokens=args.max_tokens, n_ctx=args.n_ctx) for layout in ("pooled", "rect")}
