@@ -268,25 +268,26 @@ void llama_adakv_state_write(const llama_adakv * ak, llama_io_write_i & io, llam
     throw std::runtime_error(msg);
 }
 
-// the saved counts of every layer must describe a block of `width` and `fp` cells in `layout`
+// the saved counts of every layer must describe a block of `width` (the most any head keeps) and
+// `fp` cells in the context's layout, so that no head reads rows outside cells [0, fp)
 static bool adakv_counts_ok(const llama_adakv & ak, const std::vector<int32_t> & counts, int32_t fp, int32_t width) {
     const int32_t H = ak.n_head_kv;
+    int32_t most    = 0;
     for (size_t i = 0; i < ak.layers.size(); ++i) {
         int64_t sum = 0;
-        int32_t max = 0;
         for (int32_t h = 0; h < H; ++h) {
             const int32_t L = counts[i * H + h];
             if (fp > 0 ? (L < 1 || L > width) : L != 0) {
                 return false;
             }
             sum += L;
-            max = std::max(max, L);
+            most = std::max(most, L);
         }
-        if (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED ? sum > (int64_t) fp * H : max > fp) {
+        if (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED && sum > (int64_t) fp * H) {
             return false;
         }
     }
-    return ak.layout == LLAMA_ADAKV_LAYOUT_POOLED || width == fp;
+    return most == width && (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED || width == fp);
 }
 
 void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id) {

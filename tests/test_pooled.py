@@ -122,6 +122,36 @@ def test_state_of_the_previous_version_is_refused(tiny64):
     assert "before the pooled block (state version 2)" in kv2.last_error()
 
 
+@pytest.mark.parametrize("mutation", ["count above the width", "count zero", "rows past the block"])
+def test_state_with_a_corrupt_block_is_refused(tiny64, mutation):
+    """The saved per-head counts must describe the saved block (a head's rows inside its cells)."""
+    import struct
+
+    llm, kv = make(tiny64)
+    prefill(llm, kv, llm.tokenize(PROMPT))
+    kv.compact(random_kept(kv, kv.view_cells(), WINDOW, seed=3))
+    state = llm.save_state()
+    blob = bytearray(bytes(state.llama_state))
+    at = bytes(blob).find(struct.pack("<II", 0x564B4441, 3))
+    layout, fp, width = struct.unpack_from("<iii", blob, at + 16)
+    counts = at + 16 + 24  # after the header (4 x 4 bytes) and the block (6 x 4 bytes)
+    if mutation == "count above the width":
+        struct.pack_into("<i", blob, counts, width + 1)
+    elif mutation == "count zero":
+        struct.pack_into("<i", blob, counts, 0)
+    else:  # every head of layer 0 keeps the width: more rows than the block's cells hold
+        for h in range(kv.n_head_kv):
+            struct.pack_into("<i", blob, counts + 4 * h, width)
+        assert width * kv.n_head_kv > fp * kv.n_head_kv
+    state.llama_state = bytes(blob)
+    other, kv2 = make(tiny64)
+    kv2.clear_last_error()
+    with pytest.raises(RuntimeError):
+        other.load_state(state)
+    assert "start table is corrupt" in kv2.last_error()
+    assert kv2.footprint() == 0
+
+
 def test_layout_is_checked(tiny64):
     with pytest.raises(ValueError, match="layout must be one of"):
         make(tiny64, layout="square")
