@@ -14,7 +14,8 @@ Models: smollm2-135m (the registry, 30 layers x 3 KV heads) and a random-weight 
 with Llama-3-8B's attention shape (32 layers, 32 query / 8 KV heads of 128; narrow otherwise: its
 scores are those of random weights, which is enough to measure memory).
 
-    python scripts/pooled_memory.py --json docs/results/pooled-memory.json
+    python scripts/pooled_memory.py --models smollm2-135m --json docs/results/pooled-memory-smollm2.json
+    python scripts/pooled_memory.py --models random-32x8 --tokens 600 --json docs/results/pooled-memory-32x8.json
 """
 
 from __future__ import annotations
