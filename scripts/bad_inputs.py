@@ -248,7 +248,7 @@ def cli_cases() -> list[tuple[str, list[str], str | None]]:
         ("prompt alone > --n-ctx, --method full", [*s, "--n-ctx", "512", "--method", "full"], None),
         ("prompt + summary > --n-ctx, --method full", [*s, "--n-ctx", "900", "--max-tokens", "100", "--method",
                                                       "full"], None),
-        ("prompt > --n-ctx, too small for the budget", [*s, "--n-ctx", "512"], None),
+        ("prompt > --n-ctx, too small for the budget", [*s, "--n-ctx", "512", "--budget", "480"], None),
         ("prompt > --n-ctx: read in chunks", [*s, "--n-ctx", "512", "--budget", "64", "--max-tokens", "2", "--json"],
          None),
         ("--chunk 0", [*s, "--chunk", "0"], None),
