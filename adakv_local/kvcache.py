@@ -8,6 +8,7 @@ and reports the layout. Policies (:mod:`adakv_local.policies`) decide.
 from __future__ import annotations
 
 import ctypes
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +64,8 @@ class KVBlock:
     """The compacted block of the sequence (zeros but ``layout`` before a compaction).
 
     ``cells``: R, the cache cells the block occupies (its footprint: the pooled layout packs every
-    head's kept tokens into them, so R is about the sum of the per-head budgets over the KV heads;
-    the rect layout pays the largest head's budget in every head). ``width``: the most tokens one
+    head's kept tokens into them, so R is the sum of the per-head budgets divided by the number of
+    KV heads, rounded up; the rect layout pays the largest head's budget in every head). ``width``: the most tokens one
     head keeps. ``cells_used``: cache cells the sequence uses (the block and the cells after it).
     ``view_cells``: cells of the per-head view that scores, positions and kept cells index
     (``width + cells_used - cells``).
@@ -153,6 +154,12 @@ class KVCache:
     @property
     def n_head_kv(self) -> int:
         return self.layout.n_head_kv
+
+    @functools.cached_property
+    def block_layout(self) -> str:
+        """How the compacted block lies in memory ("pooled" or "rect"): fixed when eviction is
+        enabled, so read once."""
+        return self.block().layout
 
     def block(self) -> KVBlock:
         """The compacted block and the cells the sequence uses."""

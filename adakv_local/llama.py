@@ -42,7 +42,8 @@ class AdaKVStats:
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
     that are not evicted, such as sliding-window layers, show the full length). footprint: R,
     the cache cells of the compacted block: each layer's kept tokens are packed into its memory,
-    so R is the sum of the per-head budgets over the KV heads (rounded up; the fullest layer's).
+    so R is the sum of the per-head budgets divided by the number of KV heads (rounded up; the
+    fullest layer's).
     For Ada-SnapKV and SnapKV that is the budget. freed: cells released for new tokens.
     cells_before: the cells the prompt would need without eviction.
 
@@ -346,7 +347,7 @@ class Llama(llama_cpp.Llama):
             raise RuntimeError(f"adakv: could not remove the probe at position {self.n_tokens}")
         footprint = self._compress(scores, budget, 0)
         if self.n_ctx() - footprint - len(probe) < len(probe):
-            rect = kv.block().layout == "rect"
+            rect = kv.block_layout == "rect"
             cap = ", lower the budget or bound R with adakv_max_ratio" if rect else " or lower the budget"
             self.reset()
             raise ValueError(
@@ -421,7 +422,7 @@ class Llama(llama_cpp.Llama):
             )
         budget = cfg.cells_for(n_cells + len(tokens))
         kv = self._adakv
-        layout = kv.block().layout if kv else "pooled"
+        layout = kv.block_layout if kv else "pooled"
         bound = _footprint_bound(cfg, budget, kv.n_head_kv if kv else 1, layout)
         need = bound + 2 * cfg.window
         if need > self.n_ctx():
