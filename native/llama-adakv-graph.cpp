@@ -58,9 +58,28 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
 // ubatch (a long prompt after a compaction) takes the one-call-per-KV-head path instead
 static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
 
+// a view of the bytes of t as a tensor of another type (ne: its shape, contiguous), for byte-exact
+// row moves with stock ops: a GGML_OP_VIEW node like ggml_view_*'s, so that every backend and the
+// graph allocator see it as a view of t (its data, its dependencies)
+static ggml_tensor * adakv_view_as(ggml_context * ctx, ggml_tensor * t, ggml_type type, int64_t ne0, int64_t ne1) {
+    GGML_ASSERT(ggml_row_size(type, ne0) * ne1 <= ggml_nbytes(t));
+    ggml_tensor * v   = ggml_new_tensor_2d(ctx, type, ne0, ne1);
+    v->view_src       = t->view_src ? t->view_src : t;
+    v->view_offs      = t->view_src ? t->view_offs : 0;
+    v->op             = GGML_OP_VIEW;
+    v->src[0]         = t;
+    const size_t offs = 0; // from t, as ggml_view_* notes it
+    memcpy(v->op_params, &offs, sizeof(offs));
+    ggml_format_name(v, "%s (as %s)", t->name, ggml_type_name(type));
+    return v;
+}
+
 // The per-head view of a pooled block, gathered with stock ops for one ubatch (the routes that do
 // not read the pooled rows in the kernel, and the window scores): K or V of view cells [0, n_view),
-// [d, n_view, n_head_kv], F16 for an f16 cache (exact), else F32 (the dequantized values).
+// [d, n_view, n_head_kv], cell-major as the cache itself. One get_rows over the persistent
+// cell-major row table moves the head rows' bytes as I32 words (llama_adakv_enable refuses caches
+// whose head rows are not whole words), so the view holds the cache's own type and bytes: the
+// stock kernels read exactly what they read in the rect layout.
 static ggml_tensor * adakv_view_kv(
         ggml_context * ctx,
         const llama_adakv & ak,
@@ -69,26 +88,39 @@ static ggml_tensor * adakv_view_kv(
         int64_t d,
         int64_t n_view) {
     const int64_t H    = ak.n_head_kv;
-    ggml_tensor * rows = ggml_view_2d(ctx, t, d, (int64_t) ak.kv_size * H, t->nb[1] / H, 0); // [d, kv_size*H]
-    ggml_tensor * idx  = ggml_view_2d(ctx, l.view_rows, n_view, H, l.view_rows->nb[1], 0);   // [n_view, H]
-    idx                = ggml_reshape_1d(ctx, ggml_cont(ctx, idx), n_view * H);
-    ggml_tensor * g    = ggml_get_rows(ctx, rows, idx); // F32 [d, n_view*H], head-major
-    if (t->type == GGML_TYPE_F16) {
-        g = ggml_cast(ctx, g, GGML_TYPE_F16);
-    }
-    return ggml_reshape_3d(ctx, g, d, n_view, H);
+    const size_t bytes = ggml_row_size(t->type, d); // one head row
+    GGML_ASSERT(bytes % 4 == 0);
+    const int64_t w    = (int64_t) bytes / 4;
+    ggml_tensor * idx  = ggml_view_1d(ctx, l.view_rows, n_view * H, 0);                     // [n_view*H]
+    ggml_tensor * rows = adakv_view_as(ctx, t, GGML_TYPE_I32, w, (int64_t) ak.kv_size * H); // [w, kv_size*H]
+    ggml_tensor * g    = ggml_get_rows(ctx, rows, idx);                                     // I32 [w, n_view*H]
+    ggml_tensor * kv   = adakv_view_as(ctx, g, t->type, d, n_view * H);                     // [d, n_view*H]
+    return ggml_view_3d(ctx, kv, d, n_view, H, H * bytes, bytes, 0);
 }
 
 // the mask of the view: F16 [n_kv, n_q] of the cache cells -> F16 [width + n_kv - footprint, n_q],
-// 0 for the block's view cells (the past: always visible), then the mask of the cells after the block
-static ggml_tensor * adakv_view_mask(ggml_context * ctx, const llama_adakv & ak, ggml_tensor * mask) {
+// 0 for the block's view cells (the past: always visible), then the mask of the cells after the
+// block; built once per graph and mask input, and shared by the layers that read the same mask
+static ggml_tensor * adakv_view_mask(ggml_context * ctx, llama_adakv & ak, ggml_tensor * mask) {
+    for (const auto & e : ak.view_masks) {
+        if (e.src == mask) {
+            return e.view;
+        }
+    }
     const int64_t n_kv = mask->ne[0];
     const int64_t n_q  = mask->ne[1];
     ggml_tensor * tail =
             ggml_view_2d(ctx, mask, n_kv - ak.footprint, n_q, mask->nb[1], (size_t) ak.footprint * mask->nb[0]);
     ggml_tensor * tmpl = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ak.width, n_q);
     ggml_tensor * zero = ggml_scale(ctx, ggml_repeat(ctx, ggml_arange(ctx, 0.0f, (float) ak.width, 1.0f), tmpl), 0.0f);
-    return ggml_cast(ctx, ggml_concat(ctx, zero, ggml_cast(ctx, tail, GGML_TYPE_F32), 0), GGML_TYPE_F16);
+    ggml_tensor * view = ggml_cast(ctx, ggml_concat(ctx, zero, ggml_cast(ctx, tail, GGML_TYPE_F32), 0), GGML_TYPE_F16);
+    for (auto & e : ak.view_masks) {
+        if (e.src == nullptr) {
+            e = { mask, view };
+            break;
+        }
+    }
+    return view;
 }
 
 // the attention of one layer over a block that is a rectangle with per-head start cells (the rect
@@ -164,7 +196,14 @@ static ggml_tensor * llama_adakv_graph_heads(
 }
 
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il) {
-    if (ak == nullptr || fa->op != GGML_OP_FLASH_ATTN_EXT || il < 0 || (size_t) il >= ak->layer_of_il.size() ||
+    if (ak == nullptr) {
+        return fa;
+    }
+    if (il <= ak->graph_il) {
+        ak->view_masks = {}; // a new graph: the tensors of the last one are gone
+    }
+    ak->graph_il = il;
+    if (fa->op != GGML_OP_FLASH_ATTN_EXT || il < 0 || (size_t) il >= ak->layer_of_il.size() ||
         ak->layer_of_il[il] < 0) {
         return fa;
     }

@@ -139,7 +139,7 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
             for (uint32_t c = 0; c < ak.view_cap; ++c) {
                 const int64_t r = llama_adakv_view_row(ak, l, h, c);
                 if (r >= 0 && r < (int64_t) ak.kv_size * ak.n_head_kv) {
-                    rows[(size_t) h * ak.view_cap + c] = (int32_t) r;
+                    rows[(size_t) c * ak.n_head_kv + h] = (int32_t) r;
                 }
             }
         }
@@ -589,7 +589,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
             l.start_f32  = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
             l.pool_i32   = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
             l.view_rows  = ggml_new_tensor_2d(
-                    tctx, GGML_TYPE_I32, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1, ak->n_head_kv);
+                    tctx, GGML_TYPE_I32, ak->n_head_kv, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1);
             l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);
         }

@@ -31,6 +31,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <array>
 #include <cstdint>
 #include <map>
 #include <vector>
@@ -51,7 +52,8 @@ struct llama_adakv_layer {
     ggml_tensor * vstart_i32 = nullptr; // I32 [n_head_kv]         the view's start cell of each KV head
     ggml_tensor * start_f32  = nullptr; // F32 [1, n_head_kv]      the same, for the score and head masks
     ggml_tensor * pool_i32   = nullptr; // I32 [2, n_head_kv]      pooled layout: (row0, L) of each KV head
-    ggml_tensor * view_rows  = nullptr; // I32 [view_cap, n_head_kv] head row of every view cell (pooled)
+    ggml_tensor * view_rows  = nullptr; // I32 [n_head_kv, view_cap] head row of every view cell (pooled),
+                                        //                         cell-major: view cell c of head h at c * H + h
     ggml_tensor * scores     = nullptr; // F32 [view_cap, n_head_kv] window scores of each view cell
 
     std::vector<int32_t> start; // [n_head_kv] the view's start cells (host copy of vstart_i32)
@@ -112,6 +114,16 @@ struct llama_adakv {
     std::vector<bool> scored;  // [layers] the layer added its scores to the graph since arming
 
     uint64_t epoch = 1;
+
+    // the graph being built: the last model layer whose attention the graph hook saw (a layer at or
+    // below it starts a new graph), and the view masks built in this graph, one per distinct mask
+    // input (an iSWA model has two), shared by every evicted layer that reads that mask
+    int32_t graph_il = -1;
+    struct view_mask_entry {
+        const ggml_tensor * src = nullptr; // the layer's mask input
+        ggml_tensor * view      = nullptr; // its view: F16 [width + n_kv - footprint, n_q]
+    };
+    std::array<view_mask_entry, 2> view_masks = {};
 
     // a state blob read by state_read_begin, applied by state_read_end
     bool pending                = false;
