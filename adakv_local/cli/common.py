@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,34 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
                    "past it the model's output degrades into nonsense")
     g.add_argument("--verbose", "-v", action="store_true",
                    help="let llama.cpp's own log through to stderr (e.g. why a model does not load)")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but \t \n \v \f \r
+_MAX_CONTROL = 0.05  # a larger share of control characters is not a document
+
+
+def decode_text(data: bytes, label: str, reader: str = "summarize") -> str:
+    """data as UTF-8 text, or a CLIError saying why it is not text (NUL bytes, not UTF-8, mostly control bytes).
+
+    label names the data in the message (a path, "stdin"); reader, the command that reads it.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CLIError(f"{label} is UTF-16 text; {reader} reads UTF-8 (convert it, e.g. with iconv -t utf-8)")
+    if b"\0" in data:
+        raise CLIError(f"{label} is not text: it has NUL bytes (a binary file?); {reader} reads UTF-8 text or "
+                       "markdown")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{label} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); convert it to "
+                       "UTF-8, e.g. with iconv -t utf-8") from None
+    control = len(_CONTROL.findall(text))
+    if control > _MAX_CONTROL * len(text):
+        raise CLIError(f"{label} is not text: {control} of its {len(text)} characters are control characters "
+                       "(a binary file?)")
+    return text
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
