@@ -70,3 +70,38 @@ def test_argument_errors_are_one_line_exit_2(args, text):
     proc = cli(*args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and text in proc.stderr, proc.stderr
+
+
+def test_models_are_cached_under_adakv_cache_dir(tmp_path, monkeypatch):
+    """ADAKV_CACHE_DIR is the cache of the llama.cpp source and of the models (README, *Environment*)."""
+    from adakv_local.models import cache_dir, model_path
+
+    monkeypatch.setenv("ADAKV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "cache" / "models"
+    assert model_path("smollm2-135m", pull=False).parent == tmp_path / "cache" / "models"
+    monkeypatch.delenv("ADAKV_CACHE_DIR")
+    assert cache_dir() == tmp_path / "xdg" / "adakv-local" / "models"
+    monkeypatch.setenv("ADAKV_CACHE_DIR", "")  # set but empty: as if unset (as the build treats it)
+    assert cache_dir() == tmp_path / "xdg" / "adakv-local" / "models"
+
+
+def test_models_path_and_list_honour_adakv_cache_dir(tmp_path):
+    """A model file in $ADAKV_CACHE_DIR/models is found there (size check only, no download)."""
+    import os
+
+    from adakv_local.models import MODELS
+
+    spec = MODELS["smollm2-135m"]
+    models = tmp_path / "models"
+    models.mkdir()
+    with open(models / spec.filename, "wb") as f:
+        f.truncate(spec.size_bytes)  # sparse: the size is what `is_cached` checks
+    env = {**os.environ, "ADAKV_CACHE_DIR": str(tmp_path)}
+    proc = cli("models", "path", "smollm2-135m", "--no-pull", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(models / spec.filename)
+    rows = {r["name"]: r for r in json.loads(cli("models", "list", "--json", env=env).stdout)}
+    assert rows["smollm2-135m"]["cached"] is True
+    help_text = " ".join(cli("models", "--help").stdout.split())
+    assert "$ADAKV_CACHE_DIR/models" in help_text
