@@ -185,7 +185,7 @@ bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, 
         llama_adakv_reset_table(*ak); // the whole sequence goes
         return true;
     }
-    LLAMA_LOG_WARN(
+    LLAMA_LOG_DEBUG(
             "%s: refusing to remove positions [%d, %d) of sequence %d: they cut into the compacted "
             "block of positions [%d, %d]; remove the whole sequence instead\n",
             __func__, p0, p1, seq_id, ak->pos_first, ak->pos_hi + 1);
@@ -211,7 +211,7 @@ bool llama_adakv_on_swa_seq_rm(
     if (swa.seq_pos_min(0) <= need) {
         return true;
     }
-    LLAMA_LOG_WARN(
+    LLAMA_LOG_DEBUG(
             "%s: refusing to remove positions from %d of sequence %d: the sliding-window cache no longer "
             "holds positions [%d, %d) that the next token attends to; evaluate the sequence again\n",
             __func__, p0, seq_id, need, swa.seq_pos_min(0));

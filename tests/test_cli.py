@@ -70,3 +70,70 @@ def test_argument_errors_are_one_line_exit_2(args, text):
     proc = cli(*args)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and text in proc.stderr, proc.stderr
+
+
+def test_models_are_cached_under_adakv_cache_dir(tmp_path, monkeypatch):
+    """ADAKV_CACHE_DIR is the cache of the llama.cpp source and of the models (README, *Environment*)."""
+    from adakv_local.models import cache_dir, model_path
+
+    monkeypatch.setenv("ADAKV_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "cache" / "models"
+    assert model_path("smollm2-135m", pull=False).parent == tmp_path / "cache" / "models"
+    monkeypatch.delenv("ADAKV_CACHE_DIR")
+    assert cache_dir() == tmp_path / "xdg" / "adakv-local" / "models"
+    monkeypatch.setenv("ADAKV_CACHE_DIR", "")  # set but empty: as if unset (as the build treats it)
+    assert cache_dir() == tmp_path / "xdg" / "adakv-local" / "models"
+
+
+def test_models_path_and_list_honour_adakv_cache_dir(tmp_path):
+    """A model file in $ADAKV_CACHE_DIR/models is found there (size check only, no download)."""
+    import os
+
+    from adakv_local.models import MODELS
+
+    spec = MODELS["smollm2-135m"]
+    models = tmp_path / "models"
+    models.mkdir()
+    with open(models / spec.filename, "wb") as f:
+        f.truncate(spec.size_bytes)  # sparse: the size is what `is_cached` checks
+    env = {**os.environ, "ADAKV_CACHE_DIR": str(tmp_path)}
+    proc = cli("models", "path", "smollm2-135m", "--no-pull", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(models / spec.filename)
+    rows = {r["name"]: r for r in json.loads(cli("models", "list", "--json", env=env).stdout)}
+    assert rows["smollm2-135m"]["cached"] is True
+    help_text = " ".join(cli("models", "--help").stdout.split())
+    assert "$ADAKV_CACHE_DIR/models" in help_text
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, (1, 1)), (2, (1, 2)), (8, (4, 8)), (16, (8, 16))])
+def test_default_threads_are_llama_cpp_pythons(cpus, expected):
+    """Half the logical CPUs for generating (its Llama's n_threads), all of them for prompts (n_threads_batch)."""
+    from adakv_local.cli.common import thread_counts
+
+    assert thread_counts(None, cpus) == expected
+    assert thread_counts(3, cpus) == (3, 3)  # --threads N: N for both
+
+
+def test_threads_help_says_the_default_and_why():
+    for command in (["summarize"], ["chat"], ["serve"], ["eval", "fidelity"], ["bench"]):
+        text = " ".join(cli(*command, "--help").stdout.split())
+        assert "half the logical CPUs" in text and "spin" in text, (command, text)
+    assert "all cores" not in " ".join(cli("summarize", "--help").stdout.split())
+
+
+def test_the_model_gets_the_default_threads(tiny_llama):
+    import os
+
+    from adakv_local.cli import build_parser
+    from adakv_local.cli.common import available_cpus, config_from_args, load_llama
+
+    args = build_parser().parse_args(["chat", "--model", str(tiny_llama)])
+    llm = load_llama(tiny_llama, config_from_args(args), args, 256)
+    try:
+        cpus = available_cpus()
+        assert cpus <= (os.cpu_count() or 1)
+        assert (llm.n_threads, llm.n_threads_batch) == (max(cpus // 2, 1), cpus)
+    finally:
+        llm.close()

@@ -248,7 +248,8 @@ def test_method_full_reports_no_compression(tiny, doc):
     assert proc.returncode == 0, proc.stderr
     assert "eviction:" not in proc.stderr and "budget" not in proc.stderr
     assert "full cache, nothing evicted" in proc.stderr
-    proc = cli("chat", "--model", str(tiny), "--max-tokens", "4", "--method", "full", *EVICT, input=f"{DOC}\n/stats\n")
+    proc = cli("chat", "--lines", "--model", str(tiny), "--max-tokens", "4", "--method", "full", *EVICT,
+               input=f"{DOC}\n/stats\n")
     assert proc.returncode == 0, proc.stderr
     assert "nothing is evicted" in proc.stdout and "last eviction" not in proc.stdout and "budget" not in proc.stdout
 
@@ -356,7 +357,7 @@ def test_bad_input_gets_one_line_and_its_exit_code(tiny, doc, tmp_path, args, co
 
 def test_chat_through_a_pipe(tiny):
     script = f"{DOC}\n/stats\nSecond question, long enough to be compressed again after the first.\n/exit\n/stats\n"
-    proc = cli("chat", "--model", str(tiny), "--max-tokens", "6", *EVICT, input=script)
+    proc = cli("chat", "--lines", "--model", str(tiny), "--max-tokens", "6", *EVICT, input=script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no banner, prompts or progress off a terminal
     assert "you>" not in proc.stdout
@@ -365,7 +366,7 @@ def test_chat_through_a_pipe(tiny):
 
 
 def test_chat_reset_and_eof(tiny):
-    proc = cli("chat", "--model", str(tiny), "--max-tokens", "4", "--system", "Be brief.", *EVICT,
+    proc = cli("chat", "--lines", "--model", str(tiny), "--max-tokens", "4", "--system", "Be brief.", *EVICT,
                input=f"{DOC}\n/reset\n/stats\n/help\nhi\n")
     assert proc.returncode == 0, proc.stderr
     assert "conversation and KV cache cleared" in proc.stdout
@@ -390,7 +391,7 @@ def test_summarize_smollm2(tmp_path):
 
 @pytest.mark.slow
 def test_chat_smollm2():
-    proc = cli("chat", "--max-tokens", "12", "--threads", "1", "--budget", "64",
+    proc = cli("chat", "--lines", "--max-tokens", "12", "--threads", "1", "--budget", "64",
                input="What is a KV cache in a language model? Answer in one sentence please.\n/stats\n/exit\n",
                timeout=1200)
     assert proc.returncode == 0, proc.stderr

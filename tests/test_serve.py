@@ -216,9 +216,42 @@ def test_a_bad_request_gets_a_4xx_and_the_next_one_succeeds(server, case, stream
         expected = {"negative max_tokens": "max_tokens must be 0 or more", "unknown model": "`gpt-4o` does not exist",
                     "over the trained context": f"maximum context length is {N_CTX_TRAIN} tokens"}[case]
         assert expected in message, message
+    expected_log = {"negative max_tokens": "rejected with 400: max_tokens must be 0 or more",
+                    "unknown model": "rejected with 400: The model `gpt-4o` does not exist",
+                    "over the trained context": f"rejected with 400: This model's maximum context length is "
+                                                f"{N_CTX_TRAIN}",
+                    "malformed JSON": "rejected with 400: the request body is not valid JSON",
+                    "not a chat request": "rejected with 422: invalid request: messages: "}[case]
+    rejected = _rejected_lines(server)
+    assert rejected and rejected[-1].startswith("adakv-local serve: POST /v1/chat/completions rejected with"), rejected
+    assert expected_log in rejected[-1], rejected[-1]
     reply, s = chat(client, user, max_tokens=3)
     assert reply and s["completion_tokens"] == 3
     assert server.proc.poll() is None
+    assert len(_rejected_lines(server)) == len(rejected)  # a good request is not logged as rejected
+
+
+def _rejected_lines(server: Server) -> list[str]:
+    deadline = time.monotonic() + 5  # the line is written as the response goes out
+    while True:
+        lines = [ln for ln in server.log.read_text().splitlines() if " rejected with " in ln]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+@needs_server
+def test_ordinary_requests_log_no_native_warnings(server):
+    """A history that diverges inside the compressed block is refused natively and evaluated again: that is
+    ordinary (every edited or regenerated turn does it), so the refusal is llama.cpp debug output (--verbose)."""
+    client = server.client()
+    history = [{"role": "user", "content": FIRST}]
+    reply1, _ = chat(client, history)
+    chat(client, [*history, {"role": "assistant", "content": reply1}, {"role": "user", "content": SECOND}])
+    _, s = chat(client, [{"role": "user", "content": "Line 0: still." + FIRST[14:]}])
+    assert s["prefill_tokens"] == s["prompt_tokens"], s  # it did diverge inside the block
+    log = server.log.read_text()
+    assert "refusing to remove positions" not in log, log
 
 
 @needs_server

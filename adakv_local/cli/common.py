@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,41 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def available_cpus() -> int:
+    """The logical CPUs this process may run on (its affinity mask where the OS has one, e.g. under taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_counts(threads: int | None, cpus: int | None = None) -> tuple[int, int]:
+    """(n_threads, n_threads_batch) for the model: --threads N for both, else llama-cpp-python's own
+    defaults (its Llama's): half the logical CPUs, at least 1, for generating, all of them for prompts.
+
+    Why not all for generating: ggml's worker threads spin while they wait for each other, and a decoded
+    token is many small steps, so one thread more than the free cores (SMT siblings, other programs)
+    slows generation down many times; reading a prompt is large matrix products, which use them all.
+    """
+    if threads is not None:
+        return threads, threads
+    n = cpus if cpus is not None else available_cpus()
+    return max(n // 2, 1), max(n, 1)
+
+
+def threads_help(measuring: bool = False) -> str:
+    """--threads' help: the default on this machine, and why it is not all of its CPUs."""
+    gen, batch = thread_counts(None)
+    why = ("ggml's threads spin while they wait, so more threads than free cores slow decoding down many "
+           "times (a busy 2-core machine decoded 5.8 tokens/s with 2 threads, 85 with 1): on a busy machine "
+           "give fewer")
+    if measuring:
+        return (f"CPU threads, the same for prompts and generation (default: {gen}, half the logical CPUs, "
+                f"llama-cpp-python's default for generating; {why})")
+    return (f"CPU threads (default: llama-cpp-python's choice, half the logical CPUs for generating, {gen} here, "
+            f"and all of them, {batch}, for reading prompts; {why})")
+
+
 def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_default: int | None,
                         max_tokens_help: str = "", generation: bool = True) -> None:
     """The model options; ``generation=False`` leaves out --max-tokens and --temperature (``serve``:
@@ -62,8 +98,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
     g.add_argument("--n-ctx", type=positive_int, default=n_ctx_default, metavar="N", help=n_ctx_help)
     if generation:
         g.add_argument("--max-tokens", type=positive_int, default=256, metavar="N", help=max_tokens_help)
-    g.add_argument("--threads", "-t", type=positive_int, default=None, metavar="N",
-                   help="CPU threads (default: all cores, os.cpu_count())")
+    g.add_argument("--threads", "-t", type=positive_int, default=None, metavar="N", help=threads_help())
     g.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N",
                    help="layers offloaded to a GPU, for a GPU build (default: 0)")
     g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
@@ -88,6 +123,34 @@ def add_model_arguments(p: argparse.ArgumentParser, *, n_ctx_help: str, n_ctx_de
                    "past it the model's output degrades into nonsense")
     g.add_argument("--verbose", "-v", action="store_true",
                    help="let llama.cpp's own log through to stderr (e.g. why a model does not load)")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but \t \n \v \f \r
+_MAX_CONTROL = 0.05  # a larger share of control characters is not a document
+
+
+def decode_text(data: bytes, label: str, reader: str = "summarize") -> str:
+    """data as UTF-8 text, or a CLIError saying why it is not text (NUL bytes, not UTF-8, mostly control bytes).
+
+    label names the data in the message (a path, "stdin"); reader, the command that reads it.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CLIError(f"{label} is UTF-16 text; {reader} reads UTF-8 (convert it, e.g. with iconv -t utf-8)")
+    if b"\0" in data:
+        raise CLIError(f"{label} is not text: it has NUL bytes (a binary file?); {reader} reads UTF-8 text or "
+                       "markdown")
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{label} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); convert it to "
+                       "UTF-8, e.g. with iconv -t utf-8") from None
+    control = len(_CONTROL.findall(text))
+    if control > _MAX_CONTROL * len(text):
+        raise CLIError(f"{label} is not text: {control} of its {len(text)} characters are control characters "
+                       "(a binary file?)")
+    return text
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -263,10 +326,10 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     llama_cpp_module()
     cls = cls or _metered_class()
     n_batch = max(512, cfg.window)
+    n_threads, n_threads_batch = thread_counts(args.threads)
     kwargs: dict[str, Any] = dict(
-        model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=args.threads or os.cpu_count(),
-        n_threads_batch=args.threads or os.cpu_count(), n_gpu_layers=args.gpu_layers, verbose=args.verbose,
-        **cfg.llama_kwargs(),
+        model_path=str(model), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
+        n_threads_batch=n_threads_batch, n_gpu_layers=args.gpu_layers, verbose=args.verbose, **cfg.llama_kwargs(),
     )  # fmt: skip
     if args.seed is not None:
         kwargs["seed"] = args.seed

