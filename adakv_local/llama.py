@@ -28,7 +28,7 @@ _lib.bind_llama_cpp()  # before llama_cpp is imported
 import llama_cpp  # noqa: E402
 
 from .config import AdaKVConfig, ConfigError  # noqa: E402
-from .errors import CacheFullError, NativeInvalidArgument  # noqa: E402
+from .errors import CacheFullError, ClosedError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
@@ -207,6 +207,7 @@ class Llama(llama_cpp.Llama):
             n_ctx = kwargs.get("n_ctx", 512) or n_batch  # 0: the model's trained context
             _check_sizes(config, n_batch, n_ubatch, n_ctx, "adakv_")
         self._adakv_config: AdaKVConfig | None = config
+        self._closed = False
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
         self._adakv_suspended = False
@@ -240,9 +241,38 @@ class Llama(llama_cpp.Llama):
             self.input_ids = ids
 
     def close(self) -> None:
+        """Free the model and the context (llama-cpp-python's ``close``). Afterwards every method that
+        would reach them raises :class:`~adakv_local.errors.ClosedError`, and so does a KV-cache handle
+        taken from ``adakv_kvcache`` before; ``adakv_stats`` stays readable. Closing again (or
+        ``__del__``) does nothing."""
+        kv = getattr(self, "_adakv", None)
+        if kv is not None:
+            kv.close()
+        self._closed = True
         # __init__ may have refused the options before llama_cpp.Llama set anything up
         if hasattr(self, "_stack"):
             super().close()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ClosedError("this Llama was closed (close()): its model and llama_context are freed; make a "
+                              "new Llama to evaluate, generate or inspect the cache")
+
+    def n_ctx(self) -> int:
+        self._check_open()
+        return super().n_ctx()
+
+    def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
+        self._check_open()
+        return super().tokenize(*args, **kwargs)
+
+    def detokenize(self, *args: Any, **kwargs: Any) -> bytes:
+        self._check_open()
+        return super().detokenize(*args, **kwargs)
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        self._check_open()
+        return super().save_state()
 
     # -- the hook ----------------------------------------------------------------------------------
 
@@ -267,6 +297,7 @@ class Llama(llama_cpp.Llama):
                 prompt shorter than the window, or fewer free cells than the window, when the cache
                 is full); nothing was evaluated.
         """
+        self._check_open()
         kv, cfg = self._adakv, self.adakv_config
         self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
@@ -484,6 +515,7 @@ class Llama(llama_cpp.Llama):
                 overwritten). Any other failure leaves the cache half restored: the context is
                 reset, so the next prompt is evaluated from scratch.
         """
+        self._check_open()
         kv = self._adakv
         if kv is None:
             return super().load_state(state)
@@ -543,6 +575,7 @@ class Llama(llama_cpp.Llama):
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache ends
         there (the completion's finish reason is "length"), since positions may run past n_ctx."""
+        self._check_open()
         gen = super().generate(tokens, *args, **kwargs)
         sent: Any = None
         produced = False
@@ -560,6 +593,7 @@ class Llama(llama_cpp.Llama):
                 print(f"adakv: the KV cache ({self.n_ctx()} cells) is full; generation stops", file=sys.stderr)
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
         gen = super()._create_completion(*args, **kwargs)
         if self._n_ctx == self.n_ctx():
             return gen
@@ -604,6 +638,7 @@ class Llama(llama_cpp.Llama):
 
     @adakv_config.setter
     def adakv_config(self, config: AdaKVConfig | None) -> None:
+        self._check_open()
         if config is not None:
             if not isinstance(config, AdaKVConfig):
                 raise TypeError(f"adakv_config must be an AdaKVConfig or None, got {type(config).__name__}")
@@ -623,6 +658,7 @@ class Llama(llama_cpp.Llama):
     @property
     def adakv_kvcache(self) -> KVCache | None:
         """The low-level handle on this context's eviction (scores, compaction, capture), or None."""
+        self._check_open()
         return self._adakv
 
     def adakv_kept_positions(self) -> list[list[np.ndarray]]:
@@ -632,6 +668,7 @@ class Llama(llama_cpp.Llama):
         ``reset()``, which leaves the cells to be removed by the next evaluation, nothing is held.
         Layers that are not evicted (sliding-window layers) list every position of the sequence.
         """
+        self._check_open()
         kv = self._adakv
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")
