@@ -229,10 +229,15 @@ class Llama(llama_cpp.Llama):
             if config.method != "full":
                 self._allow_long_prompts()
 
-    def _allow_long_prompts(self) -> None:
+    def _allow_long_prompts(self, allow: bool = True) -> None:
         """With eviction, positions run to the model's trained context while the cache holds n_ctx
         cells: llama-cpp-python's limits and token history follow the positions. Not with
-        ``logits_all=True``: its logits table has a row per position, n_ctx of them."""
+        ``logits_all=True``: its logits table has a row per position, n_ctx of them.
+        ``allow=False`` (eviction off, or a method that keeps every cell): the limit is n_ctx again,
+        llama-cpp-python's own (the token history keeps its length: only its first n_ctx are used)."""
+        if not allow:
+            self._n_ctx = self.n_ctx()
+            return
         n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         if n_train > self._n_ctx and not self._logits_all:
             self._n_ctx = n_train
@@ -625,7 +630,9 @@ class Llama(llama_cpp.Llama):
         """The eviction settings of the next evaluation; None evaluates without eviction.
 
         A new value (``dataclasses.replace`` of the current one) may change every option but the GQA
-        reduction, which the graph was built with: it is checked as the constructor checks it.
+        reduction, which the graph was built with: it is checked as the constructor checks it. The
+        longest prompt follows: the model's trained context with eviction, n_ctx (llama-cpp-python's
+        limit and its ValueError) with None or the method "full".
 
         Raises:
             TypeError: neither an AdaKVConfig nor None.
@@ -651,8 +658,7 @@ class Llama(llama_cpp.Llama):
                                   f"window's scores with it): this one was made with {made!r}; make a new Llama "
                                   f"with adakv_gqa={config.gqa!r}").named("adakv_config.gqa")
             _check_sizes(config, self.n_batch, self.context_params.n_ubatch, self.n_ctx(), "adakv_config.")
-            if config.method != "full":
-                self._allow_long_prompts()
+        self._allow_long_prompts(config is not None and config.method != "full")
         self._adakv_config = config
 
     @property

@@ -13,6 +13,7 @@ as a failure instead of ending the test run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -101,3 +102,25 @@ def test_close_twice_and_del_after_close_are_harmless(tiny):
     llm.__del__()
     del llm
     assert issubclass(ClosedError, RuntimeError)
+
+
+# --- #24.8: eviction turned off and on at runtime ----------------------------------------------------
+
+
+def test_turning_eviction_off_gives_back_the_prompt_limit_and_on_raises_it_again(tiny):
+    """With eviction on, a prompt may run to the model's trained context (read in chunks); turned off
+    (adakv_config = None, or a method that keeps every cell), the limit is n_ctx again, so an over-long
+    prompt gets llama-cpp-python's own ValueError instead of failing inside llama_decode."""
+    llm = llama(tiny, n_ctx=256)
+    cfg = llm.adakv_config
+    long_prompt = llm.tokenize(text(300, 3).encode())
+    assert llm.n_ctx() < len(long_prompt) < N_CTX_TRAIN
+    for off in (None, dataclasses.replace(cfg, method="full")):
+        llm.reset()
+        llm.adakv_config = off
+        with pytest.raises(ValueError, match=rf"Requested tokens \({len(long_prompt)}\) exceed context window of 256"):
+            llm.create_completion(long_prompt, max_tokens=2)
+        assert llm.n_tokens == 0  # refused before anything was evaluated
+        llm.adakv_config = cfg
+        out = llm.create_completion(long_prompt, max_tokens=2)
+        assert out["usage"]["prompt_tokens"] == len(long_prompt) and llm.adakv_stats.chunks > 1
