@@ -37,33 +37,44 @@ from .spans import SpanFinder  # noqa: E402
 
 @dataclass(frozen=True)
 class AdaKVStats:
-    """What the last compression did.
+    """What the last prompt evaluation did to the cache: a fresh record per evaluation of a prompt
+    (the tokens of one ``eval`` call; not the tokens ``generate`` decodes after it, nor those
+    evaluated under ``adakv_suspended()``), whether it compressed or not; None while eviction is off
+    (``adakv_config`` None) and after ``reset()``.
+
+    ``compressed`` (``compressions > 0``): whether this evaluation evicted anything; when not,
+    ``reason`` says why in words (the budget exceeds the prompt, fewer new tokens than the window,
+    the method "full"), and ``seconds`` are zeros.
 
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
-    that are not evicted, such as sliding-window layers, show the full length). footprint: R,
-    the cache cells of the compacted block: each layer's kept tokens are packed into its memory,
-    so R is the sum of the per-head budgets divided by the number of KV heads (rounded up; the
-    fullest layer's).
-    For Ada-SnapKV and SnapKV that is the budget. freed: cells released for new tokens.
-    cells_before: the cells the prompt would need without eviction.
+    that are not evicted, such as sliding-window layers, show the full length); ``kept_mean`` their
+    mean over the evicted layers. footprint: R, the cache cells of the compacted block (0 when
+    there is none): each layer's kept tokens are packed into its memory, so R is the sum of the
+    per-head budgets divided by the number of KV heads (rounded up; the fullest layer's). For
+    Ada-SnapKV and SnapKV that is the budget. ``cells_before`` / ``cells_after``: the cells the
+    cache held (per layer) before this evaluation's compression (the compacted block of earlier
+    turns plus the new tokens: the prompt's length on a first turn) and after it; ``freed`` the
+    difference. ``budget``: in cells per head (None with the method "full").
 
     A prompt that does not fit the cache is read in ``chunks`` with a compression between them
     (``compressions`` counts them all, the final one included). ``peak_cells``: the most cells the
-    evicted cache held at once while the prompt was read; ``kv_bytes`` / ``kv_bytes_peak``: bytes
-    of K and V those cells hold after the prompt / at that peak, sliding-window layers included;
-    ``kv_bytes_allocated``: the bytes allocated for the context's whole KV cache (n_ctx cells).
+    evicted cache held at once while the prompt was read. Bytes, all from the native memory
+    figures (K and V as the cache stores them: f16, q8_0, ...; sliding-window layers included):
+    ``kv_bytes_before`` / ``kv_bytes`` of ``cells_before`` / ``cells_after``, ``kv_bytes_peak`` at
+    the peak, ``kv_bytes_allocated`` for the context's whole KV cache (n_ctx cells).
     ``chunk_tokens`` / ``chunk_seconds`` / ``chunk_cpu_seconds``: the prompt tokens of each chunk
     and the wall time and process CPU time it took, its compression included (one entry when the
     prompt fit; with one thread, CPU time is the work done, whatever else the machine runs).
 
-    seconds: ``score`` the decodes of the ubatches that carried the window (the scores are computed
-    in their graph; the prompt's own last ubatch, and per chunk the one with the probe),
-    ``allocate`` the policy, ``compact`` the compaction, each summed over the compressions.
-    ``adakv-local bench`` measures the overhead against a full-cache prefill of the same prompt.
+    seconds: ``scored_ubatch`` the decodes of the ubatches that carried the window: prompt reading,
+    with the window's scores computed in their graph (the scoring's own extra cost is a small part
+    of it, about 1% of a prefill: ``adakv-local bench --direct`` measures it), ``allocate`` the
+    policy, ``compact`` the compaction (these two are eviction's own cost), each summed over the
+    compressions.
     """
 
     prompt_tokens: int
-    budget: int
+    budget: int | None
     method: str
     window: int
     kept: np.ndarray
@@ -72,7 +83,7 @@ class AdaKVStats:
     cells_before: int
     cells_after: int
     seconds: dict[str, float] = field(default_factory=dict)
-    compressions: int = 1
+    compressions: int = 0
     chunks: int = 1
     peak_cells: int = 0
     kv_bytes: int = 0
@@ -81,6 +92,14 @@ class AdaKVStats:
     chunk_tokens: tuple[int, ...] = ()
     chunk_seconds: tuple[float, ...] = ()
     chunk_cpu_seconds: tuple[float, ...] = ()
+    kv_bytes_before: int = 0
+    kept_mean: float = 0.0
+    reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        """Whether this evaluation evicted anything (else ``reason`` says why not)."""
+        return self.compressions > 0
 
 
 @dataclass
@@ -92,7 +111,7 @@ class _Run:
     total_cells: int = 0
     compressions: int = 0
     chunks: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "compact": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"scored_ubatch": 0.0, "allocate": 0.0, "compact": 0.0})
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_cpu_seconds: list[float] = field(default_factory=list)
@@ -211,6 +230,7 @@ class Llama(llama_cpp.Llama):
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
         self._adakv_suspended = False
+        self._decoding = False  # generate() is past the prompt: its evals are decoded tokens
         self._progress = [0, 0]
         self._stats_run = _Run()
         self.adakv_stats: AdaKVStats | None = None
@@ -306,7 +326,13 @@ class Llama(llama_cpp.Llama):
         kv, cfg = self._adakv, self.adakv_config
         self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
-            return self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
+            run = _Run(peak_cells=len(tokens))
+            self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
+            if kv is not None and cfg is not None:
+                self._record_uncompressed(run, len(tokens), None, "the method full keeps every cell")
+            elif not self._decoding:
+                self.adakv_stats = None  # eviction off: no record (not the last one)
+            return None
         rows = self.scores.shape[0]
         if self._logits_all and self.n_tokens + len(tokens) > rows:
             raise ValueError(
@@ -318,8 +344,14 @@ class Llama(llama_cpp.Llama):
         tokens = list(tokens)
         n_cells = kv.n_cells()
         if n_cells + len(tokens) <= self.n_ctx():
-            if self._adakv_suspended or len(tokens) < cfg.window:
+            if self._adakv_suspended:  # a continuation of the evaluated prompt (teacher forcing): its record stays
                 return self._eval_batches(tokens)
+            if len(tokens) < cfg.window:
+                run = _Run(peak_cells=n_cells + len(tokens))
+                self._eval_batches(tokens)
+                why = f"{len(tokens)} new token(s), fewer than the window ({cfg.window}): not scored"
+                self._record_uncompressed(run, len(tokens), cfg.cells_for(self.n_tokens), why)
+                return None
             self._stats_run = _Run(peak_cells=n_cells + len(tokens))
             return self._eval_prompt(tokens)
         if self._adakv_suspended or len(tokens) < cfg.window or n_cells + cfg.window > self.n_ctx():
@@ -405,7 +437,7 @@ class Llama(llama_cpp.Llama):
         super().eval(tokens[-k:])
         self._note_peak()
         self._advance(max(0, count - (len(tokens) - k)))
-        self._stats_run.seconds["score"] += time.perf_counter() - t0
+        self._stats_run.seconds["scored_ubatch"] += time.perf_counter() - t0
         return kv.read_scores()
 
     def _compress(self, scores: np.ndarray, budget: int, window: int) -> int:
@@ -480,34 +512,69 @@ class Llama(llama_cpp.Llama):
             run.peak_bytes = kv.memory().used_bytes(run.peak_cells)
 
     def _finish_stats(self, n_after: int, budget: int) -> None:
-        kv, cfg, run = self._adakv, self.adakv_config, self._stats_run
-        assert kv is not None and cfg is not None
+        """The record of a prompt evaluation that went through the budget check (compressed or not)."""
+        kv, run = self._adakv, self._stats_run
+        assert kv is not None
         if run.compressions == 0:
-            return  # nothing compressed: the last stats stay
+            n = self.n_tokens
+            if budget >= n:
+                why = (f"the budget ({budget} cells per head) {'exceeds' if budget > n else 'equals'} the "
+                       f"{n}-token prompt: nothing is evicted")
+            else:
+                held = kv.view_cells() - float(kv.starts().mean())
+                why = f"the heads hold {held:.1f} cells on average, within the budget of {budget}: nothing is evicted"
+            self._record(run, budget, kv.n_cells(), why)
+            return
+        self._record(run, budget, max(run.total_cells, n_after), "")
+
+    def _record_uncompressed(self, run: _Run, n_tokens: int, budget: int | None, reason: str) -> None:
+        """The record of an evaluation that did not go through the budget check (see ``reason``)."""
+        assert self._adakv is not None
+        run.end_chunk(n_tokens)
+        self._record(run, budget, self._adakv.n_cells(), reason)
+
+    def _record(self, run: _Run, budget: int | None, cells_before: int, reason: str) -> None:
+        """A fresh AdaKVStats for this prompt evaluation (none for a token that ``generate`` decodes:
+        the completion's record is its prompt's)."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        if self._decoding:
+            return
         mem = kv.memory()
-        footprint = kv.footprint()
-        cells_before = max(run.total_cells, n_after)
+        n = kv.n_cells()
+        kept = self._kept_matrix()
+        peak = max(run.peak_cells, n)
         self.adakv_stats = AdaKVStats(
             prompt_tokens=self.n_tokens,
             budget=budget,
             method=cfg.method,
             window=cfg.window,
-            kept=self._kept_matrix(),
-            footprint=footprint,
-            freed=cells_before - footprint,
+            kept=kept,
+            footprint=kv.footprint(),
+            freed=cells_before - n,
             cells_before=cells_before,
-            cells_after=footprint,
+            cells_after=n,
             seconds=dict(run.seconds),
             compressions=run.compressions,
-            chunks=run.chunks,
-            peak_cells=run.peak_cells,
-            kv_bytes=mem.used_bytes(kv.n_cells()),
-            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(run.peak_cells)),
+            chunks=max(1, run.chunks),
+            peak_cells=peak,
+            kv_bytes=mem.used_bytes(n),
+            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(peak)),
             kv_bytes_allocated=mem.allocated_bytes,
             chunk_tokens=tuple(run.chunk_tokens),
             chunk_seconds=tuple(run.chunk_seconds),
             chunk_cpu_seconds=tuple(run.chunk_cpu_seconds),
+            kv_bytes_before=mem.used_bytes(cells_before),
+            kept_mean=float(kept[list(kv.layout.layer_ids)].mean()) if kv.n_layer else float(n),
+            reason=reason,
         )
+
+    def reset(self) -> None:
+        """llama-cpp-python's ``reset`` (the next prompt is evaluated from the start); ``adakv_stats``
+        becomes None: nothing has been evaluated since."""
+        super().reset()
+        self.adakv_stats = None
+        self._decoding = False
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
@@ -550,7 +617,9 @@ class Llama(llama_cpp.Llama):
 
     @contextlib.contextmanager
     def adakv_suspended(self) -> Iterator[None]:
-        """Evaluate without compressing (e.g. to teacher-force a continuation after a compressed prompt)."""
+        """Evaluate without compressing (e.g. to teacher-force a continuation after a compressed prompt).
+        Like the tokens ``generate`` decodes, these evaluations make no stats record: ``adakv_stats``
+        stays the record of the prompt evaluated before."""
         self._adakv_suspended = True
         try:
             yield
@@ -581,6 +650,7 @@ class Llama(llama_cpp.Llama):
         """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache ends
         there (the completion's finish reason is "length"), since positions may run past n_ctx."""
         self._check_open()
+        self._decoding = False
         gen = super().generate(tokens, *args, **kwargs)
         sent: Any = None
         produced = False
@@ -588,6 +658,7 @@ class Llama(llama_cpp.Llama):
             while True:
                 token = gen.send(sent)
                 produced = True
+                self._decoding = True  # the evals from here on are decoded tokens: no stats record
                 sent = yield token
         except StopIteration:
             return
@@ -596,6 +667,8 @@ class Llama(llama_cpp.Llama):
                 raise
             if self.verbose:
                 print(f"adakv: the KV cache ({self.n_ctx()} cells) is full; generation stops", file=sys.stderr)
+        finally:
+            self._decoding = False
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
         self._check_open()

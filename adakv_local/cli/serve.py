@@ -425,19 +425,18 @@ def _serve_class() -> Any:
 
             def _with_stats(self, chunks: Iterator[Any]) -> Iterator[Any]:
                 self.meter.reset()
-                previous = self.adakv_stats
                 self.n_requests += 1
                 self.last_request_stats = None
                 try:
                     for chunk in chunks:
                         if chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
-                            chunk[STATS_FIELD] = self._finish(previous)
+                            chunk[STATS_FIELD] = self._finish()
                             self._file_stats(chunk.get("id"), chunk[STATS_FIELD])
                         yield chunk
                 finally:
                     if self.last_request_stats is None and self.meter.prefill_done:
                         with contextlib.suppress(Exception):  # a request cut short: log what it did
-                            self._finish(previous, note=" (stopped early)")
+                            self._finish(note=" (stopped early)")
 
             def _file_stats(self, key: Any, stats: dict[str, Any]) -> None:
                 """Kept for the response middleware; the last few only (streams never collect theirs)."""
@@ -447,8 +446,8 @@ def _serve_class() -> Any:
                 while len(pending) > 16:
                     pending.pop(next(iter(pending)))
 
-            def _finish(self, previous: Any, note: str = "") -> dict[str, Any]:
-                stats = request_stats(self, self.adakv_config, previous)
+            def _finish(self, note: str = "") -> dict[str, Any]:
+                stats = request_stats(self, self.adakv_config)
                 stats["n_ctx"] = self.n_ctx()
                 self.last_request_stats = stats
                 print(f"adakv-local serve: {request_line(self.n_requests, stats)}{note}", file=sys.stderr, flush=True)
