@@ -9,6 +9,8 @@ from __future__ import annotations
 from ._lib import bind_llama_cpp as _bind_llama_cpp
 from .errors import (
     AdaKVError,
+    CacheFullError,
+    ClosedError,
     LibraryMismatchError,
     NativeAllocError,
     NativeBackendError,
@@ -45,6 +47,8 @@ __all__ = [
     "AdaKVStats",
     "Llama",
     "AdaKVError",
+    "CacheFullError",
+    "ClosedError",
     "LibraryMismatchError",
     "NativeAllocError",
     "NativeBackendError",

@@ -66,25 +66,31 @@ def prompt_tokens(llm: Any, n: int) -> list[int]:
     raise ValueError(f"the standard library's documentation gives only {len(toks)} tokens, asked for {n}")
 
 
-def kv_bytes_per_layer_cell(llm: Any) -> int:
-    """Bytes one cell takes in K and V of one layer (f16 cache; head sizes from the GGUF's
-    key_length / value_length, else n_embd / n_head)."""
-    from .cli.common import kv_bytes_per_cell
-
-    evicted, other, _ = kv_bytes_per_cell(llm)
-    return (evicted + other) // _n_layer(llm)
+# ggml types a KV cache may use: (values per block, bytes per block), as ggml's type traits give them
+_KV_TYPE_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+                   20: (32, 18), 30: (1, 2)}  # f32, f16, q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, bf16
 
 
-def kv_bytes(llm: Any, n_tokens: int) -> int:
-    """K and V bytes the sequence holds now: evicted layers hold their cells, the others (the
-    sliding-window layers of an iSWA model, whose cache llama-cpp-python keeps full-size) every token."""
+def kv_bytes_without_eviction(llm: Any, n_tokens: int) -> int:
+    """K and V bytes of n_tokens cells in every layer, for a context without eviction (the full-cache
+    runs), where the native memory figures cannot be asked (they need eviction enabled): from the
+    cache's types (type_k / type_v: f16, q8_0, ...) and the GGUF's head sizes (key_length /
+    value_length, else n_embd / n_head). Runs with eviction take their bytes from AdaKVStats."""
     import llama_cpp
 
-    n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
-    kv = llm.adakv_kvcache if llm.adakv_config is not None else None
-    evicted = len(kv.layout.layer_ids) if kv is not None else 0
-    cells = kv.n_cells() if kv is not None else n_tokens
-    return kv_bytes_per_layer_cell(llm) * (evicted * cells + (n_layer - evicted) * n_tokens)
+    m = llm.model
+    n_layer, n_head_kv = int(llama_cpp.llama_model_n_layer(m)), int(llama_cpp.llama_model_n_head_kv(m))
+    head = int(llama_cpp.llama_model_n_embd(m)) // max(1, int(llama_cpp.llama_model_n_head(m)))
+    arch = llm.metadata.get("general.architecture", "")
+    row = 0
+    for which, dim in (("k", int(llm.metadata.get(f"{arch}.attention.key_length", head))),
+                       ("v", int(llm.metadata.get(f"{arch}.attention.value_length", head)))):
+        t = int(getattr(llm.context_params, f"type_{which}"))
+        if t not in _KV_TYPE_BLOCKS:
+            raise ValueError(f"type_{which} = ggml type {t}: not a KV-cache type this bench knows the size of")
+        per_block, size = _KV_TYPE_BLOCKS[t]
+        row += n_head_kv * dim // per_block * size
+    return n_layer * row * n_tokens
 
 
 def greedy_decode(llm: Any, n: int) -> float:
@@ -163,7 +169,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
         prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
         llm.progress_callback = None
         st = llm.adakv_stats if budget is not None else None
-        bytes_after = st.kv_bytes if st is not None else kv_bytes(llm, len(tokens))
+        bytes_after = st.kv_bytes if st is not None else kv_bytes_without_eviction(llm, len(tokens))
         dec = greedy_decode(llm, n_decode)
         mode = "full" if flash_attn else "full-nofa"
         if budget is not None:
@@ -183,7 +189,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
             decode_tokens=n_decode,
             kv_cells_before=len(tokens),
             kv_cells_after=st.cells_after if st is not None else len(tokens),
-            kv_bytes_before=len(tokens) * kv_bytes_per_layer_cell(llm) * _n_layer(llm),
+            kv_bytes_before=st.kv_bytes_before if st is not None else kv_bytes_without_eviction(llm, len(tokens)),
             kv_bytes_after=bytes_after,
             seconds=dict(st.seconds) if st is not None else {},
             overhead_share=None,

@@ -117,9 +117,9 @@ def run_chunked_fidelity(
                 else:
                     llm.reset()
                     llm.eval(toks)
+                st = llm.adakv_stats  # the record of this prompt's evaluation
+                assert st is not None and st.compressed and st.prompt_tokens == len(toks)
                 got = forced_logits(llm, cont)
-                st = llm.adakv_stats
-                assert st is not None and st.prompt_tokens == len(toks)
                 f = compare(ref, got)
                 records.append({
                     "prompt": name, "mode": mode, "method": config.method, "budget": st.budget,

@@ -31,3 +31,7 @@ class CacheFullError(AdaKVError):
     """The tokens to evaluate do not fit in the KV cache's free cells (n_ctx), and cannot be
     compressed to fit (a generated token, or a prompt shorter than the window); nothing was
     evaluated. ``Llama.generate`` ends the generation there (finish reason "length")."""
+
+
+class ClosedError(AdaKVError):
+    """The Llama (or the KV-cache handle taken from it) was closed: its llama_context is freed."""

@@ -109,8 +109,8 @@ def run_fidelity(
     options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Records {prompt, method, budget, kl_mean, kl_max, top1, l1_attn, prompt_tokens, footprint, kv_bytes}:
-    footprint is R, the cells of the compacted block, which every head of a layer pays for;
-    kv_bytes the K and V bytes the cache holds after the compression.
+    footprint is the cells the cache holds after the prompt: R, the cells of the compacted block,
+    or the whole prompt where the budget left nothing to evict; kv_bytes the K and V bytes they hold.
 
     ``options``: more eviction options for every run (AdaKVConfig names, e.g. ``{"pooling": "max2"}``).
 
@@ -159,8 +159,9 @@ def run_fidelity(
                 for budget in budgets:
                     cfg = dataclasses.replace(base, method=method, budget=budget)
                     _continue_from(llm, prefix_state, toks[-window:], cfg)
-                    st = llm.adakv_stats
-                    footprint, kv_bytes = (st.footprint, st.kv_bytes) if st else (len(toks), None)
+                    st = llm.adakv_stats  # this evaluation's record, compressed or not
+                    assert st is not None and st.prompt_tokens == len(toks)
+                    footprint, kv_bytes = st.cells_after, st.kv_bytes
                     got_attn = _teacher_force(llm, cont[:-1])
                     got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
                     f = compare(full, got)

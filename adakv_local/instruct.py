@@ -245,7 +245,7 @@ def run_instruction_fidelity(
                     for budget in budgets:
                         cfg = dataclasses.replace(configs[label], budget=budget)
                         _continue_from(llm, state, win, cfg)
-                        footprint = llm.adakv_stats.footprint if llm.adakv_stats else len(toks)
+                        footprint = llm.adakv_stats.cells_after  # this evaluation's record, compressed or not
                         got_attn = _teacher_force(llm, ans[:-1]) if n_ans > 1 else None
                         got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_ans], dtype=np.float32)
                         f = compare(full, got)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._native import Native, native
+from .errors import ClosedError
 
 GQA_REDUCE = {"mean": 0, "max": 1}
 # enum llama_adakv_attn_path: how attention honours the start cells (None: from the environment)
@@ -111,7 +112,7 @@ class KVCache:
         ptr = ctx.value if isinstance(ctx, ctypes.c_void_p) else ctx
         if not ptr:
             raise ValueError("ctx is a NULL llama_context pointer")
-        self._ctx = self._n.ffi.cast("struct llama_context *", int(ptr))
+        self._ctx_ptr: Any = self._n.ffi.cast("struct llama_context *", int(ptr))
         lib = self._n.lib
         #: the GQA reduction this handle enabled the context with; None when the context was
         #: enabled before (by another handle), whose reduction and attention path stay in force
@@ -132,6 +133,23 @@ class KVCache:
     def from_llama(cls, llm: Any, **kwargs: Any) -> KVCache:
         """Handle on the context of a ``llama_cpp.Llama``."""
         return cls(llm.ctx, **kwargs)
+
+    @property
+    def _ctx(self) -> Any:
+        """The llama_context, or ClosedError once :meth:`close` has been called (its owner freed it)."""
+        if self._ctx_ptr is None:
+            raise ClosedError("this KV-cache handle was closed with its Llama (close()): its llama_context is "
+                              "freed; make a new Llama and take its adakv_kvcache")
+        return self._ctx_ptr
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx_ptr is None
+
+    def close(self) -> None:
+        """Forget the context (its owner is about to free it): every later call raises ClosedError
+        instead of reaching freed memory. Idempotent; the context itself is not touched."""
+        self._ctx_ptr = None
 
     # helpers
 

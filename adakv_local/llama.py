@@ -28,7 +28,7 @@ _lib.bind_llama_cpp()  # before llama_cpp is imported
 import llama_cpp  # noqa: E402
 
 from .config import AdaKVConfig, ConfigError  # noqa: E402
-from .errors import CacheFullError, NativeInvalidArgument  # noqa: E402
+from .errors import CacheFullError, ClosedError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
@@ -37,33 +37,44 @@ from .spans import SpanFinder  # noqa: E402
 
 @dataclass(frozen=True)
 class AdaKVStats:
-    """What the last compression did.
+    """What the last prompt evaluation did to the cache: a fresh record per evaluation of a prompt
+    (the tokens of one ``eval`` call; not the tokens ``generate`` decodes after it, nor those
+    evaluated under ``adakv_suspended()``), whether it compressed or not; None while eviction is off
+    (``adakv_config`` None) and after ``reset()``.
+
+    ``compressed`` (``compressions > 0``): whether this evaluation evicted anything; when not,
+    ``reason`` says why in words (the budget exceeds the prompt, fewer new tokens than the window,
+    the method "full"), and ``seconds`` are zeros.
 
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
-    that are not evicted, such as sliding-window layers, show the full length). footprint: R,
-    the cache cells of the compacted block: each layer's kept tokens are packed into its memory,
-    so R is the sum of the per-head budgets divided by the number of KV heads (rounded up; the
-    fullest layer's).
-    For Ada-SnapKV and SnapKV that is the budget. freed: cells released for new tokens.
-    cells_before: the cells the prompt would need without eviction.
+    that are not evicted, such as sliding-window layers, show the full length); ``kept_mean`` their
+    mean over the evicted layers. footprint: R, the cache cells of the compacted block (0 when
+    there is none): each layer's kept tokens are packed into its memory, so R is the sum of the
+    per-head budgets divided by the number of KV heads (rounded up; the fullest layer's). For
+    Ada-SnapKV and SnapKV that is the budget. ``cells_before`` / ``cells_after``: the cells the
+    cache held (per layer) before this evaluation's compression (the compacted block of earlier
+    turns plus the new tokens: the prompt's length on a first turn) and after it; ``freed`` the
+    difference. ``budget``: in cells per head (None with the method "full").
 
     A prompt that does not fit the cache is read in ``chunks`` with a compression between them
     (``compressions`` counts them all, the final one included). ``peak_cells``: the most cells the
-    evicted cache held at once while the prompt was read; ``kv_bytes`` / ``kv_bytes_peak``: bytes
-    of K and V those cells hold after the prompt / at that peak, sliding-window layers included;
-    ``kv_bytes_allocated``: the bytes allocated for the context's whole KV cache (n_ctx cells).
+    evicted cache held at once while the prompt was read. Bytes, all from the native memory
+    figures (K and V as the cache stores them: f16, q8_0, ...; sliding-window layers included):
+    ``kv_bytes_before`` / ``kv_bytes`` of ``cells_before`` / ``cells_after``, ``kv_bytes_peak`` at
+    the peak, ``kv_bytes_allocated`` for the context's whole KV cache (n_ctx cells).
     ``chunk_tokens`` / ``chunk_seconds`` / ``chunk_cpu_seconds``: the prompt tokens of each chunk
     and the wall time and process CPU time it took, its compression included (one entry when the
     prompt fit; with one thread, CPU time is the work done, whatever else the machine runs).
 
-    seconds: ``score`` the decodes of the ubatches that carried the window (the scores are computed
-    in their graph; the prompt's own last ubatch, and per chunk the one with the probe),
-    ``allocate`` the policy, ``compact`` the compaction, each summed over the compressions.
-    ``adakv-local bench`` measures the overhead against a full-cache prefill of the same prompt.
+    seconds: ``scored_ubatch`` the decodes of the ubatches that carried the window: prompt reading,
+    with the window's scores computed in their graph (the scoring's own extra cost is a small part
+    of it, about 1% of a prefill: ``adakv-local bench --direct`` measures it), ``allocate`` the
+    policy, ``compact`` the compaction (these two are eviction's own cost), each summed over the
+    compressions.
     """
 
     prompt_tokens: int
-    budget: int
+    budget: int | None
     method: str
     window: int
     kept: np.ndarray
@@ -72,7 +83,7 @@ class AdaKVStats:
     cells_before: int
     cells_after: int
     seconds: dict[str, float] = field(default_factory=dict)
-    compressions: int = 1
+    compressions: int = 0
     chunks: int = 1
     peak_cells: int = 0
     kv_bytes: int = 0
@@ -81,6 +92,14 @@ class AdaKVStats:
     chunk_tokens: tuple[int, ...] = ()
     chunk_seconds: tuple[float, ...] = ()
     chunk_cpu_seconds: tuple[float, ...] = ()
+    kv_bytes_before: int = 0
+    kept_mean: float = 0.0
+    reason: str = ""
+
+    @property
+    def compressed(self) -> bool:
+        """Whether this evaluation evicted anything (else ``reason`` says why not)."""
+        return self.compressions > 0
 
 
 @dataclass
@@ -92,7 +111,7 @@ class _Run:
     total_cells: int = 0
     compressions: int = 0
     chunks: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"score": 0.0, "allocate": 0.0, "compact": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"scored_ubatch": 0.0, "allocate": 0.0, "compact": 0.0})
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_cpu_seconds: list[float] = field(default_factory=list)
@@ -207,9 +226,11 @@ class Llama(llama_cpp.Llama):
             n_ctx = kwargs.get("n_ctx", 512) or n_batch  # 0: the model's trained context
             _check_sizes(config, n_batch, n_ubatch, n_ctx, "adakv_")
         self._adakv_config: AdaKVConfig | None = config
+        self._closed = False
         #: called as progress_callback(tokens_done, tokens_total) while a prompt is evaluated
         self.progress_callback: Callable[[int, int], None] | None = None
         self._adakv_suspended = False
+        self._decoding = False  # generate() is past the prompt: its evals are decoded tokens
         self._progress = [0, 0]
         self._stats_run = _Run()
         self.adakv_stats: AdaKVStats | None = None
@@ -228,10 +249,15 @@ class Llama(llama_cpp.Llama):
             if config.method != "full":
                 self._allow_long_prompts()
 
-    def _allow_long_prompts(self) -> None:
+    def _allow_long_prompts(self, allow: bool = True) -> None:
         """With eviction, positions run to the model's trained context while the cache holds n_ctx
         cells: llama-cpp-python's limits and token history follow the positions. Not with
-        ``logits_all=True``: its logits table has a row per position, n_ctx of them."""
+        ``logits_all=True``: its logits table has a row per position, n_ctx of them.
+        ``allow=False`` (eviction off, or a method that keeps every cell): the limit is n_ctx again,
+        llama-cpp-python's own (the token history keeps its length: only its first n_ctx are used)."""
+        if not allow:
+            self._n_ctx = self.n_ctx()
+            return
         n_train = int(llama_cpp.llama_model_n_ctx_train(self.model))
         if n_train > self._n_ctx and not self._logits_all:
             self._n_ctx = n_train
@@ -240,9 +266,38 @@ class Llama(llama_cpp.Llama):
             self.input_ids = ids
 
     def close(self) -> None:
+        """Free the model and the context (llama-cpp-python's ``close``). Afterwards every method that
+        would reach them raises :class:`~adakv_local.errors.ClosedError`, and so does a KV-cache handle
+        taken from ``adakv_kvcache`` before; ``adakv_stats`` stays readable. Closing again (or
+        ``__del__``) does nothing."""
+        kv = getattr(self, "_adakv", None)
+        if kv is not None:
+            kv.close()
+        self._closed = True
         # __init__ may have refused the options before llama_cpp.Llama set anything up
         if hasattr(self, "_stack"):
             super().close()
+
+    def _check_open(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ClosedError("this Llama was closed (close()): its model and llama_context are freed; make a "
+                              "new Llama to evaluate, generate or inspect the cache")
+
+    def n_ctx(self) -> int:
+        self._check_open()
+        return super().n_ctx()
+
+    def tokenize(self, *args: Any, **kwargs: Any) -> list[int]:
+        self._check_open()
+        return super().tokenize(*args, **kwargs)
+
+    def detokenize(self, *args: Any, **kwargs: Any) -> bytes:
+        self._check_open()
+        return super().detokenize(*args, **kwargs)
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        self._check_open()
+        return super().save_state()
 
     # -- the hook ----------------------------------------------------------------------------------
 
@@ -267,10 +322,17 @@ class Llama(llama_cpp.Llama):
                 prompt shorter than the window, or fewer free cells than the window, when the cache
                 is full); nothing was evaluated.
         """
+        self._check_open()
         kv, cfg = self._adakv, self.adakv_config
         self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
-            return self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
+            run = _Run(peak_cells=len(tokens))
+            self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
+            if kv is not None and cfg is not None:
+                self._record_uncompressed(run, len(tokens), None, "the method full keeps every cell")
+            elif not self._decoding:
+                self.adakv_stats = None  # eviction off: no record (not the last one)
+            return None
         rows = self.scores.shape[0]
         if self._logits_all and self.n_tokens + len(tokens) > rows:
             raise ValueError(
@@ -282,8 +344,14 @@ class Llama(llama_cpp.Llama):
         tokens = list(tokens)
         n_cells = kv.n_cells()
         if n_cells + len(tokens) <= self.n_ctx():
-            if self._adakv_suspended or len(tokens) < cfg.window:
+            if self._adakv_suspended:  # a continuation of the evaluated prompt (teacher forcing): its record stays
                 return self._eval_batches(tokens)
+            if len(tokens) < cfg.window:
+                run = _Run(peak_cells=n_cells + len(tokens))
+                self._eval_batches(tokens)
+                why = f"{len(tokens)} new token(s), fewer than the window ({cfg.window}): not scored"
+                self._record_uncompressed(run, len(tokens), cfg.cells_for(self.n_tokens), why)
+                return None
             self._stats_run = _Run(peak_cells=n_cells + len(tokens))
             return self._eval_prompt(tokens)
         if self._adakv_suspended or len(tokens) < cfg.window or n_cells + cfg.window > self.n_ctx():
@@ -369,7 +437,7 @@ class Llama(llama_cpp.Llama):
         super().eval(tokens[-k:])
         self._note_peak()
         self._advance(max(0, count - (len(tokens) - k)))
-        self._stats_run.seconds["score"] += time.perf_counter() - t0
+        self._stats_run.seconds["scored_ubatch"] += time.perf_counter() - t0
         return kv.read_scores()
 
     def _compress(self, scores: np.ndarray, budget: int, window: int) -> int:
@@ -444,34 +512,69 @@ class Llama(llama_cpp.Llama):
             run.peak_bytes = kv.memory().used_bytes(run.peak_cells)
 
     def _finish_stats(self, n_after: int, budget: int) -> None:
-        kv, cfg, run = self._adakv, self.adakv_config, self._stats_run
-        assert kv is not None and cfg is not None
+        """The record of a prompt evaluation that went through the budget check (compressed or not)."""
+        kv, run = self._adakv, self._stats_run
+        assert kv is not None
         if run.compressions == 0:
-            return  # nothing compressed: the last stats stay
+            n = self.n_tokens
+            if budget >= n:
+                why = (f"the budget ({budget} cells per head) {'exceeds' if budget > n else 'equals'} the "
+                       f"{n}-token prompt: nothing is evicted")
+            else:
+                held = kv.view_cells() - float(kv.starts().mean())
+                why = f"the heads hold {held:.1f} cells on average, within the budget of {budget}: nothing is evicted"
+            self._record(run, budget, kv.n_cells(), why)
+            return
+        self._record(run, budget, max(run.total_cells, n_after), "")
+
+    def _record_uncompressed(self, run: _Run, n_tokens: int, budget: int | None, reason: str) -> None:
+        """The record of an evaluation that did not go through the budget check (see ``reason``)."""
+        assert self._adakv is not None
+        run.end_chunk(n_tokens)
+        self._record(run, budget, self._adakv.n_cells(), reason)
+
+    def _record(self, run: _Run, budget: int | None, cells_before: int, reason: str) -> None:
+        """A fresh AdaKVStats for this prompt evaluation (none for a token that ``generate`` decodes:
+        the completion's record is its prompt's)."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        if self._decoding:
+            return
         mem = kv.memory()
-        footprint = kv.footprint()
-        cells_before = max(run.total_cells, n_after)
+        n = kv.n_cells()
+        kept = self._kept_matrix()
+        peak = max(run.peak_cells, n)
         self.adakv_stats = AdaKVStats(
             prompt_tokens=self.n_tokens,
             budget=budget,
             method=cfg.method,
             window=cfg.window,
-            kept=self._kept_matrix(),
-            footprint=footprint,
-            freed=cells_before - footprint,
+            kept=kept,
+            footprint=kv.footprint(),
+            freed=cells_before - n,
             cells_before=cells_before,
-            cells_after=footprint,
+            cells_after=n,
             seconds=dict(run.seconds),
             compressions=run.compressions,
-            chunks=run.chunks,
-            peak_cells=run.peak_cells,
-            kv_bytes=mem.used_bytes(kv.n_cells()),
-            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(run.peak_cells)),
+            chunks=max(1, run.chunks),
+            peak_cells=peak,
+            kv_bytes=mem.used_bytes(n),
+            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(peak)),
             kv_bytes_allocated=mem.allocated_bytes,
             chunk_tokens=tuple(run.chunk_tokens),
             chunk_seconds=tuple(run.chunk_seconds),
             chunk_cpu_seconds=tuple(run.chunk_cpu_seconds),
+            kv_bytes_before=mem.used_bytes(cells_before),
+            kept_mean=float(kept[list(kv.layout.layer_ids)].mean()) if kv.n_layer else float(n),
+            reason=reason,
         )
+
+    def reset(self) -> None:
+        """llama-cpp-python's ``reset`` (the next prompt is evaluated from the start); ``adakv_stats``
+        becomes None: nothing has been evaluated since."""
+        super().reset()
+        self.adakv_stats = None
+        self._decoding = False
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
@@ -484,6 +587,7 @@ class Llama(llama_cpp.Llama):
                 overwritten). Any other failure leaves the cache half restored: the context is
                 reset, so the next prompt is evaluated from scratch.
         """
+        self._check_open()
         kv = self._adakv
         if kv is None:
             return super().load_state(state)
@@ -513,7 +617,9 @@ class Llama(llama_cpp.Llama):
 
     @contextlib.contextmanager
     def adakv_suspended(self) -> Iterator[None]:
-        """Evaluate without compressing (e.g. to teacher-force a continuation after a compressed prompt)."""
+        """Evaluate without compressing (e.g. to teacher-force a continuation after a compressed prompt).
+        Like the tokens ``generate`` decodes, these evaluations make no stats record: ``adakv_stats``
+        stays the record of the prompt evaluated before."""
         self._adakv_suspended = True
         try:
             yield
@@ -543,6 +649,8 @@ class Llama(llama_cpp.Llama):
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache ends
         there (the completion's finish reason is "length"), since positions may run past n_ctx."""
+        self._check_open()
+        self._decoding = False
         gen = super().generate(tokens, *args, **kwargs)
         sent: Any = None
         produced = False
@@ -550,6 +658,7 @@ class Llama(llama_cpp.Llama):
             while True:
                 token = gen.send(sent)
                 produced = True
+                self._decoding = True  # the evals from here on are decoded tokens: no stats record
                 sent = yield token
         except StopIteration:
             return
@@ -558,8 +667,11 @@ class Llama(llama_cpp.Llama):
                 raise
             if self.verbose:
                 print(f"adakv: the KV cache ({self.n_ctx()} cells) is full; generation stops", file=sys.stderr)
+        finally:
+            self._decoding = False
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
         gen = super()._create_completion(*args, **kwargs)
         if self._n_ctx == self.n_ctx():
             return gen
@@ -591,7 +703,9 @@ class Llama(llama_cpp.Llama):
         """The eviction settings of the next evaluation; None evaluates without eviction.
 
         A new value (``dataclasses.replace`` of the current one) may change every option but the GQA
-        reduction, which the graph was built with: it is checked as the constructor checks it.
+        reduction, which the graph was built with: it is checked as the constructor checks it. The
+        longest prompt follows: the model's trained context with eviction, n_ctx (llama-cpp-python's
+        limit and its ValueError) with None or the method "full".
 
         Raises:
             TypeError: neither an AdaKVConfig nor None.
@@ -604,6 +718,7 @@ class Llama(llama_cpp.Llama):
 
     @adakv_config.setter
     def adakv_config(self, config: AdaKVConfig | None) -> None:
+        self._check_open()
         if config is not None:
             if not isinstance(config, AdaKVConfig):
                 raise TypeError(f"adakv_config must be an AdaKVConfig or None, got {type(config).__name__}")
@@ -616,13 +731,13 @@ class Llama(llama_cpp.Llama):
                                   f"window's scores with it): this one was made with {made!r}; make a new Llama "
                                   f"with adakv_gqa={config.gqa!r}").named("adakv_config.gqa")
             _check_sizes(config, self.n_batch, self.context_params.n_ubatch, self.n_ctx(), "adakv_config.")
-            if config.method != "full":
-                self._allow_long_prompts()
+        self._allow_long_prompts(config is not None and config.method != "full")
         self._adakv_config = config
 
     @property
     def adakv_kvcache(self) -> KVCache | None:
         """The low-level handle on this context's eviction (scores, compaction, capture), or None."""
+        self._check_open()
         return self._adakv
 
     def adakv_kept_positions(self) -> list[list[np.ndarray]]:
@@ -632,6 +747,7 @@ class Llama(llama_cpp.Llama):
         ``reset()``, which leaves the cells to be removed by the next evaluation, nothing is held.
         Layers that are not evicted (sliding-window layers) list every position of the sequence.
         """
+        self._check_open()
         kv = self._adakv
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")

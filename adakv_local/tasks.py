@@ -610,9 +610,10 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
                 rec = {"task": s.task, "method": method, "budget": budget, "length": s.n_tokens_target,
                        "depth": s.depth, "seed": s.seed, "correct": score(s, text), "output": text,
                        "prompt_tokens": n_prompt, "mode": mode, "seconds": time.perf_counter() - t0}
-                st = llm.adakv_stats if budget is not None else None
-                # what the answer cost in memory: R (cells of the compacted block) and the K/V bytes held
-                rec["footprint"] = st.footprint if st is not None else n_prompt
+                st = llm.adakv_stats if budget is not None else None  # the answer's prompt's record
+                # what the answer cost in memory: the cells held after the prompt (R, the compacted
+                # block, when it was compressed) and their K/V bytes
+                rec["footprint"] = st.cells_after if st is not None else n_prompt
                 rec["kv_bytes"] = st.kv_bytes if st is not None else None
                 records.append(rec)
                 if progress is not None:

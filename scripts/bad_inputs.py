@@ -210,7 +210,19 @@ def run_cache_ops(d: Path) -> list[str]:
     rect.close()
     row("llama_memory_seq_rm(mem, 0, 0, -1)  # the whole sequence",
         lambda: llama_cpp.llama_memory_seq_rm(mem, 0, 0, -1))
+    llm.adakv_config = None
+    long_doc = llm.tokenize((DOC + " " + DOC).encode())
+    row(f"llm.adakv_config = None; llm.create_completion(<{len(long_doc)} tokens>)  # eviction off: n_ctx limits",
+        lambda: llm.create_completion(long_doc, max_tokens=1))
     llm.close()
+    for op, call in (("llm.adakv_kvcache  # after llm.close()", lambda: llm.adakv_kvcache),
+                     ("llm.eval([1, 2])  # after llm.close()", lambda: llm.eval([1, 2])),
+                     ("kv.n_cells()  # a handle taken before llm.close()", lambda: kv.n_cells())):
+        try:
+            res = repr(call())
+        except Exception as e:  # noqa: BLE001
+            res = f"{type(e).__name__}: {e}"
+        rows.append(f"| `{cell(op)}` | {cell(res)} | (closed: nothing) |")
     return rows
 
 

@@ -40,14 +40,13 @@ def conversation(model: str, doc: str, *, layout: str, budget: int, threads: int
         rows = []
         for turn, q in enumerate(QUESTIONS, 1):
             messages.append({"role": "user", "content": (doc + "\n\n" + q) if turn == 1 else q})
-            before = llm.adakv_stats
             out = llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=0.0)
             reply = out["choices"][0]["message"]["content"] or ""
             messages.append({"role": "assistant", "content": reply})
             kv = llm.adakv_kvcache
             block = kv.block()
             rows.append({"turn": turn, "layout": layout, "prompt_tokens": out["usage"]["prompt_tokens"],
-                         "compressed": llm.adakv_stats is not before, "cells": block.cells_used,
+                         "compressed": llm.adakv_stats.compressed, "cells": block.cells_used,
                          "footprint": block.cells, "width": block.width,
                          "kv_bytes": kv.memory().used_bytes(block.cells_used), "reply": reply})
             print(f"{layout:6} turn {turn}: {rows[-1]['prompt_tokens']} prompt tokens, compressed "

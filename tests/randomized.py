@@ -434,7 +434,9 @@ class CheckedLlama(Llama):
         n_view = before["view"] + m  # cells of the per-head view (what starts and kept cells index)
         budget = cfg.adakv.cells_for(n_after)
         starts = before["starts"]
-        compressed = self.adakv_stats is not before["stats"]
+        # a decoded token makes no record (the completion's is its prompt's): a new record, compressed
+        new = self.adakv_stats
+        compressed = new is not before["stats"] and new is not None and new.compressed
         should = cfg.method != "full" and m >= w and n_view - float(starts.mean()) > budget
         where = f"eval of {m} tokens on {before['n']} (cells {before['cells']} -> {n_after}, budget {budget})"
         if cfg.method == "full":

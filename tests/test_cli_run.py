@@ -51,6 +51,17 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def native_cell_bytes(model: Path) -> int:
+    """K and V bytes of one cache cell of model, as the native library reports them."""
+    from adakv_local.llama import Llama
+
+    llm = Llama(model_path=str(model), n_ctx=256, n_threads=1, adakv_budget=64, adakv_window=16, verbose=False)
+    try:
+        return llm.adakv_kvcache.memory().cell_bytes
+    finally:
+        llm.close()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     from adakv_local.models.testmodel import write_llama_gguf
@@ -86,11 +97,11 @@ def test_summarize_json_reports_a_compressed_cache(tiny, doc):
     assert 64 <= s["kv_cells_after"] < s["kv_cells_before"]
     assert s["kv_cells_kept_mean"] == pytest.approx(64, abs=1)
     assert 0 < s["kv_bytes_after"] < s["kv_bytes_before"]
-    # tiny model: 2 layers x 2 KV heads x (64 + 64) f16 values per cell
-    assert s["kv_bytes_before"] == s["kv_cells_before"] * 2 * 2 * 128 * 2
+    # the native memory figures of the same model (K and V bytes per cell, whatever the cache type)
+    assert s["kv_bytes_before"] == s["kv_cells_before"] * native_cell_bytes(tiny)
     assert s["completion_tokens"] == 12
     assert s["prefill_tps"] > 0 and s["decode_tps"] > 0
-    assert set(s["seconds"]) == {"score", "allocate", "compact"}
+    assert set(s["seconds"]) == {"scored_ubatch", "allocate", "compact"}
     assert s["n_ctx"] % 256 == 0 and s["n_ctx"] >= s["prompt_tokens"] + 12
     assert "reading the document" in proc.stderr  # progress goes to stderr, plain lines off a TTY
 
@@ -103,7 +114,7 @@ def test_summarize_streams_stdin_with_stats_on_stderr(tiny):
     progress = [ln for ln in proc.stderr.splitlines() if "reading the document" in ln]
     assert 1 <= len(progress) <= 5 and "\r" not in proc.stderr
     assert "tok/s" in progress[-1] and "/" in progress[-1]
-    assert "KV cache:" in proc.stderr and "eviction: score" in proc.stderr
+    assert "KV cache:" in proc.stderr and "eviction: allocate" in proc.stderr and "prompt reading" in proc.stderr
 
 
 def test_summarize_quiet_and_short_prompt_within_budget(tiny, tmp_path):
@@ -115,6 +126,17 @@ def test_summarize_quiet_and_short_prompt_within_budget(tiny, tmp_path):
     assert proc.stderr == ""
     s = json.loads(proc.stdout)["stats"]
     assert s["compressed"] is False and s["kv_cells_after"] == s["kv_cells_before"] == s["prompt_tokens"]
+
+
+def test_a_budget_above_the_prompt_says_so(tiny, doc):
+    proc = cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "2", "--budget", "1e9", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "the budget (1000000000 cells per head) exceeds the " in proc.stderr and "nothing is evicted" in proc.stderr
+    assert "within the budget" not in proc.stderr
+    proc = cli("chat", "--model", str(tiny), "--max-tokens", "2", "--budget", "1e9", "--threads", "1",
+               input=f"{DOC}\n/stats\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "last turn: not compressed: the budget (1000000000 cells per head) exceeds the " in proc.stdout
 
 
 @pytest.mark.parametrize("args, option", [
@@ -243,7 +265,7 @@ def test_method_full_reports_no_compression(tiny, doc):
     s = json.loads(proc.stdout)["stats"]
     assert s["compressed"] is False and s["method"] == "full" and s["budget"] is None
     assert s["kv_cells_after"] == s["kv_cells_before"] == s["prompt_tokens"] > 700
-    assert s["seconds"] == {"score": 0.0, "allocate": 0.0, "compact": 0.0}
+    assert s["seconds"] == {"scored_ubatch": 0.0, "allocate": 0.0, "compact": 0.0}
     proc = cli("summarize", str(doc), "--model", str(tiny), "--max-tokens", "4", "--method", "full", *EVICT)
     assert proc.returncode == 0, proc.stderr
     assert "eviction:" not in proc.stderr and "budget" not in proc.stderr
@@ -385,8 +407,9 @@ def test_summarize_smollm2(tmp_path):
     assert out["summary"].strip()
     s = out["stats"]
     assert s["compressed"] and s["kv_cells_after"] < s["kv_cells_before"] == s["prompt_tokens"]
-    # SmolLM2: 30 layers x 3 KV heads x (64 + 64) f16 values per cell
-    assert s["kv_bytes_before"] == s["prompt_tokens"] * 30 * 3 * 128 * 2
+    from adakv_local.models import model_path
+
+    assert s["kv_bytes_before"] == s["prompt_tokens"] * native_cell_bytes(model_path("smollm2-135m", quiet=True))
 
 
 @pytest.mark.slow

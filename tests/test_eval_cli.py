@@ -83,7 +83,7 @@ def test_bench_json(tiny, tmp_path):
     for full, ev in zip(recs[::2], recs[1::2]):
         assert ev["kv_cells_after"] < full["kv_cells_before"] == full["kv_cells_after"]
         assert ev["kv_bytes_after"] < full["kv_bytes_before"]
-        assert ev["decode_speedup"] > 0 and set(ev["seconds"]) == {"score", "allocate", "compact"}
+        assert ev["decode_speedup"] > 0 and set(ev["seconds"]) == {"scored_ubatch", "allocate", "compact"}
 
 
 def test_bench_nofa_baseline(tiny):
@@ -138,28 +138,38 @@ def test_eval_tasks_json(tiny):
 
 
 def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
-    import llama_cpp
-
-    from adakv_local.bench import kv_bytes_per_layer_cell, run_one
+    """Bytes come from the native memory figures (AdaKVStats); the full-cache runs, which cannot ask
+    them, compute the same figure from the cache types."""
+    from adakv_local.bench import kv_bytes_without_eviction, run_one
     from adakv_local.llama import Llama
 
     path = str(tiny_gemma3)
     llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
-    n_layer, n_evicted = llama_cpp.llama_model_n_layer(llm.model), llm.adakv_kvcache.n_layer
-    per_cell = kv_bytes_per_layer_cell(llm)
+    n_layer, n_evicted = llm._n_layer(), llm.adakv_kvcache.n_layer
+    mem = llm.adakv_kvcache.memory()
     toks = llm.tokenize(b"Some words about boats and the sea. " * 8)
+    assert kv_bytes_without_eviction(llm, len(toks)) == len(toks) * (mem.cell_bytes + mem.swa_cell_bytes)
     llm.close()
     assert 0 < n_evicted < n_layer  # iSWA: the sliding-window layers are not evicted
     rec = run_one(path, toks, 2, budget=48, method="snapkv", n_threads=1, window=16)
-    assert rec.kv_cells_after < len(toks)
-    assert rec.kv_bytes_before == per_cell * n_layer * len(toks)
+    assert rec.kv_cells_after < len(toks) < mem.swa_cells
+    assert rec.kv_bytes_before == len(toks) * (mem.cell_bytes + mem.swa_cell_bytes)
     # the evicted layers hold their cells, the sliding-window ring (512 cells here) every token
-    assert rec.kv_bytes_after == per_cell * (n_evicted * rec.kv_cells_after + (n_layer - n_evicted) * len(toks))
-    mem_cell, mem_swa = per_cell * n_evicted, per_cell * (n_layer - n_evicted)  # what the library allocated per cell
-    llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
-    mem = llm.adakv_kvcache.memory()
-    llm.close()
-    assert (mem.cell_bytes, mem.swa_cell_bytes) == (mem_cell, mem_swa)
+    assert rec.kv_bytes_after == rec.kv_cells_after * mem.cell_bytes + len(toks) * mem.swa_cell_bytes
+
+
+@pytest.mark.parametrize("cache_type", [1, 8, 2])  # f16, q8_0, q4_0
+def test_bench_full_cache_bytes_follow_the_cache_type(tiny64, cache_type):
+    from adakv_local.bench import kv_bytes_without_eviction
+    from adakv_local.llama import Llama
+
+    llm = Llama(model_path=str(tiny64), n_ctx=256, adakv_budget=48, adakv_window=16, type_k=cache_type,
+                type_v=cache_type, verbose=False)
+    try:
+        mem = llm.adakv_kvcache.memory()
+        assert kv_bytes_without_eviction(llm, 100) == 100 * mem.cell_bytes
+    finally:
+        llm.close()
 
 
 def test_bench_direct_overhead_times_the_last_ubatch(tiny_llama):

@@ -327,3 +327,55 @@ def test_a_port_in_use_is_refused_before_the_model_loads(tiny, capsys):
         assert cli.main(["serve", "--model", str(tiny), "--port", str(port)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"adakv-local: error: cannot listen on 127.0.0.1:{port}: ") and "--port" in err, err
+
+
+# ~1,400 characters: a second conversation, different from the first from its first token on and shorter (its
+# prompt_tokens tell its stats from the first one's)
+OTHER = " ".join(f"Entry {i}: the pilot noted tide {i % 7} and swell {i % 5} off the cape." for i in range(32))[:1400]
+
+
+def _ask(client: Any, content: str, stream: bool, max_tokens: int) -> tuple[str, dict[str, Any], int | None]:
+    """One request: (the answer, its adakv stats, its usage's prompt tokens when not streamed)."""
+    messages = [{"role": "user", "content": content}]
+    if not stream:
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content, stats_of(r), r.usage.prompt_tokens
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=max_tokens,
+                                                 temperature=0, stream=True))
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert len(finals) == 1, f"a stream of {len(chunks)} chunks with {len(finals)} final ones (cut short?)"
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), stats_of(finals[0]), None
+
+
+@needs_server
+def test_concurrent_requests_each_carry_their_own_stats_and_answer_as_one_by_one(tiny, tmp_path):
+    """8 requests at once (two conversations, streamed and not, each its own max_tokens, which the tiny
+    model always reaches): llama-cpp-python's server serializes them on its model lock, files the stats on
+    the thread pool and takes them back out on the event loop. Each response must carry its own request's
+    stats, and every answer must equal the answer to the same request sent alone. (Each request is a first
+    turn, whose answer does not depend on what the server evaluated before: a later turn's does, by design,
+    since it reuses the cached compressed prefix.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    requests = [(doc, stream, 3 + i) for i, (doc, stream) in
+                enumerate((d, s) for d in (FIRST, OTHER) for s in (False, True, False, True))]
+    s = Server(tiny, tmp_path / "serve.log")
+    try:
+        client = s.client()
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda r: _ask(client, *r), requests))
+        alone = [_ask(client, *r) for r in requests]
+    finally:
+        s.stop()
+    prompt_tokens = {doc: {a[2] for (d, stream, _), a in zip(requests, alone + together) if d == doc and not stream}
+                     for doc in (FIRST, OTHER)}
+    assert all(len(v) == 1 for v in prompt_tokens.values()) and len(set().union(*prompt_tokens.values())) == 2
+    for (doc, stream, max_tokens), (text, stats, _), (text1, stats1, _) in zip(requests, together, alone):
+        case = f"{'stream' if stream else 'plain'}, max_tokens {max_tokens}, conversation {'AB'[doc is OTHER]}"
+        assert text == text1, case
+        for st in (stats, stats1):
+            assert st["completion_tokens"] == max_tokens, (case, st)  # this request's stats, no other's
+            assert st["prompt_tokens"] == next(iter(prompt_tokens[doc])) == st["prefill_tokens"], (case, st)
+            assert st["compressed"] and st["kv_cells_before"] == st["prompt_tokens"], (case, st)
+    log = [ln for ln in s.log.read_text().splitlines() if "adakv-local serve: request" in ln]
+    assert len(log) == 2 * len(requests) and not any("stopped early" in ln for ln in log), log

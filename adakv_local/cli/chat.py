@@ -42,7 +42,7 @@ PROMPT, MORE_PROMPT = "you> ", "...> "
 HELP_TEXT = """commands:
   /file PATH [QUESTION]  send a UTF-8 text file as one message, followed by the question if given
                          (quote a PATH with spaces: /file "my notes.md" What is missing?)
-  /stats   what the last eviction did, and the cache after the last turn
+  /stats   what the last turn did to the cache (compressed or why not), and its figures
   /reset   forget the conversation and clear the KV cache
   /help    this text
   /exit    end the chat (so does Ctrl-D)
@@ -308,7 +308,6 @@ class Chat:
         self.history = [{"role": "system", "content": self.system}] if self.system else []
         self.llm.reset()
         self.last = None
-        self.stats_at_reset = self.llm.adakv_stats  # reset() leaves the last stats in place
 
     def command(self, line: str) -> bool:
         """Run a /command; False ends the chat. ChatInputError: it could not run (the chat goes on)."""
@@ -330,7 +329,7 @@ class Chat:
             if self.cfg.method == "full":
                 lines = ["--method full: every cell is kept, nothing is evicted"]
             else:
-                lines = describe_adakv_stats(st if st is not self.stats_at_reset else None, self.llm)
+                lines = describe_adakv_stats(st, self.llm)  # the last turn's record (None after /reset)
             if self.last is not None:
                 lines += ["last turn:"] + [f"  {s}" for s in format_stats(self.last)]
             self.say("\n".join(lines))
@@ -349,7 +348,6 @@ class Chat:
 
         llm, args = self.llm, self.args
         self.history.append({"role": "user", "content": text})
-        previous = llm.adakv_stats
         progress = PrefillProgress("reading", enabled=self.tty and not args.quiet)
         llm.progress_callback = progress
         llm.meter.reset()
@@ -378,7 +376,7 @@ class Chat:
         sys.stdout.write("\n")
         sys.stdout.flush()
         self.history.append({"role": "assistant", "content": "".join(parts)})
-        self.last = request_stats(llm, self.cfg, previous)
+        self.last = request_stats(llm, self.cfg)
         if self.tty and not args.quiet:
             print(f"[adakv-local] {short_stats(self.last)}", file=sys.stderr)
 

@@ -260,8 +260,6 @@ class Meter:
         self.prefill_s = 0.0
         self.t_prefill_end = self.t_start
         self.prompt_tokens = 0  # the whole prompt, cached part included
-        self.cells_after = 0  # cells per evicted layer right after the prompt
-        self.kept_mean = 0.0  # valid cells per KV head right after the prompt, averaged
         self.generated = 0
         self.t_last = self.t_start
         self.on_prefill_done: Any = None
@@ -294,7 +292,6 @@ def _metered_class() -> Any:
                 m.prefill_s = m.t_prefill_end - t0
                 m.prefill_tokens = len(tokens)
                 m.prompt_tokens = self.n_tokens
-                m.cells_after, m.kept_mean = _cache_cells(self)
                 m.prefill_done = True
                 if m.on_prefill_done is not None:
                     m.on_prefill_done()
@@ -308,13 +305,6 @@ def _metered_class() -> Any:
 
         _METERED = MeteredLlama
     return _METERED
-
-
-def _cache_cells(llm: Any) -> tuple[int, float]:
-    kv = getattr(llm, "_adakv", None)
-    if kv is None:
-        return llm.n_tokens, float(llm.n_tokens)
-    return int(kv.n_cells()), float(kv.view_cells() - kv.starts().mean())
 
 
 def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int, cls: Any = None,
@@ -346,60 +336,43 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
 # -- stats -------------------------------------------------------------------------------------------
 
 
-def kv_bytes_per_cell(llm: Any) -> tuple[int, int, int]:
-    """(bytes per cell summed over the evicted layers, same over the other layers, n_swa).
+def request_stats(llm: Any, cfg: AdaKVConfig) -> dict[str, Any]:
+    """The stats of the last request (see the module docs of cli.summarize for their meaning).
 
-    f16 K and V for each KV head; the head sizes come from the GGUF (key_length / value_length),
-    else n_embd / n_head. The non-evicted layers are the sliding-window layers of iSWA models.
+    The cache figures are those of ``llm.adakv_stats``, the record of this request's prompt
+    evaluation (bytes from the native memory figures), so that the CLI, the server and
+    ``AdaKVStats`` print the same numbers; the times and token counts come from ``llm.meter``.
     """
-    lc = llama_cpp_module()
-    n_layer = int(lc.llama_model_n_layer(llm.model))
-    n_head_kv = int(lc.llama_model_n_head_kv(llm.model))
-    n_head = max(1, int(lc.llama_model_n_head(llm.model)))
-    arch = llm.metadata.get("general.architecture", "")
-    head = int(lc.llama_model_n_embd(llm.model)) // n_head
-    k_dim = int(llm.metadata.get(f"{arch}.attention.key_length", head))
-    v_dim = int(llm.metadata.get(f"{arch}.attention.value_length", head))
-    per_layer = n_head_kv * (k_dim + v_dim) * 2
-    kv = getattr(llm, "_adakv", None)
-    evicted = len(kv.layout.layer_ids) if kv is not None else n_layer
-    return evicted * per_layer, (n_layer - evicted) * per_layer, int(lc.llama_model_n_swa(llm.model))
-
-
-def request_stats(llm: Any, cfg: AdaKVConfig, previous: Any) -> dict[str, Any]:
-    """The stats of the last request (see the module docs of cli.summarize for their meaning)."""
     m: Meter = llm.meter
     st = llm.adakv_stats
+    if st is None:
+        raise RuntimeError("no eviction stats: the request evaluated no prompt with eviction on")
     full = cfg.method == "full"  # keeps every cell: no budget, nothing evicted
-    compressed = not full and st is not None and st is not previous
-    p = m.prompt_tokens
-    ev_bytes, other_bytes, n_swa = kv_bytes_per_cell(llm)
-    other_cells = min(p, n_swa) if n_swa > 0 else p
-    seconds = dict(st.seconds) if compressed else {"score": 0.0, "allocate": 0.0, "compact": 0.0}
     return {
-        "prompt_tokens": p,
+        "prompt_tokens": m.prompt_tokens,
         "prefill_tokens": m.prefill_tokens,
         "completion_tokens": m.generated,
-        "compressed": compressed,
+        "compressed": st.compressed,
+        "reason": None if st.compressed else st.reason,
         "method": cfg.method,
-        "budget": None if full else int(st.budget) if compressed else cfg.cells_for(p),
+        "budget": None if full else st.budget,
         "window": cfg.window,
-        "kv_cells_before": p,
-        "kv_cells_after": m.cells_after,
-        "kv_cells_kept_mean": round(m.kept_mean, 1),
-        "kv_bytes_before": p * ev_bytes + other_cells * other_bytes,
-        "kv_bytes_after": m.cells_after * ev_bytes + other_cells * other_bytes,
+        "kv_cells_before": st.cells_before,
+        "kv_cells_after": st.cells_after,
+        "kv_cells_kept_mean": round(st.kept_mean, 1),
+        "kv_bytes_before": st.kv_bytes_before,
+        "kv_bytes_after": st.kv_bytes,
         "prefill_seconds": round(m.prefill_s, 4),
         "prefill_tps": round(m.prefill_tokens / m.prefill_s, 2) if m.prefill_s > 0 else None,
         "decode_seconds": round(m.decode_s, 4),
         "decode_tps": round(m.generated / m.decode_s, 2) if m.decode_s > 0 else None,
-        "seconds": {k: round(float(v), 4) for k, v in seconds.items()},
-        "footprint": st.footprint if compressed else m.cells_after,
-        "chunks": st.chunks if compressed else 1,
-        "compressions": st.compressions if compressed else 0,
-        "peak_cells": st.peak_cells if compressed else m.cells_after,
-        "kv_bytes_peak": st.kv_bytes_peak if compressed else m.cells_after * ev_bytes + other_cells * other_bytes,
-        "kv_bytes_allocated": _allocated_bytes(llm),
+        "seconds": {k: round(float(v), 4) for k, v in st.seconds.items()},
+        "footprint": st.footprint if st.compressed else st.cells_after,
+        "chunks": st.chunks,
+        "compressions": st.compressions,
+        "peak_cells": st.peak_cells,
+        "kv_bytes_peak": st.kv_bytes_peak,
+        "kv_bytes_allocated": st.kv_bytes_allocated,
     }
 
 
@@ -427,19 +400,24 @@ def format_stats(s: dict[str, Any]) -> list[str]:
             f"({s['kv_cells_kept_mean']:.0f} valid per head on average), {before:.1f} -> {after:.1f} MiB; "
             f"{s['method']}, budget {s['budget']}, window {s['window']}"
         )
-        lines.append(f"eviction: score {t['score']:.3f} s, allocate {t['allocate']:.3f} s, "
-                     f"compact {t['compact']:.3f} s")
+        lines.append(eviction_seconds(t))
         if s["chunks"] > 1:
             lines.append(f"read in {s['chunks']} chunks, {s['compressions']} compressions: at most "
                          f"{s['peak_cells']} cells ({s['kv_bytes_peak'] / _MIB:.1f} MiB) held at once")
     elif s["budget"] is None:
         lines.append(f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; full cache, nothing evicted")
     else:
-        lines.append(
-            f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; nothing evicted this time "
-            f"(within the budget of {s['budget']} cells per head, {s['method']})"
-        )
+        lines.append(f"KV cache: {s['kv_cells_after']} cells per layer, {after:.1f} MiB; not compressed this time: "
+                     f"{s['reason']} ({s['method']})")
     return lines
+
+
+def eviction_seconds(t: dict[str, float]) -> str:
+    """The eviction's times in words: its own steps, and the ubatch that carried the window, which is
+    prompt reading (counted in the prefill) with the scores computed in its graph."""
+    return (f"eviction: allocate {t.get('allocate', 0.0):.3f} s, compact {t.get('compact', 0.0):.3f} s; the window "
+            f"was scored in the graph of its ubatch, read in {t.get('scored_ubatch', 0.0):.3f} s (prompt reading, "
+            "part of the prefill; the scoring's own share is small: adakv-local bench --direct measures it)")
 
 
 def short_stats(s: dict[str, Any]) -> str:
@@ -450,17 +428,21 @@ def short_stats(s: dict[str, Any]) -> str:
 
 
 def describe_adakv_stats(st: Any, llm: Any = None) -> list[str]:
-    """The last AdaKVStats, in words (chat's /stats); kept cells over the evicted layers of llm."""
+    """The last turn's AdaKVStats, in words (chat's /stats); None: nothing evaluated since the start or
+    the last /reset. Kept cells over the evicted layers of llm."""
     if st is None:
-        return ["no eviction yet (since the start or the last /reset): the conversation fits in the budget"]
-    kv = getattr(llm, "_adakv", None)
+        return ["no eviction yet (since the start or the last /reset): nothing evaluated"]
+    if not st.compressed:
+        return [f"last turn: not compressed: {st.reason} ({st.method})",
+                f"  the cache holds {st.cells_after} cells per layer ({st.kept_mean:.1f} per KV head on average), "
+                f"{st.kv_bytes / _MIB:.1f} MiB, after a {st.prompt_tokens}-token conversation"]
+    kv = llm.adakv_kvcache if llm is not None else None
     kept = st.kept[list(kv.layout.layer_ids)] if kv is not None and len(kv.layout.layer_ids) else st.kept
-    t = st.seconds
     return [
         f"last eviction: {st.method}, budget {st.budget} cells per head, window {st.window}, "
-        f"after a {st.prompt_tokens}-token prompt",
-        f"  cells per layer {st.cells_before} -> {st.cells_after} ({st.freed} freed); cells kept per KV head: "
-        f"min {int(kept.min())}, mean {float(kept.mean()):.1f}, max {int(kept.max())}",
-        f"  time: score {t.get('score', 0.0):.3f} s, allocate {t.get('allocate', 0.0):.3f} s, "
-        f"compact {t.get('compact', 0.0):.3f} s",
+        f"after a {st.prompt_tokens}-token conversation",
+        f"  cells per layer {st.cells_before} -> {st.cells_after} ({st.freed} freed), {st.kv_bytes_before / _MIB:.1f} "
+        f"-> {st.kv_bytes / _MIB:.1f} MiB; cells kept per KV head: min {int(kept.min())}, mean {st.kept_mean:.1f}, "
+        f"max {int(kept.max())}",
+        "  " + eviction_seconds(st.seconds),
     ]

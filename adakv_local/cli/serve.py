@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
@@ -58,7 +59,8 @@ This is llama-cpp-python's server (pip install 'adakv-local[server]'), with the 
 adakv-local's Llama. Settings that differ from llama-cpp-python's server: flash attention is on
 (its server passes flash_attn=False, which eviction cannot run with), n_batch = n_ubatch =
 max(512, --window) (the observation window must fit in one ubatch), n_ctx defaults to
-{DEFAULT_N_CTX} (at most the model's trained context). Each turn evaluates only what is new since
+{DEFAULT_N_CTX} (at most the model's trained context), concurrent requests queue and each is answered in
+full (--interrupt-requests: a new request ends a streamed reply, as there). Each turn evaluates only what is new since
 the cached conversation and compresses the cache back to the budget; an edited earlier turn is
 evaluated from scratch. Responses carry the request's eviction stats in the extra field
 "{STATS_FIELD}" (streaming: in the last chunk), and the server logs one line per request on stderr.
@@ -91,6 +93,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     s.add_argument("--chat-format", metavar="NAME", default=None,
                    help="llama-cpp-python chat format (default: the GGUF's chat template)")
     s.add_argument("--api-key", metavar="KEY", default=None, help="require this bearer key from clients")
+    s.add_argument("--interrupt-requests", action="store_true",
+                   help="end a streamed reply as soon as another request arrives (llama-cpp-python's default, "
+                   "meant for one user who supersedes their last request); by default requests queue on the "
+                   "model and every one is answered in full")
     AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
     p.set_defaults(func=run)
     return p
@@ -148,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
 
     llm = load_llama(model, cfg, args, n_ctx, cls=_serve_class(), chat_format=args.chat_format)
     try:
-        app = create_app(llm, alias=alias, host=args.host, port=args.port, api_key=args.api_key)
+        app = create_app(llm, alias=alias, host=args.host, port=args.port, api_key=args.api_key,
+                         interrupt_requests=args.interrupt_requests)
         eviction = "full cache" if cfg.method == "full" else f"{cfg.method}, budget {cfg.budget}"
         print(f"adakv-local serve: {alias} ({model.name}), {eviction}, context {llm.n_ctx()} tokens; "
               f"OpenAI base URL http://{_url_host(args.host)}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -165,9 +172,13 @@ def _url_host(host: str) -> str:
 # -- the app: llama-cpp-python's, with our model -------------------------------------------------------
 
 
-def create_app(llm: Any, *, alias: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None
-               ) -> Any:
+def create_app(llm: Any, *, alias: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               interrupt_requests: bool = False) -> Any:
     """llama-cpp-python's FastAPI app serving ``llm`` (a Llama of :func:`_serve_class`) as ``alias``.
+
+    Requests queue on the model's lock and each is answered in full; ``interrupt_requests=True`` is
+    llama-cpp-python's default instead: a streamed reply ends (without its last chunk, so without its
+    stats) as soon as another request waits.
 
     ``llama_cpp.server.app.create_app`` builds its ``LlamaProxy`` from the module's global name;
     for that one call the name is our proxy, which hands out ``llm`` instead of building a model.
@@ -197,7 +208,7 @@ def create_app(llm: Any, *, alias: str, host: str = "127.0.0.1", port: int = 800
     # the settings only name the model: it is loaded already (flash attention on, eviction set up)
     model_settings = ModelSettings(model=str(llm.model_path), model_alias=alias, n_ctx=llm.n_ctx(),
                                    flash_attn=True, verbose=llm.verbose)
-    server_settings = ServerSettings(host=host, port=port, api_key=api_key)
+    server_settings = ServerSettings(host=host, port=port, api_key=api_key, interrupt_requests=interrupt_requests)
     stock = server_app.LlamaProxy
     server_app.LlamaProxy = Proxy
     try:
@@ -390,11 +401,11 @@ class _StatsIntoResponse:
             data = json.loads(body)
         except ValueError:
             return body
-        pending = self.llm.adakv_pending_stats
+        take = self.llm.adakv_take_stats
         key = data.get("id") if isinstance(data, dict) else None
-        stats = pending.pop(key, None) if isinstance(key, str) else None
+        stats = take(key) if isinstance(key, str) else None
         if stats is None and isinstance(key, str) and key.startswith("chat"):
-            stats = pending.pop(key[len("chat"):], None)
+            stats = take(key[len("chat"):])
         if stats is None:
             return body
         data[STATS_FIELD] = stats
@@ -474,6 +485,7 @@ def _serve_class() -> Any:
 
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 self.adakv_pending_stats: dict[str, dict[str, Any]] = {}  # completion id -> stats
+                self.adakv_pending_lock = threading.Lock()
                 super().__init__(*args, **kwargs)
 
             def _create_completion(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
@@ -481,34 +493,43 @@ def _serve_class() -> Any:
                 if isinstance(max_tokens, int) and max_tokens < 0:
                     raise ValueError(f"max_tokens must be 0 or more (0 or null: until the context is full), "
                                      f"got {max_tokens}")
-                return self._with_stats(super()._create_completion(*args, **kwargs))
+                return self._with_stats(super()._create_completion(*args, **kwargs), bool(kwargs.get("stream")))
 
-            def _with_stats(self, chunks: Iterator[Any]) -> Iterator[Any]:
+            def _with_stats(self, chunks: Iterator[Any], stream: bool) -> Iterator[Any]:
                 self.meter.reset()
-                previous = self.adakv_stats
                 self.n_requests += 1
                 self.last_request_stats = None
                 try:
                     for chunk in chunks:
                         if chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
-                            chunk[STATS_FIELD] = self._finish(previous)
-                            self._file_stats(chunk.get("id"), chunk[STATS_FIELD])
+                            chunk[STATS_FIELD] = self._finish()
+                            if not stream:  # a stream carries them in this chunk; nobody would collect them
+                                self._file_stats(chunk.get("id"), chunk[STATS_FIELD])
                         yield chunk
                 finally:
                     if self.last_request_stats is None and self.meter.prefill_done:
                         with contextlib.suppress(Exception):  # a request cut short: log what it did
-                            self._finish(previous, note=" (stopped early)")
+                            self._finish(note=" (stopped early)")
 
             def _file_stats(self, key: Any, stats: dict[str, Any]) -> None:
-                """Kept for the response middleware; the last few only (streams never collect theirs)."""
-                pending = self.adakv_pending_stats
-                if isinstance(key, str):
+                """Kept for the response middleware, which takes them out by the response's id on the event
+                loop (this runs on the thread pool): under the lock. The oldest go beyond 64 (a response
+                that never reached the middleware, e.g. its client went away)."""
+                if not isinstance(key, str):
+                    return
+                with self.adakv_pending_lock:
+                    pending = self.adakv_pending_stats
                     pending[key] = stats
-                while len(pending) > 16:
-                    pending.pop(next(iter(pending)))
+                    while len(pending) > 64:
+                        pending.pop(next(iter(pending)))
 
-            def _finish(self, previous: Any, note: str = "") -> dict[str, Any]:
-                stats = request_stats(self, self.adakv_config, previous)
+            def adakv_take_stats(self, key: str) -> dict[str, Any] | None:
+                """The stats filed under a completion id, removed (None if there are none)."""
+                with self.adakv_pending_lock:
+                    return self.adakv_pending_stats.pop(key, None)
+
+            def _finish(self, note: str = "") -> dict[str, Any]:
+                stats = request_stats(self, self.adakv_config)
                 stats["n_ctx"] = self.n_ctx()
                 self.last_request_stats = stats
                 print(f"adakv-local serve: {request_line(self.n_requests, stats)}{note}", file=sys.stderr, flush=True)

@@ -9,27 +9,31 @@ Stats (also the keys of ``--json``'s ``stats``), measured right after the prompt
 before the summary was generated:
 
 - ``prompt_tokens``: tokens of the whole chat prompt (instruction + document + template).
-- ``kv_cells_before``: cells per layer a cache without eviction would hold (= prompt_tokens).
+- ``kv_cells_before``: cells per layer the cache held before this prompt's compression: the
+  prompt's tokens on a first turn; on a later turn (``chat``, ``serve``) the compacted block of the
+  earlier turns plus the new tokens.
 - ``kv_cells_after``: cells per layer the cache holds after eviction. A cell stores one token for
-  every KV head; heads keep different numbers of tokens (Ada-KV), so this is the footprint of the
-  compacted block, i.e. what the head with the most kept tokens needs. ``kv_cells_kept_mean`` is
-  the average number of tokens a KV head actually kept.
-- ``kv_bytes_before`` / ``kv_bytes_after``: those cells in bytes (f16 K and V of every KV head of
-  every layer). Sliding-window layers (iSWA models) are never evicted; they count the min(prompt,
-  n_swa) cells their attention reaches, in both (with eviction their cache is a ring of about
+  every KV head; heads keep different numbers of tokens (Ada-KV), and the compacted block packs
+  each layer's kept tokens into the memory of its first cells (the footprint). ``kv_cells_kept_mean``
+  is the average number of tokens a KV head actually kept.
+- ``kv_bytes_before`` / ``kv_bytes_after``: those cells in bytes of K and V as the cache stores them
+  (f16, q8_0, ...), from the native library's memory figures, sliding-window layers (iSWA models,
+  never evicted) included with the cells they hold (with eviction their cache is a ring of about
   n_swa + a batch cells, swa_full off).
-- ``footprint``: R, the cells of the compacted block (= ``kv_cells_after``). Every head of a layer
-  costs R cells, R being the largest per-head budget; ``--max-ratio`` bounds it.
+- ``footprint``: R, the cells of the compacted block (= ``kv_cells_after``; when nothing was
+  compressed, the cells held).
 - ``chunks`` / ``compressions``: a document longer than the cache is read in chunks with a
   compression between them (1 / 1 when it fits). ``peak_cells``: the most cells the cache held at
   once; ``kv_bytes_peak``: the bytes those held (sliding-window layers included);
   ``kv_bytes_allocated``: the bytes allocated for the whole cache (``n_ctx`` cells and the ring).
 - ``prefill_tps``: prompt tokens per second of the prompt processing, eviction included;
   ``decode_tps``: generated tokens per second of wall time after the prompt.
-- ``seconds``: the eviction's steps: score (the decodes of the ubatches that carried the window, its
-  scores computed in their graph), allocate, compact; summed over the compressions.
-  ``compressed``: whether the prompt exceeded the budget (else nothing was evicted; always false
-  with ``--method full``, which keeps every cell).
+- ``seconds``: ``allocate`` and ``compact``, eviction's own steps, and ``scored_ubatch``, the
+  decodes of the ubatches that carried the window: prompt reading (part of ``prefill_seconds``) with
+  the window's scores computed in their graph, whose own extra cost is a small part of it
+  (``adakv-local bench --direct`` measures it); summed over the compressions.
+- ``compressed``: whether anything was evicted; when not, ``reason`` says why (e.g. the budget
+  exceeds the prompt; always with ``--method full``, which keeps every cell), else null.
 - also: ``prefill_tokens`` (prompt tokens evaluated, = prompt_tokens here), ``completion_tokens``,
   ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells; null with ``--method full``), ``window``,
   ``n_ctx``.
@@ -253,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         llm.progress_callback = progress
         llm.meter.on_prefill_done = progress.finish
         summary = _generate(llm, messages, args, progress)
-        stats = request_stats(llm, cfg, None)
+        stats = request_stats(llm, cfg)
         stats["n_ctx"] = n_ctx
     finally:
         llm.close()
