@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli_run import _cmd
 
 from adakv_local.cli import chat as chat_mod
 from adakv_local.cli.chat import BLOCK, PASTE_END, PASTE_OFF, PASTE_ON, PASTE_START, ChatInputError, Entry, Reader
@@ -330,7 +331,7 @@ def test_chat_on_a_terminal_answers_a_paste_once(tmp_path):
 
     tiny = write_llama_gguf(tmp_path / "tiny.gguf", seed=3)
     paste = PASTE_START.encode() + LICENSE.replace("\n", "\r").encode() + PASTE_END.encode() + b"\r"
-    argv = [sys.executable, "-m", "adakv_local", "chat", "--model", str(tiny), "--max-tokens", "3", "--threads", "1"]
+    argv = [*_cmd(), "chat", "--model", str(tiny), "--max-tokens", "3", "--threads", "1"]
     code, out, err = _pty_run(argv, [("you> ", paste), ("you> ", b"/exit\r")])
     assert code == 0, (out, err)
     text = out.decode(errors="replace")

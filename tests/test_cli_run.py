@@ -133,7 +133,7 @@ def test_a_budget_above_the_prompt_says_so(tiny, doc):
     assert proc.returncode == 0, proc.stderr
     assert "the budget (1000000000 cells per head) exceeds the " in proc.stderr and "nothing is evicted" in proc.stderr
     assert "within the budget" not in proc.stderr
-    proc = cli("chat", "--model", str(tiny), "--max-tokens", "2", "--budget", "1e9", "--threads", "1",
+    proc = cli("chat", "--model", str(tiny), "--max-tokens", "2", "--budget", "1e9", "--threads", "1", "--lines",
                input=f"{DOC}\n/stats\n")
     assert proc.returncode == 0, proc.stderr
     assert "last turn: not compressed: the budget (1000000000 cells per head) exceeds the " in proc.stdout
