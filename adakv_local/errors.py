@@ -28,9 +28,10 @@ class NativeBackendError(AdaKVError):
 
 
 class CacheFullError(AdaKVError):
-    """The tokens to evaluate do not fit in the KV cache's free cells (n_ctx), and cannot be
-    compressed to fit (a generated token, or a prompt shorter than the window); nothing was
-    evaluated. ``Llama.generate`` ends the generation there (finish reason "length")."""
+    """The tokens to evaluate do not fit in the KV cache's free cells (n_ctx), and compressing cannot
+    make room (a budget as large as the cache), or a generated token would be past the model's
+    trained context; nothing was evaluated. ``Llama.generate`` ends the generation there (finish
+    reason "length")."""
 
 
 class ClosedError(AdaKVError):

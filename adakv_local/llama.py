@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,12 @@ class AdaKVStats:
     of it, about 1% of a prefill: ``adakv-local bench --direct`` measures it), ``allocate`` the
     policy, ``compact`` the compaction (these two are eviction's own cost), each summed over the
     compressions.
+
+    A turn of fewer new tokens than the window that takes the cache above the budget is compressed
+    too: its window is completed with the cache's last ``reevaluated`` tokens, taken back and
+    evaluated again. A generation that fills the cache compresses it (its last ``window`` tokens
+    evaluated again as the window) and goes on: ``decode_compressions`` counts those compressions
+    since this record was made, ``decode_seconds`` their wall time.
     """
 
     prompt_tokens: int
@@ -95,6 +101,9 @@ class AdaKVStats:
     kv_bytes_before: int = 0
     kept_mean: float = 0.0
     reason: str = ""
+    reevaluated: int = 0
+    decode_compressions: int = 0
+    decode_seconds: float = 0.0
 
     @property
     def compressed(self) -> bool:
@@ -115,6 +124,7 @@ class _Run:
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_seconds: list[float] = field(default_factory=list)
     chunk_cpu_seconds: list[float] = field(default_factory=list)
+    reevaluated: int = 0
     t_mark: tuple[float, float] = field(default_factory=lambda: (time.perf_counter(), time.process_time()))
 
     def end_chunk(self, n_tokens: int) -> None:
@@ -342,17 +352,24 @@ class Llama(llama_cpp.Llama):
             )
         self._rewind()
         tokens = list(tokens)
+        if self._decoding and self.n_tokens + len(tokens) > self._n_ctx:
+            raise CacheFullError(
+                f"position {self.n_tokens + len(tokens)} is past the {self._n_ctx} positions this model was "
+                "trained for: eviction bounds the cache, not the conversation's length"
+            )
         n_cells = kv.n_cells()
+        if n_cells + len(tokens) > self.n_ctx() and (self._decoding or len(tokens) < cfg.window):
+            # a generated token or a short turn that does not fit: compress what the cache holds first
+            self._make_room(len(tokens))
+            n_cells = kv.n_cells()
         if n_cells + len(tokens) <= self.n_ctx():
             if self._adakv_suspended:  # a continuation of the evaluated prompt (teacher forcing): its record stays
                 return self._eval_batches(tokens)
-            if len(tokens) < cfg.window:
-                run = _Run(peak_cells=n_cells + len(tokens))
-                self._eval_batches(tokens)
-                why = f"{len(tokens)} new token(s), fewer than the window ({cfg.window}): not scored"
-                self._record_uncompressed(run, len(tokens), cfg.cells_for(self.n_tokens), why)
-                return None
+            if self._decoding:  # a generated token: compressed when the cache is full (above)
+                return self._eval_batches(tokens)
             self._stats_run = _Run(peak_cells=n_cells + len(tokens))
+            if len(tokens) < cfg.window:
+                return self._eval_short(tokens)
             return self._eval_prompt(tokens)
         if self._adakv_suspended or len(tokens) < cfg.window or n_cells + cfg.window > self.n_ctx():
             raise CacheFullError(
@@ -362,17 +379,97 @@ class Llama(llama_cpp.Llama):
             )
         return self._eval_chunked(tokens, self._check_chunking(tokens, n_cells))
 
-    def _eval_prompt(self, tokens: list[int], budget: int | None = None) -> None:
-        """A prompt that fits: evaluate it, scoring its window in its last ubatch, and compress."""
+    def _held(self, n_new: int = 0) -> float:
+        """The cells each KV head holds on average (the compacted block's share and the cells after
+        it), with n_new more tokens."""
+        kv = self._adakv
+        assert kv is not None
+        return kv.view_cells() + n_new - float(kv.starts().mean())
+
+    def _take_back(self, m: int) -> list[int]:
+        """Remove the last m tokens the cache holds after its compacted block (at most those), so that
+        they are evaluated again; the tokens removed (fewer, or none, where the cache refuses: a
+        sliding-window cache that no longer holds what they attend to)."""
+        kv = self._adakv
+        assert kv is not None
+        m = max(0, min(m, kv.n_cells() - kv.footprint(), self.n_tokens))
+        if m == 0:
+            return []
+        self.n_tokens -= m
+        if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
+            self.n_tokens += m
+            return []
+        return [int(t) for t in self.input_ids[self.n_tokens : self.n_tokens + m]]
+
+    def _eval_short(self, tokens: list[int]) -> None:
+        """A turn of fewer tokens than the window (a follow-up question, a chat template's few tokens).
+
+        When the cache then holds more than the budget, the window is the conversation's last
+        ``adakv_window`` tokens: the new ones, and before them the last ones of the cache, taken back
+        and evaluated again with them (at most a window of extra work), so that every turn brings the
+        cache back to the budget and a chat of short messages never fills it."""
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        budget = cfg.cells_for(self.n_tokens + len(tokens))
+        if self._held(len(tokens)) <= budget:
+            self._eval_batches(tokens)
+            self._stats_run.end_chunk(len(tokens))
+            return self._finish_stats(kv.n_cells(), budget)
+        again = self._take_back(cfg.window - len(tokens))
+        self._stats_run.reevaluated = len(again)
+        return self._eval_prompt(again + tokens, budget, window=len(again) + len(tokens))
+
+    def _make_room(self, n_new: int) -> None:
+        """The cache is full and n_new tokens must follow (a generated token, a short turn): compress it
+        now with its last ``adakv_window`` tokens, taken back and evaluated again, as the window (the
+        observation window of a generation is what it generated last). Counted in ``adakv_stats``
+        (``decode_compressions``, ``decode_seconds``) while generating.
+
+        Raises:
+            CacheFullError: nothing can be evicted (the cache holds no more than the budget, or too few
+                cells after its block for a window) or the budget leaves no room; nothing was changed.
+        """
+        kv, cfg = self._adakv, self.adakv_config
+        assert kv is not None and cfg is not None
+        budget = cfg.cells_for(self.n_tokens + n_new)
+        tail = kv.n_cells() - kv.footprint()
+        if self._held() <= budget or tail < 1 or budget + n_new > self.n_ctx():
+            raise CacheFullError(
+                f"the KV cache is full: {n_new} more token(s) do not fit in its {self.n_ctx()} cells and "
+                f"compressing cannot make room (budget {budget} cells per head, {kv.n_cells()} cells held); "
+                "lower the budget, raise n_ctx, or start again (reset())"
+            )
+        t0 = time.perf_counter()
+        outer, callback = self._stats_run, self.progress_callback
+        self._stats_run, self.progress_callback = _Run(), None
+        try:
+            again = self._take_back(cfg.window)
+            if not again:
+                raise CacheFullError(
+                    f"the KV cache is full ({kv.n_cells()} of {self.n_ctx()} cells) and its last tokens cannot be "
+                    "evaluated again to score a window; start again (reset()) or raise n_ctx"
+                )
+            self._compress(self._eval_scored(again, len(again)), budget, len(again))
+        finally:
+            self._stats_run, self.progress_callback = outer, callback
+        st = self.adakv_stats
+        if self._decoding and st is not None:
+            self.adakv_stats = replace(st, decode_compressions=st.decode_compressions + 1,
+                                       decode_seconds=st.decode_seconds + time.perf_counter() - t0)
+
+    def _eval_prompt(self, tokens: list[int], budget: int | None = None, window: int | None = None) -> None:
+        """A prompt that fits: evaluate it, scoring its window (``adakv_window`` tokens unless given)
+        in its last ubatch, and compress. A fractional budget is of the conversation's tokens."""
         kv, cfg = self._adakv, self.adakv_config
         assert kv is not None and cfg is not None
         n_after = kv.n_cells() + len(tokens)
-        budget = cfg.cells_for(n_after) if budget is None else budget
-        if kv.view_cells() + len(tokens) - float(kv.starts().mean()) <= budget:  # what the heads hold, on average
+        budget = cfg.cells_for(self.n_tokens + len(tokens)) if budget is None else budget
+        window = cfg.window if window is None else window
+        if self._held(len(tokens)) <= budget:  # what the heads hold, on average
             self._eval_batches(tokens)
         else:
-            scores = self._eval_scored(tokens, cfg.window)
-            self._compress(scores, budget, cfg.window)
+            scores = self._eval_scored(tokens, window)
+            self._compress(scores, budget, window)
         self._stats_run.end_chunk(len(tokens))
         self._finish_stats(n_after, budget)
         return None
@@ -488,7 +585,7 @@ class Llama(llama_cpp.Llama):
                 "eviction lets a prompt be longer than the cache, not than the model's context (positions "
                 "beyond it would break RoPE): shorten the prompt"
             )
-        budget = cfg.cells_for(n_cells + len(tokens))
+        budget = cfg.cells_for(self.n_tokens + len(tokens))
         kv = self._adakv
         layout = kv.block_layout if kv else "pooled"
         bound = _footprint_bound(cfg, budget, kv.n_head_kv if kv else 1, layout)
@@ -567,6 +664,7 @@ class Llama(llama_cpp.Llama):
             kv_bytes_before=mem.used_bytes(cells_before),
             kept_mean=float(kept[list(kv.layout.layer_ids)].mean()) if kv.n_layer else float(n),
             reason=reason,
+            reevaluated=run.reevaluated,
         )
 
     def reset(self) -> None:
@@ -647,8 +745,10 @@ class Llama(llama_cpp.Llama):
             self.progress_callback(min(self._progress[0], self._progress[1]), self._progress[1])
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
-        """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache ends
-        there (the completion's finish reason is "length"), since positions may run past n_ctx."""
+        """llama-cpp-python's ``generate``; with eviction, a generation that fills the KV cache
+        compresses it (the last ``adakv_window`` tokens generated are the observation window) and goes
+        on, up to ``max_tokens`` or the model's trained context. It ends early (finish reason
+        "length") only where compressing cannot make room (a budget as large as the cache)."""
         self._check_open()
         self._decoding = False
         gen = super().generate(tokens, *args, **kwargs)

@@ -219,14 +219,38 @@ def test_completion_longer_than_n_ctx_and_prefix_reuse(tiny):
     assert b == llama(tiny).create_completion(other, max_tokens=5, temperature=0.0)["choices"][0]["text"]
 
 
-def test_generation_that_fills_the_cache_ends_with_length(tiny):
+def test_generation_that_fills_the_cache_compresses_and_goes_on(tiny):
     llm = llama(tiny, adakv_chunk=None)
-    toks = prompt_of(llm, 100, 7)
+    toks = prompt_of(llm, 20, 7)
+    assert len(toks) + 1500 < 2048 and len(toks) < llm.n_ctx()
+    out = llm.create_completion(toks, max_tokens=1500, temperature=0.0)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 1500  # max_tokens, through a cache of 256 cells
+    st = llm.adakv_stats
+    assert st.prompt_tokens == len(toks) and st.decode_compressions >= 1500 // llm.n_ctx()
+    assert st.decode_seconds > 0 and llm.adakv_kvcache.n_cells() <= llm.n_ctx()
+
+
+def test_generation_ends_with_length_where_compressing_cannot_make_room(tiny):
+    llm = llama(tiny, adakv_chunk=None, adakv_budget=256)  # the budget is the whole cache
+    toks = prompt_of(llm, 20, 7)
     out = llm.create_completion(toks, max_tokens=2000, temperature=0.0)
     assert out["choices"][0]["finish_reason"] == "length"
     assert llm.adakv_kvcache.n_cells() == llm.n_ctx()  # it stopped because the cache was full
+    assert llm.adakv_stats.decode_compressions == 0
     with pytest.raises(CacheFullError, match="cache is full"):
         llm.eval([1])
+
+
+def test_generation_stops_at_the_trained_context(tiny):
+    llm = llama(tiny, adakv_chunk=None)
+    n_train = 2048
+    toks = prompt_of(llm, 400, 7)[:1900]  # read in chunks
+    out = llm.create_completion(toks, max_tokens=1000, temperature=0.0)
+    # positions end at the trained context (not at the cache's 256 cells)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert len(toks) + out["usage"]["completion_tokens"] <= n_train
+    assert llm.n_tokens <= n_train
 
 
 def test_refusals_leave_everything_as_it_was(tiny):

@@ -161,12 +161,16 @@ def test_generated_tokens_keep_the_prompts_record_and_a_short_turn_gets_a_fresh_
     st = llm.adakv_stats
     assert st.compressed and st.prompt_tokens == len(prompt)  # the decoded tokens made no record
     more = llm.tokenize(b" alpha", add_bos=False)
-    assert len(more) < 8  # fewer than the window: not scored
+    assert len(more) < 8  # fewer than the window
+    kv = llm.adakv_kvcache
+    tail = kv.n_cells() - kv.footprint()  # the decoded tokens, after the block
+    assert tail > 0
     llm.eval(more)
     turn = llm.adakv_stats
-    assert turn is not st and not turn.compressed and turn.prompt_tokens == llm.n_tokens
-    assert "fewer than the window" in turn.reason, turn.reason
-    assert turn.footprint == st.footprint and turn.cells_after == llm.adakv_kvcache.n_cells()  # the block stays
+    # above the budget: compressed, the window completed with the last cells after the block
+    assert turn is not st and turn.compressed and turn.prompt_tokens == llm.n_tokens
+    assert turn.reason == "" and turn.reevaluated == min(8 - len(more), tail), turn
+    assert turn.cells_after == kv.n_cells() == turn.footprint
     with llm.adakv_suspended():  # teacher forcing after the prompt: its record stays, as for decoded tokens
         llm.eval(llm.tokenize(b" charlie delta echo foxtrot golf hotel india", add_bos=False))
     assert llm.adakv_stats is turn
