@@ -373,6 +373,9 @@ def request_stats(llm: Any, cfg: AdaKVConfig) -> dict[str, Any]:
         "peak_cells": st.peak_cells,
         "kv_bytes_peak": st.kv_bytes_peak,
         "kv_bytes_allocated": st.kv_bytes_allocated,
+        "reevaluated": st.reevaluated,
+        "decode_compressions": st.decode_compressions,
+        "decode_compress_seconds": round(st.decode_seconds, 4),
     }
 
 
@@ -424,7 +427,9 @@ def short_stats(s: dict[str, Any]) -> str:
     """One line: the cache after the turn and the reply's speed (chat, on a terminal)."""
     dec = f", reply {s['decode_tps']:.1f} tok/s" if s["decode_tps"] else ""
     evicted = f"{s['kv_cells_before']} -> {s['kv_cells_after']}" if s["compressed"] else f"{s['kv_cells_after']}"
-    return f"KV cache {evicted} cells per layer ({s['kv_bytes_after'] / _MIB:.1f} MiB){dec}"
+    n = s.get("decode_compressions", 0)
+    during = f", compressed {n} time{'s' if n > 1 else ''} while answering" if n else ""
+    return f"KV cache {evicted} cells per layer ({s['kv_bytes_after'] / _MIB:.1f} MiB){dec}{during}"
 
 
 def describe_adakv_stats(st: Any, llm: Any = None) -> list[str]:
@@ -435,7 +440,7 @@ def describe_adakv_stats(st: Any, llm: Any = None) -> list[str]:
     if not st.compressed:
         return [f"last turn: not compressed: {st.reason} ({st.method})",
                 f"  the cache holds {st.cells_after} cells per layer ({st.kept_mean:.1f} per KV head on average), "
-                f"{st.kv_bytes / _MIB:.1f} MiB, after a {st.prompt_tokens}-token conversation"]
+                f"{st.kv_bytes / _MIB:.1f} MiB, after a {st.prompt_tokens}-token conversation"] + _turn_notes(st)
     kv = llm.adakv_kvcache if llm is not None else None
     kept = st.kept[list(kv.layout.layer_ids)] if kv is not None and len(kv.layout.layer_ids) else st.kept
     return [
@@ -445,4 +450,17 @@ def describe_adakv_stats(st: Any, llm: Any = None) -> list[str]:
         f"-> {st.kv_bytes / _MIB:.1f} MiB; cells kept per KV head: min {int(kept.min())}, mean {st.kept_mean:.1f}, "
         f"max {int(kept.max())}",
         "  " + eviction_seconds(st.seconds),
-    ]
+    ] + _turn_notes(st)
+
+
+def _turn_notes(st: Any) -> list[str]:
+    """What a short turn or a long answer added to a record: the window completed from the cache, the
+    compressions while answering."""
+    notes = []
+    if st.reevaluated:
+        notes.append(f"  a short turn: its window completed with the cache's last {st.reevaluated} token(s), "
+                     "evaluated again")
+    if st.decode_compressions:
+        notes.append(f"  while answering: the cache filled and was compressed {st.decode_compressions} time(s), "
+                     f"{st.decode_seconds:.2f} s in all")
+    return notes
