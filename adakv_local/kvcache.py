@@ -24,7 +24,7 @@ ATTN_PATHS = {None: -1, "auto": 0, "heads": 1, "mask": 2}
 # enum llama_adakv_layout: how the compacted block lies in memory (None: ADAKV_LAYOUT, else pooled)
 LAYOUTS = {None: -1, "pooled": 0, "rect": 1}
 # enum llama_adakv_attn_used
-ATTN_USED = ("stock", "kernel", "mask", "heads", "gather-kernel", "gather-mask", "gather-heads")
+ATTN_USED = ("stock", "kernel", "mask", "heads", "gather-kernel", "gather-mask", "gather-heads", "pool-mask")
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ class AdaKVStats:
     (``adakv_config`` None) and after ``reset()``.
 
     ``compressed`` (``compressions > 0``): whether this evaluation evicted anything; when not,
-    ``reason`` says why in words (the budget exceeds the prompt, fewer new tokens than the window,
-    the method "full"), and ``seconds`` are zeros.
+    ``reason`` says why in words (the budget exceeds the prompt, the heads hold no more than the
+    budget, the method "full"), and ``seconds`` are zeros.
 
     kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
     that are not evicted, such as sliding-window layers, show the full length); ``kept_mean`` their

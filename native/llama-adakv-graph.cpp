@@ -22,10 +22,10 @@ uint32_t llama_adakv_graph_extra_nodes(const llama_adakv * ak) {
     // per evicted layer, generously: the fallback's 7 tensors per KV head (three views, the mask
     // view and its copy, the attention, the concat), the window scores' ~25 plus 4 per query head
     // of a group (max reduction), the capture's copy, the pooled layout's gathered view (K, V and
-    // the mask: ~20); tensors that are not nodes count against the same budget (llm_graph_result
+    // the mask: ~20) or its pool mask (~30); tensors that are not nodes count against the same budget (llm_graph_result
     // sizes its tensor pool by it)
     const uint32_t n_gqa = (uint32_t) (ak->n_head / ak->n_head_kv);
-    return (uint32_t) ak->layers.size() * (8u * (uint32_t) ak->n_head_kv + 4u * n_gqa + 96u);
+    return (uint32_t) ak->layers.size() * (8u * (uint32_t) ak->n_head_kv + 4u * n_gqa + 128u);
 }
 
 llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) {
@@ -98,14 +98,30 @@ static ggml_tensor * adakv_view_kv(
     return ggml_view_3d(ctx, kv, d, n_view, H, H * bytes, bytes, 0);
 }
 
+// the entry of the per-graph mask cache for a mask input (a free one if it has none yet; null when
+// the cache is full: then nothing is shared)
+static llama_adakv::view_mask_entry * adakv_mask_entry(llama_adakv & ak, const ggml_tensor * mask) {
+    for (auto & e : ak.view_masks) {
+        if (e.src == mask) {
+            return &e;
+        }
+    }
+    for (auto & e : ak.view_masks) {
+        if (e.src == nullptr) {
+            e.src = mask;
+            return &e;
+        }
+    }
+    return nullptr;
+}
+
 // the mask of the view: F16 [n_kv, n_q] of the cache cells -> F16 [width + n_kv - footprint, n_q],
 // 0 for the block's view cells (the past: always visible), then the mask of the cells after the
 // block; built once per graph and mask input, and shared by the layers that read the same mask
 static ggml_tensor * adakv_view_mask(ggml_context * ctx, llama_adakv & ak, ggml_tensor * mask) {
-    for (const auto & e : ak.view_masks) {
-        if (e.src == mask) {
-            return e.view;
-        }
+    auto * e = adakv_mask_entry(ak, mask);
+    if (e != nullptr && e->view != nullptr) {
+        return e->view;
     }
     const int64_t n_kv = mask->ne[0];
     const int64_t n_q  = mask->ne[1];
@@ -114,13 +130,76 @@ static ggml_tensor * adakv_view_mask(ggml_context * ctx, llama_adakv & ak, ggml_
     ggml_tensor * tmpl = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ak.width, n_q);
     ggml_tensor * zero = ggml_scale(ctx, ggml_repeat(ctx, ggml_arange(ctx, 0.0f, (float) ak.width, 1.0f), tmpl), 0.0f);
     ggml_tensor * view = ggml_cast(ctx, ggml_concat(ctx, zero, ggml_cast(ctx, tail, GGML_TYPE_F32), 0), GGML_TYPE_F16);
-    for (auto & e : ak.view_masks) {
-        if (e.src == nullptr) {
-            e = { mask, view };
-            break;
-        }
+    if (e != nullptr) {
+        e->view = view;
     }
     return view;
+}
+
+// The pool mask: the route that reads a pooled block where it lies with one stock call. K and V are
+// the layer's first n_kv cells seen as n_kv * H head rows of one shared KV head, and the mask leaves
+// each query head the rows of its own KV head: its pooled rows [row0, row0 + L), then its row of
+// every cell after the block (where the layer's mask allows that cell). The kernel skips the other
+// rows (-inf) and meets the same rows in the same order as the rect layout's routes.
+//
+// The part of the cells after the block, shared by the layers that read the same mask input:
+// F32 [H * n_tail, n_q, 1, H], row c * H + h' of KV head h is the mask of cell footprint + c if
+// h' == h, else -inf.
+static ggml_tensor *
+adakv_pool_tail_mask(ggml_context * ctx, llama_adakv & ak, ggml_tensor * mask, int64_t n_kv, int64_t n_q) {
+    auto * e = mask ? adakv_mask_entry(ak, mask) : nullptr;
+    if (e != nullptr && e->tail != nullptr) {
+        return e->tail;
+    }
+    const int64_t H      = ak.n_head_kv;
+    const int64_t n_tail = n_kv - ak.footprint;
+    // [H, 1, 1, H]: 0 where the row's head h' is the KV head h, -inf elsewhere
+    ggml_tensor * a     = ggml_arange(ctx, 0.0f, (float) H, 1.0f);
+    ggml_tensor * tmpl  = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, H, 1, 1, H);
+    ggml_tensor * rows  = ggml_repeat(ctx, ggml_reshape_4d(ctx, a, H, 1, 1, 1), tmpl);
+    ggml_tensor * heads = ggml_repeat(ctx, ggml_reshape_4d(ctx, a, 1, 1, 1, H), tmpl);
+    ggml_tensor * diag =
+            ggml_log(ctx, ggml_step(ctx, ggml_scale_bias(ctx, ggml_abs(ctx, ggml_sub(ctx, rows, heads)), -1.0f, 0.5f)));
+    ggml_tensor * full = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, H, n_tail, n_q, H);
+    ggml_tensor * t    = nullptr;
+    if (mask != nullptr) {
+        ggml_tensor * cells = ggml_view_2d(ctx, mask, n_tail, n_q, mask->nb[1], (size_t) ak.footprint * mask->nb[0]);
+        cells               = ggml_reshape_4d(ctx, ggml_cast(ctx, cells, GGML_TYPE_F32), 1, n_tail, n_q, 1);
+        t                   = ggml_add(ctx, ggml_repeat(ctx, cells, full), diag);
+    } else {
+        t = ggml_repeat(ctx, diag, full);
+    }
+    t = ggml_reshape_4d(ctx, t, H * n_tail, n_q, 1, H);
+    if (e != nullptr) {
+        e->tail = t;
+    }
+    return t;
+}
+
+// the pool mask of layer l: F16 [n_kv * H, n_q, n_head, 1] (see adakv_pool_tail_mask)
+static ggml_tensor * adakv_pool_mask(
+        ggml_context * ctx,
+        llama_adakv & ak,
+        const llama_adakv_layer & l,
+        ggml_tensor * mask,
+        int64_t n_kv,
+        int64_t n_q,
+        int64_t n_head) {
+    const int64_t H  = ak.n_head_kv;
+    const int64_t g  = n_head / H;
+    const int64_t RH = (int64_t) ak.footprint * H; // the block's head rows
+    GGML_ASSERT(n_head % H == 0);
+    // [RH, H]: 0 for the rows [row0, row0 + L) of each KV head, -inf elsewhere
+    ggml_tensor * r =
+            ggml_repeat(ctx, ggml_arange(ctx, 0.0f, (float) RH, 1.0f), ggml_new_tensor_2d(ctx, GGML_TYPE_F32, RH, H));
+    ggml_tensor * lo   = ggml_step(ctx, ggml_scale_bias(ctx, ggml_sub(ctx, r, l.row0_f32), 1.0f, 0.5f));
+    ggml_tensor * hi   = ggml_step(ctx, ggml_scale_bias(ctx, ggml_sub(ctx, r, l.rowend_f32), -1.0f, -0.5f));
+    ggml_tensor * pool = ggml_log(ctx, ggml_mul(ctx, lo, hi));
+    pool               = ggml_repeat(
+            ctx, ggml_reshape_4d(ctx, pool, RH, 1, 1, H), ggml_new_tensor_4d(ctx, GGML_TYPE_F32, RH, n_q, 1, H));
+    ggml_tensor * m = ggml_concat(ctx, pool, adakv_pool_tail_mask(ctx, ak, mask, n_kv, n_q), 0);
+    m               = ggml_repeat(ctx, m, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv * H, n_q, g, H));
+    return ggml_cast(ctx, ggml_reshape_4d(ctx, m, n_kv * H, n_q, n_head, 1), GGML_TYPE_F16);
 }
 
 // the attention of one layer over a block that is a rectangle with per-head start cells (the rect
@@ -187,6 +266,29 @@ static ggml_tensor * llama_adakv_graph_heads(
         }
         ggml_flash_attn_ext_set_head_pool(fa, nullptr);
         ggml_flash_attn_ext_set_head_start(fa, nullptr);
+    }
+    ggml_tensor * q    = fa->src[0];
+    ggml_tensor * k    = fa->src[1];
+    ggml_tensor * v    = fa->src[2];
+    ggml_tensor * mask = fa->src[3];
+    const int64_t H    = ak->n_head_kv;
+    const int64_t n_kv = k->ne[1];
+    const int64_t n_q  = mask ? mask->ne[1] : q->ne[1];
+    if (ak->attn_path != LLAMA_ADAKV_ATTN_HEADS && q->ne[3] == 1 &&
+        llama_adakv_head_mask_bytes(n_kv * H, n_q, q->ne[2]) <= ADAKV_HEAD_MASK_MAX_BYTES) {
+        // the block where it lies: every head row a column of one shared KV head
+        const size_t kb = ggml_row_size(l.k->type, k->ne[0]);
+        const size_t vb = ggml_row_size(l.v->type, v->ne[0]);
+        fa->src[1]      = ggml_view_3d(ctx, l.k, k->ne[0], n_kv * H, 1, kb, kb * n_kv * H, 0);
+        fa->src[2]      = ggml_view_3d(ctx, l.v, v->ne[0], n_kv * H, 1, vb, vb * n_kv * H, 0);
+        fa->src[3]      = adakv_pool_mask(ctx, *ak, l, mask, n_kv, n_q, q->ne[2]);
+        if (ggml_backend_dev_supports_op(llama_adakv_dev_of(l.k), fa)) {
+            l.attn_used = LLAMA_ADAKV_USED_POOL_MASK;
+            return fa;
+        }
+        fa->src[1] = k;
+        fa->src[2] = v;
+        fa->src[3] = mask;
     }
     const auto view = gather(); // K, V and the mask of the view
     fa->src[1]      = view[0];

@@ -118,6 +118,8 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
     std::vector<float> f;
     std::vector<int32_t> kernel_start;
     std::vector<int32_t> pool;
+    std::vector<float> lo;
+    std::vector<float> hi;
     std::vector<int32_t> rows;
     for (auto & l : ak.layers) {
         // the kernel reads the pooled rows, then the cells from the footprint on
@@ -131,10 +133,14 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
             continue;
         }
         pool.clear();
+        lo.clear();
+        hi.clear();
         rows.assign((size_t) ak.view_cap * ak.n_head_kv, 0);
         for (int32_t h = 0; h < ak.n_head_kv; ++h) {
             pool.push_back(l.row0[h]);
             pool.push_back(l.count[h]);
+            lo.push_back((float) l.row0[h]);
+            hi.push_back((float) (l.row0[h] + l.count[h]));
             // rows of cells outside the cache (never read) and below the start (masked) are row 0
             for (uint32_t c = 0; c < ak.view_cap; ++c) {
                 const int64_t r = llama_adakv_view_row(ak, l, h, c);
@@ -144,6 +150,8 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
             }
         }
         ggml_backend_tensor_set(l.pool_i32, pool.data(), 0, pool.size() * sizeof(int32_t));
+        ggml_backend_tensor_set(l.row0_f32, lo.data(), 0, lo.size() * sizeof(float));
+        ggml_backend_tensor_set(l.rowend_f32, hi.data(), 0, hi.size() * sizeof(float));
         ggml_backend_tensor_set(l.view_rows, rows.data(), 0, rows.size() * sizeof(int32_t));
     }
 }
@@ -576,7 +584,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         by_buft[ggml_backend_buffer_get_type(ak->layers[i].k->buffer)].push_back(i);
     }
     for (auto & [buft, ids] : by_buft) {
-        ggml_init_params ip = { 6 * ids.size() * ggml_tensor_overhead(), nullptr, true };
+        // the persistent tensors of each layer (llama_adakv_layer: 8)
+        ggml_init_params ip = { 8 * ids.size() * ggml_tensor_overhead(), nullptr, true };
         ggml_context * tctx = ggml_init(ip);
         if (!tctx) {
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
@@ -588,6 +597,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
             l.vstart_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
             l.start_f32  = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
             l.pool_i32   = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
+            l.row0_f32   = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
+            l.rowend_f32 = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
             l.view_rows  = ggml_new_tensor_2d(
                     tctx, GGML_TYPE_I32, ak->n_head_kv, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1);
             l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);

@@ -21,7 +21,7 @@ from adakv_local.errors import NativeInvalidArgument
 MORE = b" Another paragraph follows here, with new words in it, and numbers: 31337 and 2048."
 
 # attention route of the pooled context -> what attn_used() reports once the block exists
-ROUTES = {"auto": "kernel", "mask": "gather-mask", "heads": "gather-heads"}
+ROUTES = {"auto": "kernel", "mask": "pool-mask", "heads": "gather-heads"}
 
 
 def run(path, layout, route, type_kv, seed):
@@ -52,11 +52,19 @@ def test_pooled_equals_rect(tiny64, type_kv, route):
         # the kernel walks the same rows in the same order (pooled rows, then the cells after them)
         np.testing.assert_array_equal(got, ref, err_msg=type_kv)
     else:
-        # the gathered view holds the cache's own bytes in the rect layout's order, read by the
-        # same stock kernel as the rect layout's route of the same name
         same, _, same_used, _ = run(tiny64, "rect", route, type_kv, seed)
         assert same_used == [route] * kv.n_layer, same_used
-        np.testing.assert_array_equal(got, same, err_msg=f"{type_kv} {route}")
+        if route == "heads":
+            # the gathered view holds the cache's own bytes in the rect layout's order, read by the
+            # same stock calls as the rect layout's route
+            np.testing.assert_array_equal(got, same, err_msg=f"{type_kv} {route}")
+        else:
+            # the pool mask: the same rows in the same order, among the other heads' rows (masked);
+            # the kernel's tiles and threads split a longer row of columns otherwise, so the sums
+            # group differently (measured up to 3e-5 of the largest logit)
+            scale = float(np.abs(same).max())
+            err = float(np.abs(got - same).max())
+            assert err <= 2e-4 * scale, (type_kv, route, err, scale)
     # the pooled block is smaller: the mean kept count per head, rounded up, not the largest
     assert got_r[0] < ref_r[0] and got_r[1] < ref_r[1], (got_r, ref_r)
 

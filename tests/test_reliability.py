@@ -168,7 +168,7 @@ def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
         proc = _run_isolated(code, dest, ADAKV_ATTN_PATH=path, ADAKV_FORCE_FALLBACK="0")
         assert proc.returncode == 0, f"ADAKV_ATTN_PATH={path}: {proc.stderr[-3000:]}"
         # in every layer; the pooled block (the default layout) is gathered for the stock routes
-        used = {"auto": "kernel", "heads": "gather-heads", "mask": "gather-mask"}[path]
+        used = {"auto": "kernel", "heads": "gather-heads", "mask": "pool-mask"}[path]
         assert proc.stdout.strip().splitlines()[-1] == used, proc.stdout
         out[path] = np.load(dest)
     fast = out["auto"]
@@ -332,7 +332,7 @@ def test_mask_path_equals_the_fast_path_on_smollm2(monkeypatch):
         out[route] = np.array(llm.scores[1100 : llm.n_tokens])
         used[route] = set(llm.adakv_kvcache.attn_used())
         llm.close()
-    assert used == {"auto": {"kernel"}, "mask": {"gather-mask"}}  # the pooled block, gathered for Metal's route
+    assert used == {"auto": {"kernel"}, "mask": {"pool-mask"}}  # the pooled block where it lies, Metal's route
     # the same kernel over the same f16 values (gathered into a rectangle for the mask route), which
     # walks the cells below a start with exp(-inf) = 0 terms, so only the accumulation order of the
     # online softmax can differ (float32 rounding)

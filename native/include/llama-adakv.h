@@ -111,6 +111,9 @@ enum llama_adakv_attn_used {
                                         // (stock get_rows), read by the kernel with start cells
     LLAMA_ADAKV_USED_GATHER_MASK   = 5, // the same rectangle, one stock call with a per-head mask
     LLAMA_ADAKV_USED_GATHER_HEADS  = 6, // the same rectangle, one stock call per KV head
+    LLAMA_ADAKV_USED_POOL_MASK     = 7, // pooled layout: one stock call over the block's memory as it
+                                        // lies (every head row a column of one shared KV head), with a
+                                        // per-head mask that leaves each head its own rows
 };
 
 // how the compacted block lies in the cache's memory (see "The block" above)
