@@ -322,7 +322,11 @@ def test_mask_path_equals_the_fast_path_on_smollm2(monkeypatch):
     out, used = {}, {}
     for route in ("auto", "mask"):
         monkeypatch.setenv("ADAKV_ATTN_PATH", route)  # read when eviction is enabled
-        llm = Llama(model_path=path, n_ctx=2048, n_threads=2, logits_all=True, verbose=False, adakv_budget=128)
+        # one thread: the pool mask reads 3 x 256 columns, over the 512 at which ggml's CPU kernel
+        # splits a one-token query's columns among its threads (f16 partial sums merged in another
+        # order: llama.cpp's own full cache differs as much between 1 and 2 threads at this length,
+        # KL up to ~0.008 per token); with one thread both routes take the same loop
+        llm = Llama(model_path=path, n_ctx=2048, n_threads=1, logits_all=True, verbose=False, adakv_budget=128)
         text = " ".join(t for _, t in documents())[:6000]
         toks = llm.tokenize(text.encode())[:1200]
         llm.eval(toks[:1100])
@@ -333,11 +337,6 @@ def test_mask_path_equals_the_fast_path_on_smollm2(monkeypatch):
         used[route] = set(llm.adakv_kvcache.attn_used())
         llm.close()
     assert used == {"auto": {"kernel"}, "mask": {"pool-mask"}}  # the pooled block where it lies, Metal's route
-    # the same kernel over the same f16 values (gathered into a rectangle for the mask route), which
-    # walks the cells below a start with exp(-inf) = 0 terms, so only the accumulation order of the
-    # online softmax can differ (float32 rounding)
-    scale = np.abs(out["auto"]).max()
-    err = np.abs(out["mask"] - out["auto"]).max()
-    assert err <= 1e-3 * scale, f"{err:.3g} > {1e-3 * scale:.3g}"
-    # and the comparison can fail: top-1 agreement over the 100 decoded positions
-    assert (out["mask"].argmax(axis=1) == out["auto"].argmax(axis=1)).mean() >= 0.99
+    # the same kernel loop meets the same f16 rows in the same order (the pool mask skips the other
+    # heads' rows): the same logits, bit for bit
+    np.testing.assert_array_equal(out["mask"], out["auto"])
