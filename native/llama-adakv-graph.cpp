@@ -138,12 +138,13 @@ static ggml_tensor * adakv_view_mask(ggml_context * ctx, llama_adakv & ak, ggml_
 
 // The pool mask: the route that reads a pooled block where it lies with one stock call. K and V are
 // the layer's first n_kv cells seen as n_kv * H head rows of one shared KV head, and the mask leaves
-// each query head the rows of its own KV head: its pooled rows [row0, row0 + L), then its row of
-// every cell after the block (where the layer's mask allows that cell). The kernel skips the other
-// rows (-inf) and meets the same rows in the same order as the rect layout's routes.
+// each query head the rows of its own KV head: its pooled rows [row0, row0 + L) (the persistent
+// block part, written with the block), then its row of every cell after the block (where the
+// layer's mask allows that cell). The kernel skips the other rows (-inf) and meets the same rows in
+// the same order as the rect layout's routes.
 //
 // The part of the cells after the block, shared by the layers that read the same mask input:
-// F32 [H * n_tail, n_q, 1, H], row c * H + h' of KV head h is the mask of cell footprint + c if
+// F16 [H * n_tail, n_q, 1, H], row c * H + h' of KV head h is the mask of cell footprint + c if
 // h' == h, else -inf.
 static ggml_tensor *
 adakv_pool_tail_mask(ggml_context * ctx, llama_adakv & ak, ggml_tensor * mask, int64_t n_kv, int64_t n_q) {
@@ -169,7 +170,7 @@ adakv_pool_tail_mask(ggml_context * ctx, llama_adakv & ak, ggml_tensor * mask, i
     } else {
         t = ggml_repeat(ctx, diag, full);
     }
-    t = ggml_reshape_4d(ctx, t, H * n_tail, n_q, 1, H);
+    t = ggml_cast(ctx, ggml_reshape_4d(ctx, t, H * n_tail, n_q, 1, H), GGML_TYPE_F16);
     if (e != nullptr) {
         e->tail = t;
     }
@@ -189,17 +190,16 @@ static ggml_tensor * adakv_pool_mask(
     const int64_t g  = n_head / H;
     const int64_t RH = (int64_t) ak.footprint * H; // the block's head rows
     GGML_ASSERT(n_head % H == 0);
-    // [RH, H]: 0 for the rows [row0, row0 + L) of each KV head, -inf elsewhere
-    ggml_tensor * r =
-            ggml_repeat(ctx, ggml_arange(ctx, 0.0f, (float) RH, 1.0f), ggml_new_tensor_2d(ctx, GGML_TYPE_F32, RH, H));
-    ggml_tensor * lo   = ggml_step(ctx, ggml_scale_bias(ctx, ggml_sub(ctx, r, l.row0_f32), 1.0f, 0.5f));
-    ggml_tensor * hi   = ggml_step(ctx, ggml_scale_bias(ctx, ggml_sub(ctx, r, l.rowend_f32), -1.0f, -0.5f));
-    ggml_tensor * pool = ggml_log(ctx, ggml_mul(ctx, lo, hi));
-    pool               = ggml_repeat(
-            ctx, ggml_reshape_4d(ctx, pool, RH, 1, 1, H), ggml_new_tensor_4d(ctx, GGML_TYPE_F32, RH, n_q, 1, H));
-    ggml_tensor * m = ggml_concat(ctx, pool, adakv_pool_tail_mask(ctx, ak, mask, n_kv, n_q), 0);
-    m               = ggml_repeat(ctx, m, ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_kv * H, n_q, g, H));
-    return ggml_cast(ctx, ggml_reshape_4d(ctx, m, n_kv * H, n_q, n_head, 1), GGML_TYPE_F16);
+    const size_t nb = l.pool_mask->nb[1];
+    ggml_tensor * m = ggml_view_4d(ctx, l.pool_mask, RH, 1, 1, H, nb, nb, nb, 0); // [RH, 1, 1, H]
+    if (n_q > 1) {
+        m = ggml_repeat(ctx, m, ggml_new_tensor_4d(ctx, GGML_TYPE_F16, RH, n_q, 1, H));
+    }
+    m = ggml_concat(ctx, m, adakv_pool_tail_mask(ctx, ak, mask, n_kv, n_q), 0); // [n_kv * H, n_q, 1, H]
+    if (g > 1) {
+        m = ggml_repeat(ctx, m, ggml_new_tensor_4d(ctx, GGML_TYPE_F16, n_kv * H, n_q, g, H));
+    }
+    return ggml_reshape_4d(ctx, m, n_kv * H, n_q, n_head, 1);
 }
 
 // the attention of one layer over a block that is a rectangle with per-head start cells (the rect

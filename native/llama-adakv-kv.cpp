@@ -15,6 +15,7 @@
 #include "ggml-alloc.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -118,8 +119,7 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
     std::vector<float> f;
     std::vector<int32_t> kernel_start;
     std::vector<int32_t> pool;
-    std::vector<float> lo;
-    std::vector<float> hi;
+    std::vector<ggml_fp16_t> mask;
     std::vector<int32_t> rows;
     for (auto & l : ak.layers) {
         // the kernel reads the pooled rows, then the cells from the footprint on
@@ -133,14 +133,15 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
             continue;
         }
         pool.clear();
-        lo.clear();
-        hi.clear();
         rows.assign((size_t) ak.view_cap * ak.n_head_kv, 0);
         for (int32_t h = 0; h < ak.n_head_kv; ++h) {
             pool.push_back(l.row0[h]);
             pool.push_back(l.count[h]);
-            lo.push_back((float) l.row0[h]);
-            hi.push_back((float) (l.row0[h] + l.count[h]));
+            // the pool mask's block part of head h: its own rows [row0, row0 + L) of the block's
+            mask.assign((size_t) ak.footprint * ak.n_head_kv, ggml_fp32_to_fp16(-INFINITY));
+            std::fill(mask.begin() + l.row0[h], mask.begin() + l.row0[h] + l.count[h], ggml_fp32_to_fp16(0.0f));
+            ggml_backend_tensor_set(
+                    l.pool_mask, mask.data(), (size_t) h * l.pool_mask->nb[1], mask.size() * sizeof(ggml_fp16_t));
             // rows of cells outside the cache (never read) and below the start (masked) are row 0
             for (uint32_t c = 0; c < ak.view_cap; ++c) {
                 const int64_t r = llama_adakv_view_row(ak, l, h, c);
@@ -150,8 +151,6 @@ void llama_adakv_upload_starts(llama_adakv & ak) {
             }
         }
         ggml_backend_tensor_set(l.pool_i32, pool.data(), 0, pool.size() * sizeof(int32_t));
-        ggml_backend_tensor_set(l.row0_f32, lo.data(), 0, lo.size() * sizeof(float));
-        ggml_backend_tensor_set(l.rowend_f32, hi.data(), 0, hi.size() * sizeof(float));
         ggml_backend_tensor_set(l.view_rows, rows.data(), 0, rows.size() * sizeof(int32_t));
     }
 }
@@ -592,14 +591,15 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         }
         ak->ctxs.push_back(tctx);
         for (size_t i : ids) {
-            auto & l     = ak->layers[i];
-            l.start_i32  = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
-            l.vstart_i32 = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
-            l.start_f32  = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
-            l.pool_i32   = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
-            l.row0_f32   = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
-            l.rowend_f32 = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
-            l.view_rows  = ggml_new_tensor_2d(
+            auto & l          = ak->layers[i];
+            l.start_i32       = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
+            l.vstart_i32      = ggml_new_tensor_1d(tctx, GGML_TYPE_I32, ak->n_head_kv);
+            l.start_f32       = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, 1, ak->n_head_kv);
+            l.pool_i32        = ggml_new_tensor_2d(tctx, GGML_TYPE_I32, 2, ak->n_head_kv);
+            const bool pooled = ak->layout == LLAMA_ADAKV_LAYOUT_POOLED;
+            l.pool_mask       = ggml_new_tensor_2d(
+                    tctx, GGML_TYPE_F16, pooled ? (int64_t) ak->kv_size * ak->n_head_kv : 1, ak->n_head_kv);
+            l.view_rows = ggml_new_tensor_2d(
                     tctx, GGML_TYPE_I32, ak->n_head_kv, ak->layout == LLAMA_ADAKV_LAYOUT_POOLED ? ak->view_cap : 1);
             l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);

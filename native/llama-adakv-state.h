@@ -52,8 +52,9 @@ struct llama_adakv_layer {
     ggml_tensor * vstart_i32 = nullptr; // I32 [n_head_kv]         the view's start cell of each KV head
     ggml_tensor * start_f32  = nullptr; // F32 [1, n_head_kv]      the same, for the score and head masks
     ggml_tensor * pool_i32   = nullptr; // I32 [2, n_head_kv]      pooled layout: (row0, L) of each KV head
-    ggml_tensor * row0_f32   = nullptr; // F32 [1, n_head_kv]      pooled layout: row0 of each KV head, and
-    ggml_tensor * rowend_f32 = nullptr; // F32 [1, n_head_kv]      row0 + L (the pool mask's bounds)
+    ggml_tensor * pool_mask  = nullptr; // F16 [kv_size * n_head_kv, n_head_kv] pooled layout: the pool
+                                        //                         mask's block part, 0 for the head rows
+                                        //                         [row0, row0 + L) of each KV head, else -inf
     ggml_tensor * view_rows  = nullptr; // I32 [n_head_kv, view_cap] head row of every view cell (pooled),
                                         //                         cell-major: view cell c of head h at c * H + h
     ggml_tensor * scores     = nullptr; // F32 [view_cap, n_head_kv] window scores of each view cell
@@ -124,7 +125,7 @@ struct llama_adakv {
     struct view_mask_entry {
         const ggml_tensor * src = nullptr; // the layer's mask input
         ggml_tensor * view      = nullptr; // its view: F16 [width + n_kv - footprint, n_q]
-        ggml_tensor * tail      = nullptr; // the pool mask's cells after the block: F32
+        ggml_tensor * tail      = nullptr; // the pool mask's cells after the block: F16
                                            // [n_head_kv * (n_kv - footprint), n_q, 1, n_head_kv]
     };
     std::array<view_mask_entry, 2> view_masks = {};
