@@ -290,12 +290,72 @@ static bool adakv_counts_ok(const llama_adakv & ak, const std::vector<int32_t> &
     return most == width && (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED || width == fp);
 }
 
+// the saved block must be one that a compaction makes: fp cells labelled with the consecutive
+// positions [lo, hi] (lo = hi - fp + 1), standing for [first, hi] (0 <= first <= lo); for every
+// head, the view cells below its start hold nothing (-1) and the ones from it on the original
+// positions of its kept tokens, strictly increasing inside [first, hi]. No block: all -1 and
+// nothing kept. Returns what is wrong, or "" when nothing is
+static std::string adakv_block_error(
+        const llama_adakv & ak,
+        int32_t fp,
+        int32_t width,
+        llama_pos lo,
+        llama_pos hi,
+        llama_pos first,
+        const std::vector<int32_t> & counts,
+        const std::vector<llama_pos> & kept) {
+    if (fp == 0) {
+        if (lo != -1 || hi != -1 || first != -1) {
+            return format(
+                    "the saved state holds no compacted block but its block positions are first %d, labels [%d, %d] "
+                    "(all -1 without a block)",
+                    first, lo, hi);
+        }
+        return "";
+    }
+    if (first < 0 || first > lo || lo > hi || (int64_t) hi - lo + 1 != fp) {
+        return format(
+                "the saved block's positions are inconsistent: first %d, labels [%d, %d] for a block of %d cells "
+                "(0 <= first <= the first label, and one label per cell)",
+                first, lo, hi, fp);
+    }
+    const int32_t H = ak.n_head_kv;
+    for (size_t i = 0; i < ak.layers.size(); ++i) {
+        for (int32_t h = 0; h < H; ++h) {
+            const int32_t start   = width - counts[i * H + h];
+            const llama_pos * pos = kept.data() + (i * H + h) * width;
+            for (int32_t c = 0; c < width; ++c) {
+                const bool ok = c < start ? pos[c] == -1
+                                          : pos[c] >= first && pos[c] <= hi && (c == start || pos[c] > pos[c - 1]);
+                if (!ok) {
+                    return format(
+                            "the saved kept positions of layer %d head %d are corrupt: view cell %d holds position "
+                            "%d (-1 below the head's start cell %d, then strictly increasing inside [%d, %d])",
+                            ak.layers[i].il, h, c, pos[c], start, first, hi);
+                }
+            }
+        }
+    }
+    return "";
+}
+
 void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
     }
+    ak->pending = false;
+    // reads the adakv section; a blob that ends inside it is refused like any other bad section
+    auto read = [&io](void * dst, size_t size) {
+        try {
+            io.read(dst, size);
+        } catch (const std::exception &) {
+            adakv_state_error(
+                    "adakv: the saved state ends inside its eviction section (truncated or not a state of this "
+                    "context); save it again");
+        }
+    };
     uint32_t hdr[4];
-    io.read(hdr, sizeof(hdr));
+    read(hdr, sizeof(hdr));
     if (hdr[0] != ADAKV_STATE_MAGIC) {
         adakv_state_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
     }
@@ -311,7 +371,7 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         adakv_state_error("adakv: this state was saved from a model with another layer layout");
     }
     int32_t blk[6];
-    io.read(blk, sizeof(blk));
+    read(blk, sizeof(blk));
     const int32_t fp    = blk[1];
     const int32_t width = blk[2];
     if (blk[0] != ak->layout) {
@@ -327,13 +387,17 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         adakv_state_error("adakv: the saved compacted block does not fit this context's cache");
     }
     std::vector<int32_t> counts(ak->layers.size() * ak->n_head_kv);
-    io.read(counts.data(), counts.size() * sizeof(int32_t));
+    read(counts.data(), counts.size() * sizeof(int32_t));
     if (!adakv_counts_ok(*ak, counts, fp, width)) {
-        adakv_state_error("adakv: the saved start table is corrupt");
+        adakv_state_error("adakv: the saved start table is corrupt (the state was damaged or edited); save it again");
     }
     std::vector<llama_pos> kept(counts.size() * width);
     if (!kept.empty()) {
-        io.read(kept.data(), kept.size() * sizeof(llama_pos));
+        read(kept.data(), kept.size() * sizeof(llama_pos));
+    }
+    const std::string bad = adakv_block_error(*ak, fp, width, blk[3], blk[4], blk[5], counts, kept);
+    if (!bad.empty()) {
+        adakv_state_error(("adakv: " + bad + " (the state was damaged or edited); save it again").c_str());
     }
 
     if (seq_id != -1 && fp > 0) {
@@ -354,9 +418,46 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     ak->pending_kept      = std::move(kept);
 }
 
+// the restored cells must carry the block read by state_read_begin: sequence 0 alone in cells
+// [0, fp), labelled lo .. hi, and every other cell of it after hi. Returns what is wrong, or ""
+static std::string adakv_cells_error(llama_adakv & ak) {
+    const auto & cells = llama_adakv_access::cells(*ak.kv);
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        const bool in_block = c < (uint32_t) ak.pending_fp;
+        if (cells.is_empty(c)) {
+            if (in_block) {
+                return format("cell %u of the compacted block is empty", c);
+            }
+            continue;
+        }
+        const llama_pos pos = cells.pos_get(c);
+        if (!cells.seq_has(c, 0) || cells.seq_get_all(c).count() != 1) {
+            return format("cell %u does not belong to sequence 0 alone", c);
+        }
+        if (in_block ? pos != ak.pending_pos_lo + (llama_pos) c : pos <= ak.pending_pos_hi) {
+            return format(
+                    "cell %u has position %d; the compacted block labels cells [0, %d) with positions [%d, %d] "
+                    "and the cells after it come later",
+                    c, pos, ak.pending_fp, ak.pending_pos_lo, ak.pending_pos_hi);
+        }
+    }
+    return "";
+}
+
 void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     if (ak == nullptr || !ak->pending || seq_id != -1) {
         return;
+    }
+    ak->pending = false;
+    if (ak->pending_fp > 0) {
+        const std::string bad = adakv_cells_error(*ak);
+        if (!bad.empty()) {
+            // the cells are already replaced: nothing of the context before the load is left to keep
+            llama_memory_clear(ak->lctx->get_memory(), true);
+            adakv_state_error(("adakv: the saved cells disagree with the saved compacted block: " + bad +
+                               " (the state was damaged or edited); the KV cache was cleared")
+                                      .c_str());
+        }
     }
     const size_t n_kept = (size_t) ak->n_head_kv * ak->pending_width;
     llama_adakv_set_counts(*ak, ak->pending_fp > 0 ? ak->pending_counts : std::vector<int32_t>(), ak->pending_width);
@@ -368,7 +469,6 @@ void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     ak->pos_lo    = ak->pending_pos_lo;
     ak->pos_hi    = ak->pending_pos_hi;
     ak->pos_first = ak->pending_pos_first;
-    ak->pending   = false;
     ak->pending_kept.clear();
     llama_adakv_upload_starts(*ak);
     ak->epoch++;

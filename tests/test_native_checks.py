@@ -1,0 +1,224 @@
+"""Native reliability, second pass (issue #24, items 4, 6, 7, 10): what the C API checks.
+
+A state blob that cannot describe a compacted block is refused with a message and the context
+left as it was; outputs passed as NULL are refused; scoring does not stay armed after a failed
+decode; seq_pos_min after a compaction is what the header says it is.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from words import text
+
+import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
+from adakv_local.llama import Llama
+
+MAGIC_V3 = struct.pack("<II", 0x564B4441, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from adakv_local.models.testmodel import write_llama_gguf
+
+    return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
+                                n_head_kv=2, n_ff=256, seed=21))
+
+
+def llama(path: str, **kw) -> Llama:
+    opts = dict(model_path=path, n_ctx=512, n_threads=1, logits_all=True, seed=0, verbose=False,
+                adakv_budget=24, adakv_window=8)
+    opts.update(kw)
+    return Llama(**opts)
+
+
+# --- item 7: state load -----------------------------------------------------------------------------
+
+
+class Section:
+    """The adakv part of a whole-context state (llama-adakv-kv.cpp, llama_adakv_state_write):
+    header (magic, version, n_layer, n_head_kv), block (layout, footprint, width, pos_lo, pos_hi,
+    pos_first), counts [n_layer][n_head_kv], kept positions [n_layer][n_head_kv][width]; then
+    llama.cpp's own n_stream, cell_count and per cell (pos, n_seq_id, seq ids)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.at = blob.find(MAGIC_V3)
+        assert self.at >= 0 and blob.find(MAGIC_V3, self.at + 1) < 0
+        self.n_layer, self.n_head_kv = struct.unpack_from("<II", blob, self.at + 8)
+        self.block = self.at + 16
+        (self.layout, self.fp, self.width, self.lo, self.hi, self.first) = struct.unpack_from("<6i", blob, self.block)
+        self.counts_at = self.block + 24
+        n = self.n_layer * self.n_head_kv
+        self.counts = np.frombuffer(blob, dtype="<i4", count=n, offset=self.counts_at).reshape(
+            self.n_layer, self.n_head_kv)
+        self.kept_at = self.counts_at + 4 * n
+        self.end = self.kept_at + 4 * n * self.width
+        self.cells_at = self.end + 8  # after n_stream and cell_count
+
+    def kept(self, layer: int, head: int, c: int) -> int:
+        return self.kept_at + 4 * ((layer * self.n_head_kv + head) * self.width + c)
+
+    def field(self, name: str) -> int:
+        return self.block + 4 * ("layout", "fp", "width", "lo", "hi", "first").index(name)
+
+
+def _state_of_a_compressed_prompt(tiny):
+    src = llama(tiny)
+    src.eval(src.tokenize(text(60, 1).encode()))
+    assert src.adakv_stats.footprint > 0
+    state = src.save_state()
+    return state, Section(bytes(state.llama_state))
+
+
+def _target(tiny):
+    """A context holding its own compressed prompt, and what describes it."""
+    llm = llama(tiny)
+    llm.eval(llm.tokenize(text(40, 9).encode()))
+    return llm
+
+
+def _snapshot(llm: Llama):
+    kv = llm.adakv_kvcache
+    return (llm.n_tokens, llm.input_ids[: llm.n_tokens].copy(), kv.footprint(), kv.starts(), kv.positions(),
+            kv.view_cells())
+
+
+def _assert_same(a, b) -> None:
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def _continuation(llm: Llama) -> np.ndarray:
+    n0 = llm.n_tokens
+    llm.eval(llm.tokenize(b" kilo lima mike", add_bos=False))
+    return np.array(llm.scores[n0 : llm.n_tokens])
+
+
+def _mutate(sec: Section, blob: bytearray, mutation: str) -> bytearray:
+    """One hand edit of a saved state; the message expected for it is in MUTATIONS."""
+    pack = lambda off, v: struct.pack_into("<i", blob, off, v)  # noqa: E731
+    assert sec.first < sec.lo <= sec.hi and sec.fp > 0
+    if mutation == "first after the labels":
+        pack(sec.field("first"), sec.lo + 1)
+    elif mutation == "first and last swapped":
+        pack(sec.field("first"), sec.hi)
+        pack(sec.field("hi"), sec.first)
+    elif mutation == "labels reversed":
+        pack(sec.field("lo"), sec.hi)
+        pack(sec.field("hi"), sec.lo)
+    elif mutation == "labels longer than the block":
+        pack(sec.field("lo"), sec.lo - 1)
+    elif mutation == "negative first":
+        pack(sec.field("first"), -5)
+    elif mutation == "kept after the block":
+        pack(sec.kept(0, 0, sec.width - 1), sec.hi + 1)
+    elif mutation == "kept before the first":
+        h = int(np.argmax(sec.counts[1]))
+        pack(sec.kept(1, h, sec.width - int(sec.counts[1, h])), sec.first - 3)
+    elif mutation == "kept not increasing":
+        w = sec.width
+        a, b = struct.unpack_from("<ii", blob, sec.kept(2, 1, w - 2))
+        struct.pack_into("<ii", blob, sec.kept(2, 1, w - 2), b, a)
+    elif mutation == "kept repeated":
+        w = sec.width
+        (b,) = struct.unpack_from("<i", blob, sec.kept(0, 1, w - 1))
+        pack(sec.kept(0, 1, w - 2), b)
+    elif mutation == "kept below the start":
+        layer, h = np.unravel_index(int(np.argmin(sec.counts)), sec.counts.shape)
+        assert sec.counts[layer, h] < sec.width
+        pack(sec.kept(int(layer), int(h), 0), sec.first)
+    elif mutation == "footprint and width swapped":
+        pack(sec.field("fp"), sec.width)
+        pack(sec.field("width"), sec.fp)
+    elif mutation == "truncated in the header":
+        del blob[sec.kept_at + 6 :]
+    elif mutation == "truncated in the kept positions":
+        del blob[sec.end - 2 :]
+    else:
+        raise AssertionError(mutation)
+    return blob
+
+
+MUTATIONS = {
+    "first after the labels": "positions",
+    "first and last swapped": "positions",
+    "labels reversed": "positions",
+    "labels longer than the block": "positions",
+    "negative first": "positions",
+    "kept after the block": "kept positions",
+    "kept before the first": "kept positions",
+    "kept not increasing": "kept positions",
+    "kept repeated": "kept positions",
+    "kept below the start": "kept positions",
+    "footprint and width swapped": "corrupt",
+    "truncated in the header": "ends inside",
+    "truncated in the kept positions": "ends inside",
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_a_hand_edited_state_is_refused_and_the_context_left_as_it_was(tiny, mutation):
+    state, sec = _state_of_a_compressed_prompt(tiny)
+    state.llama_state = bytes(_mutate(sec, bytearray(state.llama_state), mutation))
+    state.llama_state_size = len(state.llama_state)
+    llm, twin = _target(tiny), _target(tiny)
+    before = _snapshot(llm)
+    with pytest.raises(RuntimeError, match="cannot load this state") as e:
+        llm.load_state(state)
+    assert MUTATIONS[mutation] in str(e.value), str(e.value)
+    assert "save it again" in str(e.value) or "truncated" in str(e.value), str(e.value)
+    _assert_same(_snapshot(llm), before)
+    np.testing.assert_array_equal(_continuation(llm), _continuation(twin))
+
+
+def test_cells_that_disagree_with_the_block_are_refused_and_the_context_reset(tiny):
+    """A cell of the block whose position is not its label: found once the cells are read (the
+    cache is no longer what it was), so the cache is cleared and the context reset."""
+    state, sec = _state_of_a_compressed_prompt(tiny)
+    blob = bytearray(state.llama_state)
+    pos0, n_seq = struct.unpack_from("<iI", blob, sec.cells_at)
+    assert (pos0, n_seq) == (sec.lo, 1)
+    struct.pack_into("<i", blob, sec.cells_at, sec.lo - 1)
+    state.llama_state = bytes(blob)
+    llm = _target(tiny)
+    with pytest.raises(RuntimeError, match="cannot load this state") as e:
+        llm.load_state(state)
+    assert "cell 0" in str(e.value) and "reset" in str(e.value), str(e.value)
+    kv = llm.adakv_kvcache
+    assert llm.n_tokens == 0 and kv.footprint() == 0 and kv.n_cells() == 0
+    prompt = llm.tokenize(text(30, 4).encode())
+    got = llm.create_completion(prompt, max_tokens=4, temperature=0.0)["choices"][0]["text"]
+    fresh = llama(tiny)
+    assert got == fresh.create_completion(prompt, max_tokens=4, temperature=0.0)["choices"][0]["text"]
+
+
+def test_random_byte_flips_never_crash_and_a_refusal_changes_nothing(tiny):
+    """Seeded single-byte flips anywhere in the adakv section and the cells' metadata: every load
+    either succeeds or raises RuntimeError; one refused before the cells were read leaves the
+    context as it was."""
+    state, sec = _state_of_a_compressed_prompt(tiny)
+    good = bytes(state.llama_state)
+    rng = np.random.default_rng(5)
+    offsets = list(rng.integers(sec.at, sec.end, size=40)) + list(rng.integers(sec.end, sec.cells_at + 64, size=12))
+    llm = _target(tiny)
+    for off in offsets:
+        blob = bytearray(good)
+        blob[off] ^= 1 << int(rng.integers(0, 8))
+        state.llama_state = bytes(blob)
+        before = _snapshot(llm) if llm.n_tokens else None
+        try:
+            llm.load_state(state)
+        except RuntimeError as e:
+            if "was left as it was" in str(e) and before is not None:
+                _assert_same(_snapshot(llm), before)
+            else:
+                assert llm.n_tokens == 0, (off, str(e))
+        kv = llm.adakv_kvcache
+        kv.starts(), kv.footprint(), kv.positions(max(1, kv.view_cells()))
+        if llm.n_tokens == 0:
+            llm.eval(llm.tokenize(text(40, 9).encode()))
+    state.llama_state = good
+    llm.load_state(state)
+    assert llm.adakv_kvcache.footprint() == sec.fp
