@@ -677,7 +677,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
     }
     for (auto & [buft, ids] : by_buft) {
         ggml_init_params ip = { 6 * ids.size() * ggml_tensor_overhead(), nullptr, true };
-        ggml_context * tctx = ggml_init(ip);
+        ggml_context * tctx = llama_adakv_alloc_fails() ? nullptr : ggml_init(ip);
         if (!tctx) {
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
         }
@@ -693,7 +693,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
             l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);
         }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
+        ggml_backend_buffer_t buf =
+                llama_adakv_alloc_fails() ? nullptr : ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
         if (!buf) {
             return llama_adakv_set_error(
                     LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the score buffers (%s)", __func__,
@@ -726,7 +727,12 @@ int32_t llama_adakv_n_head_kv(const struct llama_context * ctx) {
 }
 
 int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of llama_adakv_n_layer() ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         out[i] = ak->layers[i].il;
     }
@@ -765,7 +771,7 @@ int32_t llama_adakv_get_block(const struct llama_context * ctx, struct llama_ada
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (out == nullptr) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
     }
     const int32_t n = adakv_seq_cells(*ak);
     if (n < 0) {
@@ -812,7 +818,12 @@ int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * ou
 }
 
 int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of llama_adakv_n_layer() ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         out[i] = ak->layers[i].attn_used;
     }
@@ -820,7 +831,12 @@ int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * ou
 }
 
 int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of n_layer * n_head_kv ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         memcpy(out + i * ak->n_head_kv, ak->layers[i].start.data(), ak->n_head_kv * sizeof(int32_t));
     }
@@ -852,7 +868,7 @@ int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_ad
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (out == nullptr) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
     }
     // bytes of K and V of one cell, summed over the layers of a cache
     auto cell_bytes = [](const llama_kv_cache & kv) {
@@ -876,6 +892,12 @@ int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_ad
 int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        // an argument error leaves the scores armed: the call can be made again with an array
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of n_layer * n_head_kv * n_cells floats",
+                __func__);
+    }
     const int32_t window = ak->armed_window;
     ak->armed_window     = 0;
     ak->epoch++;
@@ -1044,43 +1066,62 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     ctx->synchronize();
     const auto & hp      = ctx->get_model().hparams;
     const int64_t n_rows = (int64_t) ak->kv_size * H;
+    bool moved           = false; // the rows of some layers moved already (an earlier backend's graph ran)
     for (auto & [be, ids] : by_backend) {
         // per layer: the index tensor, and for K and V an alias, two views, get_rows and cpy
         const size_t n_nodes = 16 * ids.size() + 16;
         ggml_init_params ip  = { n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr,
                                  true };
-        ggml_context * gctx  = ggml_init(ip);
-        ggml_cgraph * gf     = ggml_new_graph_custom(gctx, n_nodes, false);
+        ggml_context * gctx  = llama_adakv_alloc_fails() ? nullptr : ggml_init(ip);
+        ggml_cgraph * gf =
+                gctx == nullptr || llama_adakv_alloc_fails() ? nullptr : ggml_new_graph_custom(gctx, n_nodes, false);
+        ggml_gallocr_t galloc = gf == nullptr || llama_adakv_alloc_fails()
+                                        ? nullptr
+                                        : ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+        const char * failed   = gctx == nullptr ? "ggml_init"
+                                : gf == nullptr ? "ggml_new_graph_custom"
+                                                : "ggml_gallocr_new";
         std::vector<ggml_tensor *> idx_t;
-        for (size_t i : ids) {
-            const auto & l      = ak->layers[i];
-            ggml_tensor * t_idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) idx[i].size());
-            ggml_set_input(t_idx);
-            idx_t.push_back(t_idx);
-            ggml_build_forward_expand(
-                    gf, adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), n_rows, t_idx));
-            ggml_build_forward_expand(
-                    gf, adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), n_rows, t_idx));
+        if (galloc != nullptr) {
+            for (size_t i : ids) {
+                const auto & l      = ak->layers[i];
+                ggml_tensor * t_idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) idx[i].size());
+                ggml_set_input(t_idx);
+                idx_t.push_back(t_idx);
+                ggml_build_forward_expand(
+                        gf,
+                        adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), n_rows, t_idx));
+                ggml_build_forward_expand(
+                        gf,
+                        adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), n_rows, t_idx));
+            }
+            failed = "ggml_gallocr_alloc_graph";
         }
-        ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-        bool ok               = ggml_gallocr_alloc_graph(galloc, gf);
+        const bool alloc_ok = galloc != nullptr && !llama_adakv_alloc_fails() && ggml_gallocr_alloc_graph(galloc, gf);
+        bool ok             = alloc_ok;
         if (ok) {
             for (size_t j = 0; j < ids.size(); ++j) {
                 ggml_backend_tensor_set(idx_t[j], idx[ids[j]].data(), 0, idx[ids[j]].size() * sizeof(int32_t));
             }
             ok = ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS;
         }
-        ggml_gallocr_free(galloc);
+        ggml_gallocr_free(galloc); // both accept NULL
         ggml_free(gctx);
+        if (!alloc_ok && !moved) {
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_ALLOC,
+                    "%s: out of memory for the compaction graph on %s (%s failed); nothing was changed: free "
+                    "memory (a smaller n_ctx or n_ubatch) and compact again",
+                    __func__, ggml_backend_name(be), failed);
+        }
         if (!ok) {
             // the rows of some layers may have moved already: the cache content is undefined now
             llama_memory_clear(ctx->get_memory(), true);
             return llama_adakv_set_error(
-                    LLAMA_ADAKV_ERR_BACKEND,
-                    "%s: the compaction graph failed on %s; the KV cache "
-                    "was cleared",
-                    __func__, ggml_backend_name(be));
+                    LLAMA_ADAKV_ERR_BACKEND, "%s: the compaction graph failed on %s (%s); the KV cache was cleared",
+                    __func__, ggml_backend_name(be), alloc_ok ? "compute" : failed);
         }
+        moved = true;
     }
 
     // cells: [0, R) relabelled P - R + 1 .. P, [R, N) freed
@@ -1134,7 +1175,12 @@ int32_t llama_adakv_read_rows(
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer or cell range out of bounds", __func__);
     }
     const int64_t hb = llama_adakv_row_size(ctx, layer, is_v);
-    if (out == nullptr || out_size != (size_t) n_cells * ak->n_head_kv * hb) {
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass n_cells * n_head_kv * %lld bytes", __func__,
+                (long long) hb);
+    }
+    if (out_size != (size_t) n_cells * ak->n_head_kv * hb) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID, "%s: out must hold n_cells * n_head_kv * %lld bytes", __func__,
                 (long long) hb);

@@ -222,3 +222,97 @@ def test_random_byte_flips_never_crash_and_a_refusal_changes_nothing(tiny):
     state.llama_state = good
     llm.load_state(state)
     assert llm.adakv_kvcache.footprint() == sec.fp
+
+
+# --- item 6: outputs passed as NULL ---------------------------------------------------------------
+
+
+def _null_calls(kv):
+    """Every C API call with an output pointer, called with NULL for it."""
+    lib, null = kv._n.lib, kv._n.ffi.NULL
+    ctx = kv._ctx
+    return {
+        "llama_adakv_layer_ids": lambda: lib.llama_adakv_layer_ids(ctx, null),
+        "llama_adakv_get_starts": lambda: lib.llama_adakv_get_starts(ctx, null),
+        "llama_adakv_get_attn_used": lambda: lib.llama_adakv_get_attn_used(ctx, null),
+        "llama_adakv_get_block": lambda: lib.llama_adakv_get_block(ctx, null),
+        "llama_adakv_get_memory": lambda: lib.llama_adakv_get_memory(ctx, null),
+        "llama_adakv_get_positions": lambda: lib.llama_adakv_get_positions(ctx, null, 4),
+        "llama_adakv_read_scores": lambda: lib.llama_adakv_read_scores(ctx, null, 4),
+        "llama_adakv_read_rows": lambda: lib.llama_adakv_read_rows(ctx, 0, 0, 0, 1, null, 0),
+        "llama_adakv_read_capture": lambda: lib.llama_adakv_read_capture(ctx, null, 3),
+        "llama_adakv_compact": lambda: lib.llama_adakv_compact(ctx, null, null),
+    }
+
+
+def test_null_outputs_are_refused_with_a_message(tiny64):
+    """A NULL output is INVALID with a message naming it, in a state where the call would otherwise
+    write (scores armed and computed, a capture armed and filled), and nothing changes."""
+    from test_eviction import make
+
+    llm, kv = make(tiny64)
+    toks = llm.tokenize(text(30, 2).encode())
+    llm.eval(toks[:-8])
+    kv.arm_scores(8)
+    kv.arm_capture(8)
+    llm.eval(toks[-8:])
+    for fn, call in _null_calls(kv).items():
+        kv.clear_last_error()
+        assert call() == -1, fn
+        msg = kv.last_error()
+        assert msg.startswith(fn + ":") and "NULL" in msg, (fn, msg)
+    assert kv.read_scores(kv.view_cells()).shape[-1] == kv.view_cells()  # still armed, still readable
+    assert kv.read_capture(8).shape[1] == 8
+
+
+@pytest.fixture
+def fail_alloc():
+    """llama_adakv_test_fail_alloc, reset to none after the test."""
+    from adakv_local._native import native
+
+    lib = native().lib
+    yield lib.llama_adakv_test_fail_alloc
+    lib.llama_adakv_test_fail_alloc(0)
+
+
+@pytest.mark.parametrize("point", [1, 2, 3, 4], ids=["ggml_init", "ggml_new_graph_custom", "ggml_gallocr_new",
+                                                    "ggml_gallocr_alloc_graph"])
+def test_compaction_out_of_memory_changes_nothing(tiny64, fail_alloc, point):
+    """Each allocation of the compaction graph failing: ALLOC with a message naming it, the cache
+    as it was (cells, rows, no block); the same compaction then succeeds."""
+    from test_eviction import WINDOW, make, prefill, random_kept
+
+    from adakv_local.errors import NativeAllocError
+
+    llm, kv = make(tiny64)
+    prefill(llm, kv, llm.tokenize(text(40, 3).encode()))
+    n, rows = kv.view_cells(), kv.read_rows(0, "k", 0, kv.view_cells())
+    kept = random_kept(kv, n, WINDOW, seed=1)
+    fail_alloc(point)
+    names = ("ggml_init", "ggml_new_graph_custom", "ggml_gallocr_new", "ggml_gallocr_alloc_graph")
+    with pytest.raises(NativeAllocError, match=rf"out of memory .*\({names[point - 1]} failed\); nothing was changed"):
+        kv.compact(kept)
+    assert kv.footprint() == 0 and kv.view_cells() == n
+    np.testing.assert_array_equal(kv.read_rows(0, "k", 0, n), rows)
+    fail_alloc(0)
+    assert kv.compact(kept) > 0
+
+
+@pytest.mark.parametrize("point", [1, 2])
+def test_enable_and_capture_out_of_memory_are_reported(tiny64, fail_alloc, point):
+    from test_eviction import make
+
+    from adakv_local.errors import NativeAllocError
+
+    fail_alloc(point)
+    with pytest.raises(NativeAllocError):
+        make(tiny64)
+    fail_alloc(0)
+    llm, kv = make(tiny64)
+    fail_alloc(point)
+    with pytest.raises(NativeAllocError, match="llama_adakv_arm_capture"):
+        kv.arm_capture(4)
+    fail_alloc(0)
+    llm.eval(llm.tokenize(b" a b c"))  # the failed arming left nothing armed
+    with pytest.raises(Exception, match="not armed"):
+        kv.read_capture(4)
