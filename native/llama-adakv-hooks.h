@@ -54,6 +54,10 @@ class llama_adakv_reserve_scope {
 // and adds the window-score nodes to gf when scoring is armed
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il);
 
+// llama_decode, after the call: a failed call (ret != 0) disarms the window scoring armed for it
+// (it may have stopped before the window's ubatch, and later calls must not score)
+void llama_adakv_on_decode_end(llama_adakv * ak, int32_t ret);
+
 // llama_kv_cache::seq_rm: false refuses the removal (it would cut into a compacted block)
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 

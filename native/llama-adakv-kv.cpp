@@ -171,6 +171,18 @@ void llama_adakv_on_clear(llama_adakv * ak) {
     }
 }
 
+void llama_adakv_on_decode_end(llama_adakv * ak, int32_t ret) {
+    if (ak == nullptr || ret == 0 || ak->armed_window == 0) {
+        return;
+    }
+    LLAMA_LOG_DEBUG("%s: llama_decode returned %d: window scoring disarmed (arm it again)\n", __func__, ret);
+    ak->armed_window  = 0;
+    ak->scored_tokens = 0;
+    ak->scored.assign(ak->layers.size(), false);
+    ak->disarmed_ret = ret;
+    ak->epoch++;
+}
+
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     if (!llama_adakv_is_compacted(ak) || (seq_id > 0)) {
         return true;
@@ -858,6 +870,7 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
                 n_window);
     }
     ak->armed_window  = n_window;
+    ak->disarmed_ret  = 0;
     ak->scored_tokens = 0;
     ak->scored.assign(ak->layers.size(), false);
     ak->epoch++;
@@ -899,8 +912,17 @@ int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t
                 __func__);
     }
     const int32_t window = ak->armed_window;
+    const int32_t failed = ak->disarmed_ret;
     ak->armed_window     = 0;
+    ak->disarmed_ret     = 0;
     ak->epoch++;
+    if (window == 0 && failed != 0) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: the llama_decode call after arming failed (it returned %d) and disarmed the scoring; arm it "
+                "again and decode the window",
+                __func__, failed);
+    }
     if (window == 0) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: scoring was not armed", __func__);
     }

@@ -316,3 +316,37 @@ def test_enable_and_capture_out_of_memory_are_reported(tiny64, fail_alloc, point
     llm.eval(llm.tokenize(b" a b c"))  # the failed arming left nothing armed
     with pytest.raises(Exception, match="not armed"):
         kv.read_capture(4)
+
+
+# --- item 4: scoring after a failed decode --------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["invalid token", "batch past the cache"])
+def test_a_failed_decode_disarms_the_scoring(tiny64, failure):
+    """The decode after arm_scores fails: the scoring is disarmed (read_scores says why), the next
+    decode builds no score nodes (its graph is the unarmed one: reused from the decode before),
+    and arming again scores as usual."""
+    from test_eviction import make
+
+    from adakv_local.errors import NativeInvalidArgument
+
+    llm, kv = make(tiny64, n_ctx=256)
+    toks = llm.tokenize(text(40, 3).encode())
+    llm.eval(toks[:-8])
+    kv.arm_scores(8)
+    n0 = llm.n_tokens
+    bad = [llm.n_vocab() + 7] * 8 if failure == "invalid token" else toks[:8] * 40  # 320 tokens > n_ctx
+    with pytest.raises(RuntimeError):
+        llm.eval(bad)
+    llm.n_tokens = n0
+    llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+    with pytest.raises(NativeInvalidArgument, match=r"llama_decode call after arming failed \(it returned -?\d+\)"):
+        kv.read_scores()
+    llm.eval(toks[-8:])  # not armed: not scored
+    with pytest.raises(NativeInvalidArgument, match="scoring was not armed"):
+        kv.read_scores()
+    llm._ctx.kv_cache_seq_rm(-1, n0, -1)
+    llm.n_tokens = n0
+    kv.arm_scores(8)
+    llm.eval(toks[-8:])
+    assert kv.read_scores().any()

@@ -164,6 +164,8 @@ LLAMA_API int32_t llama_adakv_get_block(const struct llama_context * ctx, struct
 // Arms window scoring for the next llama_decode, whose last ubatch ends with the observation
 // window: its last n_window tokens (1 <= n_window <= n_ubatch, and <= that ubatch's tokens) are
 // scored. Scoring them inside a larger ubatch (the prompt's last one) costs no separate decode.
+// A llama_decode that fails (returns non-zero) disarms it: later decodes do not score, and
+// llama_adakv_read_scores says that the decode failed.
 LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window);
 
 // Reads the scores of that decode and disarms:
