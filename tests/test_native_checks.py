@@ -34,6 +34,10 @@ def llama(path: str, **kw) -> Llama:
     return Llama(**opts)
 
 
+def greedy(llm: Llama, prompt: list[int], n: int = 6) -> str:
+    return llm.create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+
+
 # --- item 7: state load -----------------------------------------------------------------------------
 
 
@@ -350,3 +354,43 @@ def test_a_failed_decode_disarms_the_scoring(tiny64, failure):
     kv.arm_scores(8)
     llm.eval(toks[-8:])
     assert kv.read_scores().any()
+
+
+# --- item 10: seq_pos_min after a compaction -------------------------------------------------------
+
+
+def test_seq_pos_min_is_the_first_label_and_prefix_reuse_is_not_misled(tiny):
+    """After a compaction the R cells of the block carry the labels P - R + 1 .. P, and
+    llama_memory_seq_pos_min reports the first label (documented in llama-adakv.h): every position
+    of [pos_min, pos_max] has a cell, as llama.h promises, and a caller that reads pos_min > 0 as
+    "the earlier positions are gone" (llama.cpp's server does so for SWA caches) is right.
+    llama-cpp-python's prefix reuse asks seq_rm instead, which refuses any cut inside the block:
+    a prompt that leaves the history anywhere inside it is evaluated from scratch, one that leaves
+    it after the block reuses the block."""
+    import llama_cpp
+
+    llm = llama(tiny)
+    hist = llm.tokenize(text(60, 1).encode())
+    llm.eval(hist)
+    kv, mem = llm.adakv_kvcache, llama_cpp.llama_get_memory(llm.ctx)
+    r, p = kv.footprint(), len(hist) - 1
+    assert 0 < r < len(hist)
+    assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == p - r + 1
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == p
+    tail = llm.tokenize(b" zulu yankee xray", add_bos=False)
+    for keep in (1, p - r, p - r + 1, p, len(hist)):  # the new prompt shares hist[:keep]
+        prompt = hist[:keep] + tail
+        want = greedy(llama(tiny), prompt) if keep <= p else None
+        twin = llama(tiny)
+        twin.eval(hist)
+        got = greedy(twin, prompt)
+        if want is not None:
+            assert got == want, keep
+        else:  # the block is reused: the same as evaluating the tail after it
+            ref = llama(tiny)
+            ref.eval(hist)
+            ref.eval(tail)
+            assert twin.n_tokens >= len(prompt) and list(twin.input_ids[: len(prompt)]) == prompt
+            np.testing.assert_array_equal(np.array(twin.scores[len(hist) : len(prompt)]),
+                                          np.array(ref.scores[len(hist) : len(prompt)]))
+            assert got == greedy(ref, prompt)

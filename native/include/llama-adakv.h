@@ -82,6 +82,17 @@ LLAMA_API void llama_adakv_clear_last_error(void);
 // seq_div are refused (logged, nothing moved) for any range that holds cells of the
 // sequence, since a K-shift cannot be applied to a compacted cache.
 //
+// Positions after a compaction. The R cells of the block are labelled P-R+1 .. P, so
+// llama_memory_seq_pos_min reports P-R+1, not the sequence's first position: these are the
+// positions that have a cell, and llama.h promises that every position of [pos_min, pos_max]
+// has one, which would not hold for [first, P] (the block holds fewer than P-first+1 tokens, and
+// different ones in each head). The labels keep seq_pos_max at P, so decoding continues at P+1
+// (K keeps the RoPE of each token's original position, the labels are never used for RoPE). A
+// caller that takes pos_min > 0 for "the earlier positions are gone" (llama.cpp's server does so
+// for SWA caches) re-evaluates, which is right; prefix reuse that cuts with seq_rm (llama-cpp-
+// python) is refused inside [first, P] and keeps the block only when the prompt goes on after it.
+// The original positions of the kept tokens: llama_adakv_get_positions.
+//
 
 // how the scores of the query heads of one KV head are combined
 enum llama_adakv_gqa_reduce {
