@@ -869,6 +869,11 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
                 LLAMA_ADAKV_ERR_INVALID, "%s: n_window must be in [1, n_ubatch = %u], got %d", __func__, n_ubatch,
                 n_window);
     }
+    if (n_window > ak->reserve_window) {
+        // the compute buffers were sized for a smaller window: reserve again before the next decode
+        ak->reserve_window = n_window;
+        llama_adakv_access::request_reserve(*ctx);
+    }
     ak->armed_window  = n_window;
     ak->disarmed_ret  = 0;
     ak->scored_tokens = 0;

@@ -114,6 +114,10 @@ struct llama_adakv {
     std::vector<bool> scored;  // [layers] the layer added its scores to the graph since arming
     int32_t disarmed_ret = 0;  // what the llama_decode that disarmed the scoring returned (0: none did)
 
+    // the compute buffers are reserved for scoring a window of this many tokens (arming a larger
+    // one asks llama.cpp to reserve again); see llama_adakv_reserve_scope
+    int32_t reserve_window = 32;
+
     uint64_t epoch = 1;
 
     // the graph being built: the last model layer whose attention the graph hook saw (a layer at or

@@ -394,3 +394,40 @@ def test_seq_pos_min_is_the_first_label_and_prefix_reuse_is_not_misled(tiny):
             np.testing.assert_array_equal(np.array(twin.scores[len(hist) : len(prompt)]),
                                           np.array(ref.scores[len(hist) : len(prompt)]))
             assert got == greedy(ref, prompt)
+
+
+# --- item 9: compute buffers reserved for the worst graph -----------------------------------------
+
+_GROW = """
+import sys
+from adakv_local.llama import Llama
+from adakv_local.models.testmodel import write_llama_gguf
+import numpy as np
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
+def text(n, seed):
+    return " ".join(np.random.default_rng(seed).choice(WORDS, size=n))
+
+path = write_llama_gguf(sys.argv[1], n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=256, seed=21)
+llm = Llama(model_path=str(path), n_ctx=1024, n_threads=1, seed=0, verbose=True, adakv_budget=64, adakv_window=8)
+llm.eval(llm.tokenize(text(350, 1).encode()))           # longer than the cache: chunks, probes, compactions
+llm.eval(llm.tokenize(b" more words here", add_bos=False))  # decoding after the block
+llm.eval(llm.tokenize((" " + text(120, 2)).encode(), add_bos=False))  # a second prompt, compressed again
+assert llm.adakv_stats.footprint > 0
+llm.close()
+"""
+
+
+@pytest.mark.parametrize("route", ["auto", "mask", "heads", "rect"])
+def test_no_compute_buffer_grows_after_the_reserve(tmp_path, route):
+    """llama.cpp reserves its compute buffers for the worst graph when the context is made (and
+    again when eviction is enabled), and checks when the context is freed that none grew since:
+    the window scores, the gathered view of the block and the per-head mask must be part of that
+    worst graph, or a GPU can run out of memory in the middle of a prompt."""
+    from test_reliability import _run_isolated
+
+    env = {"ADAKV_LAYOUT": "rect"} if route == "rect" else {"ADAKV_ATTN_PATH": route}
+    proc = _run_isolated(_GROW, str(tmp_path / "t.gguf"), timeout=600, **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "compute buffer size" in ln and "~llama_context" in ln]
+    assert lines and all("matches expectation" in ln for ln in lines), "\n".join(lines)
