@@ -363,7 +363,7 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         } catch (const std::exception &) {
             adakv_state_error(
                     "adakv: the saved state ends inside its eviction section (truncated or not a state of this "
-                    "context); save it again");
+                    "context): save it again from its context, or evaluate the prompt again");
         }
     };
     uint32_t hdr[4];
@@ -401,7 +401,9 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     std::vector<int32_t> counts(ak->layers.size() * ak->n_head_kv);
     read(counts.data(), counts.size() * sizeof(int32_t));
     if (!adakv_counts_ok(*ak, counts, fp, width)) {
-        adakv_state_error("adakv: the saved start table is corrupt (the state was damaged or edited); save it again");
+        adakv_state_error(
+                "adakv: the saved start table is corrupt (the state was damaged or edited): save it again from its "
+                "context, or evaluate the prompt again");
     }
     std::vector<llama_pos> kept(counts.size() * width);
     if (!kept.empty()) {
@@ -409,7 +411,10 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     }
     const std::string bad = adakv_block_error(*ak, fp, width, blk[3], blk[4], blk[5], counts, kept);
     if (!bad.empty()) {
-        adakv_state_error(("adakv: " + bad + " (the state was damaged or edited); save it again").c_str());
+        adakv_state_error(
+                ("adakv: " + bad +
+                 " (the state was damaged or edited): save it again from its context, or evaluate the prompt again")
+                        .c_str());
     }
 
     if (seq_id != -1 && fp > 0) {
