@@ -179,7 +179,7 @@ LLAMA_API int32_t llama_adakv_get_block(const struct llama_context * ctx, struct
 // llama_adakv_read_scores says that the decode failed.
 LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window);
 
-// Reads the scores of that decode and disarms:
+// Reads the scores of that decode and disarms (a NULL out is refused and leaves them armed):
 //   out: F32 [n_layer][n_head_kv][n_cells]; out[l][h][c] = sum over window queries of the
 //   softmax attention of cell c, reduced over the query heads of KV head h (mean or max);
 //   cells below a head's start score 0.
@@ -191,7 +191,8 @@ LLAMA_API int32_t llama_adakv_read_scores(struct llama_context * ctx, float * ou
 // view cells), strictly increasing, each in [start[l][h], n_cells). Their rows are moved (byte
 // copies, in order) into the block of the context's layout (see "The block"), the cache cells
 // from R on are freed and [0, R) get positions P-R+1 .. P (P: last position, unchanged).
-// INVALID: nothing changed. BACKEND: the cache was cleared.
+// INVALID, or ALLOC (no memory for the compaction graph): nothing changed. BACKEND (a graph
+// failed, or memory ran out after some layers' rows had moved): the cache was cleared.
 LLAMA_API int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, const int32_t * cells);
 
 // out[n_layer][n_head_kv]: the start cell of every head (all 0 before a compaction)
