@@ -678,26 +678,32 @@ class Llama(llama_cpp.Llama):
         """llama-cpp-python's ``load_state``, with the compressed cache's layout restored with it.
 
         Raises:
-            RuntimeError: the state cannot be restored into this context. When its eviction layout
-                does not fit (saved by a context without eviction, from another model's layout, ...)
-                the message says why, and the KV cache and the token history are left as they were
-                (the next prompt re-evaluates its last token, since the logits may have been
-                overwritten). Any other failure leaves the cache half restored: the context is
-                reset, so the next prompt is evaluated from scratch.
+            RuntimeError: the state cannot be restored into this context; the message says why. When
+                its eviction section does not fit (saved by a context without eviction, from another
+                model's layout, a damaged, truncated or hand-edited block, ...) the KV cache and the
+                token history are left as they were (the next prompt re-evaluates its last token,
+                since the logits may have been overwritten). A failure found once the cells were
+                read (cells that disagree with the saved block, a blob that ends inside the cells)
+                leaves nothing of the cache before: the context is reset, so the next prompt is
+                evaluated from scratch.
         """
         self._check_open()
         kv = self._adakv
         if kv is None:
             return super().load_state(state)
         before = (self.input_ids.copy(), self.n_tokens, self.scores[: self.n_tokens].copy(), self._seed)
+        mem = llama_cpp.llama_get_memory(self.ctx)
+        held = llama_cpp.llama_memory_seq_pos_max(mem, 0) >= 0
         kv.clear_last_error()
         try:
             super().load_state(state)
         except RuntimeError:
-            reason = kv.last_error()  # set only by a refusal before anything of the cache changed
-            if not reason:
+            reason = kv.last_error()  # the eviction section's reason (native), if it was that
+            if not reason or (held and llama_cpp.llama_memory_seq_pos_max(mem, 0) < 0):
                 self.reset()
-                raise
+                why = reason or "llama.cpp could not restore its cells (truncated or damaged; its log says more)"
+                raise RuntimeError(f"cannot load this state: {why}; the context was reset, the next prompt is "
+                                   "evaluated from scratch") from None
             self.input_ids, self.n_tokens, self._seed = before[0], before[1], before[3]
             self.scores[: self.n_tokens] = before[2]
             self._requires_eval = True

@@ -13,3 +13,7 @@ int32_t llama_adakv_set_error(int32_t code, const char * fmt, ...)
 
 // clears the last error of this thread
 void llama_adakv_clear_error();
+
+// testing (llama_adakv_test_fail_alloc): true when this allocation point must fail as if memory
+// ran out; every allocation point of native code asks it before allocating
+bool llama_adakv_alloc_fails();

@@ -76,7 +76,7 @@ int32_t llama_adakv_arm_capture(struct llama_context * ctx, int32_t n_tokens) {
     }
     for (auto & [buft, ids] : by_buft) {
         ggml_init_params ip = { ids.size() * ggml_tensor_overhead(), nullptr, true };
-        ggml_context * tctx = ggml_init(ip);
+        ggml_context * tctx = llama_adakv_alloc_fails() ? nullptr : ggml_init(ip);
         if (!tctx) {
             llama_adakv_free_capture(*ak);
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
@@ -87,7 +87,8 @@ int32_t llama_adakv_arm_capture(struct llama_context * ctx, int32_t n_tokens) {
             ak->capture[i] = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, adakv_capture_width(*ak, l), n_tokens);
             ggml_format_name(ak->capture[i], "adakv_capture-%d", l.il);
         }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
+        ggml_backend_buffer_t buf =
+                llama_adakv_alloc_fails() ? nullptr : ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
         if (!buf) {
             llama_adakv_free_capture(*ak);
             return llama_adakv_set_error(
@@ -103,6 +104,11 @@ int32_t llama_adakv_arm_capture(struct llama_context * ctx, int32_t n_tokens) {
 int32_t llama_adakv_read_capture(struct llama_context * ctx, float * out, int32_t n_tokens) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of n_layer * n_tokens * width floats",
+                __func__);
+    }
     if (ak->capture_tokens == 0) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: the capture was not armed", __func__);
     }

@@ -35,8 +35,29 @@ llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) 
         captured_tokens = ak->captured_tokens;
         scored          = ak->scored;
         captured        = ak->captured;
+        armed_window    = ak->armed_window;
+        footprint       = ak->footprint;
+        width           = ak->width;
         for (const auto & l : ak->layers) {
             attn_used.push_back(l.attn_used);
+        }
+        // the worst graph: scoring armed, and a block (the graph reads only the shapes of the
+        // persistent tensors here, never their values). Pooled: the view of the graph's n_kv
+        // cells has W + n_kv - R cells, the most with a head keeping the whole cache
+        // (W = kv_size) in the fewest cells a block of such a head can have, R = ceil(W / H);
+        // rect: a block of one cell (its view has n_kv cells whatever its width)
+        const int32_t H  = ak->n_head_kv;
+        const int32_t W  = (int32_t) ak->kv_size;
+        ak->armed_window = std::max(ak->armed_window, ak->reserve_window);
+        if (ak->layout == LLAMA_ADAKV_LAYOUT_POOLED) {
+            ak->width     = W;
+            ak->footprint = (W + H - 1) / H;
+        } else {
+            ak->width     = std::max(ak->width, 1);
+            ak->footprint = ak->width;
+        }
+        if (ak->scored.size() != ak->layers.size()) {
+            ak->scored.assign(ak->layers.size(), false);
         }
     }
 }
@@ -48,6 +69,10 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
         ak->captured_tokens = captured_tokens;
         ak->scored          = std::move(scored);
         ak->captured        = std::move(captured);
+        ak->armed_window    = armed_window;
+        ak->footprint       = footprint;
+        ak->width           = width;
+        ak->view_masks      = {}; // tensors of the reserve's graph
         for (size_t i = 0; i < attn_used.size(); ++i) {
             ak->layers[i].attn_used = attn_used[i];
         }

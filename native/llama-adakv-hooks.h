@@ -28,9 +28,11 @@ uint64_t llama_adakv_graph_epoch(const llama_adakv * ak);
 // per-head fallback, capture); llama_context::graph_max_nodes adds them to its budget
 uint32_t llama_adakv_graph_extra_nodes(const llama_adakv * ak);
 
-// llama_context::graph_reserve builds graphs that are never computed: what the adakv part
-// records while building one (which layers were scored or captured, for how many tokens) is
-// put back as it was when this scope ends
+// llama_context::graph_reserve builds graphs that are never computed, to size the compute
+// buffers: inside this scope the adakv part builds the largest graph it can build for the
+// ubatch (window scoring armed, a compacted block whose per-head view is the widest the cache
+// allows), and what it records while building one (which layers were scored or captured, for
+// how many tokens) is put back as it was when the scope ends
 class llama_adakv_reserve_scope {
   public:
     explicit llama_adakv_reserve_scope(llama_adakv * ak);
@@ -44,6 +46,9 @@ class llama_adakv_reserve_scope {
     int32_t scored_tokens   = 0;
     uint32_t scored_n_kv    = 0;
     int32_t captured_tokens = 0;
+    int32_t armed_window    = 0;
+    int32_t footprint       = 0;
+    int32_t width           = 0;
     std::vector<bool> scored;
     std::vector<bool> captured;
     std::vector<int32_t> attn_used;
@@ -53,6 +58,10 @@ class llama_adakv_reserve_scope {
 // node to use instead (the same node with per-head start cells, or the per-head fallback),
 // and adds the window-score nodes to gf when scoring is armed
 ggml_tensor * llama_adakv_graph_attn(llama_adakv * ak, ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * fa, int il);
+
+// llama_decode, after the call: a failed call (ret != 0) disarms the window scoring armed for it
+// (it may have stopped before the window's ubatch, and later calls must not score)
+void llama_adakv_on_decode_end(llama_adakv * ak, int32_t ret);
 
 // llama_kv_cache::seq_rm: false refuses the removal (it would cut into a compacted block)
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1);

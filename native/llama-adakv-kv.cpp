@@ -178,6 +178,18 @@ void llama_adakv_on_clear(llama_adakv * ak) {
     }
 }
 
+void llama_adakv_on_decode_end(llama_adakv * ak, int32_t ret) {
+    if (ak == nullptr || ret == 0 || ak->armed_window == 0) {
+        return;
+    }
+    LLAMA_LOG_DEBUG("%s: llama_decode returned %d: window scoring disarmed (arm it again)\n", __func__, ret);
+    ak->armed_window  = 0;
+    ak->scored_tokens = 0;
+    ak->scored.assign(ak->layers.size(), false);
+    ak->disarmed_ret = ret;
+    ak->epoch++;
+}
+
 bool llama_adakv_on_seq_rm(llama_adakv * ak, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     if (!llama_adakv_is_compacted(ak) || (seq_id > 0)) {
         return true;
@@ -297,12 +309,72 @@ static bool adakv_counts_ok(const llama_adakv & ak, const std::vector<int32_t> &
     return most == width && (ak.layout == LLAMA_ADAKV_LAYOUT_POOLED || width == fp);
 }
 
+// the saved block must be one that a compaction makes: fp cells labelled with the consecutive
+// positions [lo, hi] (lo = hi - fp + 1), standing for [first, hi] (0 <= first <= lo); for every
+// head, the view cells below its start hold nothing (-1) and the ones from it on the original
+// positions of its kept tokens, strictly increasing inside [first, hi]. No block: all -1 and
+// nothing kept. Returns what is wrong, or "" when nothing is
+static std::string adakv_block_error(
+        const llama_adakv & ak,
+        int32_t fp,
+        int32_t width,
+        llama_pos lo,
+        llama_pos hi,
+        llama_pos first,
+        const std::vector<int32_t> & counts,
+        const std::vector<llama_pos> & kept) {
+    if (fp == 0) {
+        if (lo != -1 || hi != -1 || first != -1) {
+            return format(
+                    "the saved state holds no compacted block but its block positions are first %d, labels [%d, %d] "
+                    "(all -1 without a block)",
+                    first, lo, hi);
+        }
+        return "";
+    }
+    if (first < 0 || first > lo || lo > hi || (int64_t) hi - lo + 1 != fp) {
+        return format(
+                "the saved block's positions are inconsistent: first %d, labels [%d, %d] for a block of %d cells "
+                "(0 <= first <= the first label, and one label per cell)",
+                first, lo, hi, fp);
+    }
+    const int32_t H = ak.n_head_kv;
+    for (size_t i = 0; i < ak.layers.size(); ++i) {
+        for (int32_t h = 0; h < H; ++h) {
+            const int32_t start   = width - counts[i * H + h];
+            const llama_pos * pos = kept.data() + (i * H + h) * width;
+            for (int32_t c = 0; c < width; ++c) {
+                const bool ok = c < start ? pos[c] == -1
+                                          : pos[c] >= first && pos[c] <= hi && (c == start || pos[c] > pos[c - 1]);
+                if (!ok) {
+                    return format(
+                            "the saved kept positions of layer %d head %d are corrupt: view cell %d holds position "
+                            "%d (-1 below the head's start cell %d, then strictly increasing inside [%d, %d])",
+                            ak.layers[i].il, h, c, pos[c], start, first, hi);
+                }
+            }
+        }
+    }
+    return "";
+}
+
 void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_seq_id seq_id) {
     if (ak == nullptr) {
         return;
     }
+    ak->pending = false;
+    // reads the adakv section; a blob that ends inside it is refused like any other bad section
+    auto read = [&io](void * dst, size_t size) {
+        try {
+            io.read(dst, size);
+        } catch (const std::exception &) {
+            adakv_state_error(
+                    "adakv: the saved state ends inside its eviction section (truncated or not a state of this "
+                    "context): save it again from its context, or evaluate the prompt again");
+        }
+    };
     uint32_t hdr[4];
-    io.read(hdr, sizeof(hdr));
+    read(hdr, sizeof(hdr));
     if (hdr[0] != ADAKV_STATE_MAGIC) {
         adakv_state_error("adakv: this state was not saved by a context with adakv-local eviction enabled");
     }
@@ -318,7 +390,7 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         adakv_state_error("adakv: this state was saved from a model with another layer layout");
     }
     int32_t blk[6];
-    io.read(blk, sizeof(blk));
+    read(blk, sizeof(blk));
     const int32_t fp    = blk[1];
     const int32_t width = blk[2];
     if (blk[0] != ak->layout) {
@@ -334,13 +406,22 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
         adakv_state_error("adakv: the saved compacted block does not fit this context's cache");
     }
     std::vector<int32_t> counts(ak->layers.size() * ak->n_head_kv);
-    io.read(counts.data(), counts.size() * sizeof(int32_t));
+    read(counts.data(), counts.size() * sizeof(int32_t));
     if (!adakv_counts_ok(*ak, counts, fp, width)) {
-        adakv_state_error("adakv: the saved start table is corrupt");
+        adakv_state_error(
+                "adakv: the saved start table is corrupt (the state was damaged or edited): save it again from its "
+                "context, or evaluate the prompt again");
     }
     std::vector<llama_pos> kept(counts.size() * width);
     if (!kept.empty()) {
-        io.read(kept.data(), kept.size() * sizeof(llama_pos));
+        read(kept.data(), kept.size() * sizeof(llama_pos));
+    }
+    const std::string bad = adakv_block_error(*ak, fp, width, blk[3], blk[4], blk[5], counts, kept);
+    if (!bad.empty()) {
+        adakv_state_error(
+                ("adakv: " + bad +
+                 " (the state was damaged or edited): save it again from its context, or evaluate the prompt again")
+                        .c_str());
     }
 
     if (seq_id != -1 && fp > 0) {
@@ -361,9 +442,46 @@ void llama_adakv_state_read_begin(llama_adakv * ak, llama_io_read_i & io, llama_
     ak->pending_kept      = std::move(kept);
 }
 
+// the restored cells must carry the block read by state_read_begin: sequence 0 alone in cells
+// [0, fp), labelled lo .. hi, and every other cell of it after hi. Returns what is wrong, or ""
+static std::string adakv_cells_error(llama_adakv & ak) {
+    const auto & cells = llama_adakv_access::cells(*ak.kv);
+    for (uint32_t c = 0; c < cells.size(); ++c) {
+        const bool in_block = c < (uint32_t) ak.pending_fp;
+        if (cells.is_empty(c)) {
+            if (in_block) {
+                return format("cell %u of the compacted block is empty", c);
+            }
+            continue;
+        }
+        const llama_pos pos = cells.pos_get(c);
+        if (!cells.seq_has(c, 0) || cells.seq_get_all(c).count() != 1) {
+            return format("cell %u does not belong to sequence 0 alone", c);
+        }
+        if (in_block ? pos != ak.pending_pos_lo + (llama_pos) c : pos <= ak.pending_pos_hi) {
+            return format(
+                    "cell %u has position %d; the compacted block labels cells [0, %d) with positions [%d, %d] "
+                    "and the cells after it come later",
+                    c, pos, ak.pending_fp, ak.pending_pos_lo, ak.pending_pos_hi);
+        }
+    }
+    return "";
+}
+
 void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     if (ak == nullptr || !ak->pending || seq_id != -1) {
         return;
+    }
+    ak->pending = false;
+    if (ak->pending_fp > 0) {
+        const std::string bad = adakv_cells_error(*ak);
+        if (!bad.empty()) {
+            // the cells are already replaced: nothing of the context before the load is left to keep
+            llama_memory_clear(ak->lctx->get_memory(), true);
+            adakv_state_error(("adakv: the saved cells disagree with the saved compacted block: " + bad +
+                               " (the state was damaged or edited); the KV cache was cleared")
+                                      .c_str());
+        }
     }
     const size_t n_kept = (size_t) ak->n_head_kv * ak->pending_width;
     llama_adakv_set_counts(*ak, ak->pending_fp > 0 ? ak->pending_counts : std::vector<int32_t>(), ak->pending_width);
@@ -375,7 +493,6 @@ void llama_adakv_state_read_end(llama_adakv * ak, llama_seq_id seq_id) {
     ak->pos_lo    = ak->pending_pos_lo;
     ak->pos_hi    = ak->pending_pos_hi;
     ak->pos_first = ak->pending_pos_first;
-    ak->pending   = false;
     ak->pending_kept.clear();
     llama_adakv_upload_starts(*ak);
     ak->epoch++;
@@ -583,9 +700,9 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
         by_buft[ggml_backend_buffer_get_type(ak->layers[i].k->buffer)].push_back(i);
     }
     for (auto & [buft, ids] : by_buft) {
-        // the persistent tensors of each layer (llama_adakv_layer: 8)
+        // the persistent tensors of each layer (llama_adakv_layer: 7)
         ggml_init_params ip = { 8 * ids.size() * ggml_tensor_overhead(), nullptr, true };
-        ggml_context * tctx = ggml_init(ip);
+        ggml_context * tctx = llama_adakv_alloc_fails() ? nullptr : ggml_init(ip);
         if (!tctx) {
             return llama_adakv_set_error(LLAMA_ADAKV_ERR_ALLOC, "%s: ggml_init failed", __func__);
         }
@@ -604,7 +721,8 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
             l.scores = ggml_new_tensor_2d(tctx, GGML_TYPE_F32, ak->view_cap, ak->n_head_kv);
             ggml_format_name(l.scores, "adakv_scores-%d", l.il);
         }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
+        ggml_backend_buffer_t buf =
+                llama_adakv_alloc_fails() ? nullptr : ggml_backend_alloc_ctx_tensors_from_buft(tctx, buft);
         if (!buf) {
             return llama_adakv_set_error(
                     LLAMA_ADAKV_ERR_ALLOC, "%s: could not allocate the score buffers (%s)", __func__,
@@ -637,7 +755,12 @@ int32_t llama_adakv_n_head_kv(const struct llama_context * ctx) {
 }
 
 int32_t llama_adakv_layer_ids(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of llama_adakv_n_layer() ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         out[i] = ak->layers[i].il;
     }
@@ -676,7 +799,7 @@ int32_t llama_adakv_get_block(const struct llama_context * ctx, struct llama_ada
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (out == nullptr) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
     }
     const int32_t n = adakv_seq_cells(*ak);
     if (n < 0) {
@@ -723,7 +846,12 @@ int32_t llama_adakv_get_positions(const struct llama_context * ctx, int32_t * ou
 }
 
 int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of llama_adakv_n_layer() ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         out[i] = ak->layers[i].attn_used;
     }
@@ -731,7 +859,12 @@ int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * ou
 }
 
 int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32_t * out) {
+    llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of n_layer * n_head_kv ints", __func__);
+    }
     for (size_t i = 0; i < ak->layers.size(); ++i) {
         memcpy(out + i * ak->n_head_kv, ak->layers[i].start.data(), ak->n_head_kv * sizeof(int32_t));
     }
@@ -752,7 +885,13 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
                 LLAMA_ADAKV_ERR_INVALID, "%s: n_window must be in [1, n_ubatch = %u], got %d", __func__, n_ubatch,
                 n_window);
     }
+    if (n_window > ak->reserve_window) {
+        // the compute buffers were sized for a smaller window: reserve again before the next decode
+        ak->reserve_window = n_window;
+        llama_adakv_access::request_reserve(*ctx);
+    }
     ak->armed_window  = n_window;
+    ak->disarmed_ret  = 0;
     ak->scored_tokens = 0;
     ak->scored.assign(ak->layers.size(), false);
     ak->epoch++;
@@ -763,7 +902,7 @@ int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_ad
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
     if (out == nullptr) {
-        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is null", __func__);
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
     }
     // bytes of K and V of one cell, summed over the layers of a cache
     auto cell_bytes = [](const llama_kv_cache & kv) {
@@ -787,9 +926,24 @@ int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_ad
 int32_t llama_adakv_read_scores(struct llama_context * ctx, float * out, int32_t n_cells) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        // an argument error leaves the scores armed: the call can be made again with an array
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass an array of n_layer * n_head_kv * n_cells floats",
+                __func__);
+    }
     const int32_t window = ak->armed_window;
+    const int32_t failed = ak->disarmed_ret;
     ak->armed_window     = 0;
+    ak->disarmed_ret     = 0;
     ak->epoch++;
+    if (window == 0 && failed != 0) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID,
+                "%s: the llama_decode call after arming failed (it returned %d) and disarmed the scoring; arm it "
+                "again and decode the window",
+                __func__, failed);
+    }
     if (window == 0) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: scoring was not armed", __func__);
     }
@@ -955,43 +1109,62 @@ int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, 
     ctx->synchronize();
     const auto & hp      = ctx->get_model().hparams;
     const int64_t n_rows = (int64_t) ak->kv_size * H;
+    bool moved           = false; // the rows of some layers moved already (an earlier backend's graph ran)
     for (auto & [be, ids] : by_backend) {
         // per layer: the index tensor, and for K and V an alias, two views, get_rows and cpy
         const size_t n_nodes = 16 * ids.size() + 16;
         ggml_init_params ip  = { n_nodes * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_nodes, false), nullptr,
                                  true };
-        ggml_context * gctx  = ggml_init(ip);
-        ggml_cgraph * gf     = ggml_new_graph_custom(gctx, n_nodes, false);
+        ggml_context * gctx  = llama_adakv_alloc_fails() ? nullptr : ggml_init(ip);
+        ggml_cgraph * gf =
+                gctx == nullptr || llama_adakv_alloc_fails() ? nullptr : ggml_new_graph_custom(gctx, n_nodes, false);
+        ggml_gallocr_t galloc = gf == nullptr || llama_adakv_alloc_fails()
+                                        ? nullptr
+                                        : ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+        const char * failed   = gctx == nullptr ? "ggml_init"
+                                : gf == nullptr ? "ggml_new_graph_custom"
+                                                : "ggml_gallocr_new";
         std::vector<ggml_tensor *> idx_t;
-        for (size_t i : ids) {
-            const auto & l      = ak->layers[i];
-            ggml_tensor * t_idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) idx[i].size());
-            ggml_set_input(t_idx);
-            idx_t.push_back(t_idx);
-            ggml_build_forward_expand(
-                    gf, adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), n_rows, t_idx));
-            ggml_build_forward_expand(
-                    gf, adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), n_rows, t_idx));
+        if (galloc != nullptr) {
+            for (size_t i : ids) {
+                const auto & l      = ak->layers[i];
+                ggml_tensor * t_idx = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) idx[i].size());
+                ggml_set_input(t_idx);
+                idx_t.push_back(t_idx);
+                ggml_build_forward_expand(
+                        gf,
+                        adakv_build_move(gctx, l.k, ggml_row_size(l.k->type, hp.n_embd_head_k(l.il)), n_rows, t_idx));
+                ggml_build_forward_expand(
+                        gf,
+                        adakv_build_move(gctx, l.v, ggml_row_size(l.v->type, hp.n_embd_head_v(l.il)), n_rows, t_idx));
+            }
+            failed = "ggml_gallocr_alloc_graph";
         }
-        ggml_gallocr_t galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-        bool ok               = ggml_gallocr_alloc_graph(galloc, gf);
+        const bool alloc_ok = galloc != nullptr && !llama_adakv_alloc_fails() && ggml_gallocr_alloc_graph(galloc, gf);
+        bool ok             = alloc_ok;
         if (ok) {
             for (size_t j = 0; j < ids.size(); ++j) {
                 ggml_backend_tensor_set(idx_t[j], idx[ids[j]].data(), 0, idx[ids[j]].size() * sizeof(int32_t));
             }
             ok = ggml_backend_graph_compute(be, gf) == GGML_STATUS_SUCCESS;
         }
-        ggml_gallocr_free(galloc);
+        ggml_gallocr_free(galloc); // both accept NULL
         ggml_free(gctx);
+        if (!alloc_ok && !moved) {
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_ALLOC,
+                    "%s: out of memory for the compaction graph on %s (%s failed); nothing was changed: free "
+                    "memory (a smaller n_ctx or n_ubatch) and compact again",
+                    __func__, ggml_backend_name(be), failed);
+        }
         if (!ok) {
             // the rows of some layers may have moved already: the cache content is undefined now
             llama_memory_clear(ctx->get_memory(), true);
             return llama_adakv_set_error(
-                    LLAMA_ADAKV_ERR_BACKEND,
-                    "%s: the compaction graph failed on %s; the KV cache "
-                    "was cleared",
-                    __func__, ggml_backend_name(be));
+                    LLAMA_ADAKV_ERR_BACKEND, "%s: the compaction graph failed on %s (%s); the KV cache was cleared",
+                    __func__, ggml_backend_name(be), alloc_ok ? "compute" : failed);
         }
+        moved = true;
     }
 
     // cells: [0, R) relabelled P - R + 1 .. P, [R, N) freed
@@ -1045,7 +1218,12 @@ int32_t llama_adakv_read_rows(
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: layer or cell range out of bounds", __func__);
     }
     const int64_t hb = llama_adakv_row_size(ctx, layer, is_v);
-    if (out == nullptr || out_size != (size_t) n_cells * ak->n_head_kv * hb) {
+    if (out == nullptr) {
+        return llama_adakv_set_error(
+                LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass n_cells * n_head_kv * %lld bytes", __func__,
+                (long long) hb);
+    }
+    if (out_size != (size_t) n_cells * ak->n_head_kv * hb) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID, "%s: out must hold n_cells * n_head_kv * %lld bytes", __func__,
                 (long long) hb);

@@ -115,6 +115,11 @@ struct llama_adakv {
     int32_t scored_tokens = 0; // tokens of the ubatch whose scores were added to the graph
     uint32_t scored_n_kv  = 0; // cells those scores cover
     std::vector<bool> scored;  // [layers] the layer added its scores to the graph since arming
+    int32_t disarmed_ret = 0;  // what the llama_decode that disarmed the scoring returned (0: none did)
+
+    // the compute buffers are reserved for scoring a window of this many tokens (arming a larger
+    // one asks llama.cpp to reserve again); see llama_adakv_reserve_scope
+    int32_t reserve_window = 32;
 
     uint64_t epoch = 1;
 

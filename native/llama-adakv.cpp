@@ -1,9 +1,11 @@
 // llama-adakv.cpp - version information and error reporting of the adakv-local C API
 
 #include "llama-adakv.h"
+#include "llama-adakv-testing.h"
 
 #include "adakv-impl.h"
 
+#include <atomic>
 #include <cstdarg>
 #include <cstdio>
 #include <string>
@@ -16,6 +18,9 @@
 #endif
 
 static thread_local std::string g_last_error;
+
+// llama_adakv_test_fail_alloc: allocation points to pass before one fails (0: none fails)
+static std::atomic<int32_t> g_fail_alloc{ 0 };
 
 int32_t llama_adakv_set_error(int32_t code, const char * fmt, ...) {
     char buf[1024];
@@ -49,4 +54,15 @@ void llama_adakv_clear_last_error(void) {
 
 const char * llama_adakv_last_error(void) {
     return g_last_error.c_str();
+}
+
+bool llama_adakv_alloc_fails() {
+    int32_t n = g_fail_alloc.load();
+    while (n > 0 && !g_fail_alloc.compare_exchange_weak(n, n - 1)) {
+    }
+    return n == 1;
+}
+
+void llama_adakv_test_fail_alloc(int32_t n) {
+    g_fail_alloc.store(n > 0 ? n : 0);
 }

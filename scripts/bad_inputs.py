@@ -11,10 +11,12 @@ about a minute on 2 cores: tiny random-weight models, --threads 1. The CLI runs 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -208,6 +210,37 @@ def run_cache_ops(d: Path) -> list[str]:
     row("llm.load_state(state of a compressed context made with ADAKV_LAYOUT=rect)",
         lambda: llm.load_state(rect.save_state()))
     rect.close()
+    saved = llm.save_state()
+
+    def edited(edit: Callable[[bytearray, int], None]) -> Any:
+        """A copy of `saved` with its adakv section (magic, version 3, ...) edited by hand."""
+        blob = bytearray(saved.llama_state)
+        edit(blob, bytes(blob).find(struct.pack("<II", 0x564B4441, 3)))
+        state = copy.copy(saved)
+        state.llama_state, state.llama_state_size = bytes(blob), len(blob)
+        return state
+
+    def first_after_labels(b: bytearray, at: int) -> None:  # block: layout, R, W, lo, hi, first
+        struct.pack_into("<i", b, at + 16 + 20, struct.unpack_from("<i", b, at + 16 + 12)[0] + 1)
+
+    def swap_kept(b: bytearray, at: int) -> None:  # the last two kept positions of the last head
+        end = at + 40 + 4 * kv.n_layer * kv.n_head_kv * (1 + struct.unpack_from("<i", b, at + 24)[0])
+        b[end - 8 : end] = b[end - 4 : end] + b[end - 8 : end - 4]
+
+    row("llm.load_state(<a state whose pos_first was edited past its first label>)",
+        lambda: llm.load_state(edited(first_after_labels)))
+    row("llm.load_state(<a state with two kept positions of a head swapped>)",
+        lambda: llm.load_state(edited(swap_kept)))
+    row("llm.load_state(<a state cut inside its adakv section>)",
+        lambda: llm.load_state(edited(lambda b, at: b.__delitem__(slice(at + 30, None)))))
+    kv.arm_scores(16)
+    row("kv.arm_scores(16); llm.eval([n_vocab + 5])  # a decode that fails",
+        lambda: llm.eval([llm.n_vocab() + 5]))
+    row("kv.read_scores()  # after that failed decode", lambda: kv.read_scores())
+    row("kv._n.lib.llama_adakv_get_starts(ctx, NULL)",
+        lambda: (kv._n.lib.llama_adakv_get_starts(kv._ctx, kv._n.ffi.NULL), kv.last_error()))
+    row("llama_memory_seq_pos_min(mem, 0)  # the block's first label (llama-adakv.h)",
+        lambda: llama_cpp.llama_memory_seq_pos_min(mem, 0))
     row("llama_memory_seq_rm(mem, 0, 0, -1)  # the whole sequence",
         lambda: llama_cpp.llama_memory_seq_rm(mem, 0, 0, -1))
     llm.adakv_config = None

@@ -106,6 +106,12 @@ LLAMA_API int32_t llama_adakv_window_scores_cpu(
         float * out,
         float * k_used);
 
+// Fault injection: the n-th allocation point of adakv's own code reached from now on (ggml_init,
+// ggml_new_graph_custom, the graph allocator and its buffers, in compaction, enabling and the
+// capture) fails as if memory ran out (1: the next one; 0 or less: none). For the tests of the
+// error paths only; process-wide.
+LLAMA_API void llama_adakv_test_fail_alloc(int32_t n);
+
 /* ADAKV_CDEF_END */
 
 #ifdef __cplusplus

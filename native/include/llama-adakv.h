@@ -82,6 +82,17 @@ LLAMA_API void llama_adakv_clear_last_error(void);
 // seq_div are refused (logged, nothing moved) for any range that holds cells of the
 // sequence, since a K-shift cannot be applied to a compacted cache.
 //
+// Positions after a compaction. The R cells of the block are labelled P-R+1 .. P, so
+// llama_memory_seq_pos_min reports P-R+1, not the sequence's first position: these are the
+// positions that have a cell, and llama.h promises that every position of [pos_min, pos_max]
+// has one, which would not hold for [first, P] (the block holds fewer than P-first+1 tokens, and
+// different ones in each head). The labels keep seq_pos_max at P, so decoding continues at P+1
+// (K keeps the RoPE of each token's original position, the labels are never used for RoPE). A
+// caller that takes pos_min > 0 for "the earlier positions are gone" (llama.cpp's server does so
+// for SWA caches) re-evaluates, which is right; prefix reuse that cuts with seq_rm (llama-cpp-
+// python) is refused inside [first, P] and keeps the block only when the prompt goes on after it.
+// The original positions of the kept tokens: llama_adakv_get_positions.
+//
 
 // how the scores of the query heads of one KV head are combined
 enum llama_adakv_gqa_reduce {
@@ -167,9 +178,11 @@ LLAMA_API int32_t llama_adakv_get_block(const struct llama_context * ctx, struct
 // Arms window scoring for the next llama_decode, whose last ubatch ends with the observation
 // window: its last n_window tokens (1 <= n_window <= n_ubatch, and <= that ubatch's tokens) are
 // scored. Scoring them inside a larger ubatch (the prompt's last one) costs no separate decode.
+// A llama_decode that fails (returns non-zero) disarms it: later decodes do not score, and
+// llama_adakv_read_scores says that the decode failed.
 LLAMA_API int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window);
 
-// Reads the scores of that decode and disarms:
+// Reads the scores of that decode and disarms (a NULL out is refused and leaves them armed):
 //   out: F32 [n_layer][n_head_kv][n_cells]; out[l][h][c] = sum over window queries of the
 //   softmax attention of cell c, reduced over the query heads of KV head h (mean or max);
 //   cells below a head's start score 0.
@@ -181,7 +194,8 @@ LLAMA_API int32_t llama_adakv_read_scores(struct llama_context * ctx, float * ou
 // view cells), strictly increasing, each in [start[l][h], n_cells). Their rows are moved (byte
 // copies, in order) into the block of the context's layout (see "The block"), the cache cells
 // from R on are freed and [0, R) get positions P-R+1 .. P (P: last position, unchanged).
-// INVALID: nothing changed. BACKEND: the cache was cleared.
+// INVALID, or ALLOC (no memory for the compaction graph): nothing changed. BACKEND (a graph
+// failed, or memory ran out after some layers' rows had moved): the cache was cleared.
 LLAMA_API int32_t llama_adakv_compact(struct llama_context * ctx, const int32_t * counts, const int32_t * cells);
 
 // out[n_layer][n_head_kv]: the start cell of every head (all 0 before a compaction)
