@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from adakv_local import Llama
-    from adakv_local.bench import _attn_path, prompt_tokens
+    from adakv_local.eval.bench import _attn_path, prompt_tokens
     from adakv_local.models.registry import resolve_model
 
     modes = [tuple(m.split(":")) for m in args.modes.split(",")]

@@ -34,7 +34,7 @@ N_CTX_TRAIN = 2048
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=2, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, n_ctx_train=N_CTX_TRAIN, seed=31))
@@ -182,7 +182,7 @@ def test_generated_tokens_keep_the_prompts_record_and_a_short_turn_gets_a_fresh_
 def test_a_budget_above_the_prompt_in_evaluate_records_its_own_run(tiny):
     """evaluate recorded the previous (compressed) budget's footprint and kv_bytes for a budget at least
     the prompt's length."""
-    from adakv_local.evaluate import run_fidelity
+    from adakv_local.eval.evaluate import run_fidelity
 
     llm = llama(tiny)
     toks = llm.tokenize(text(60, 7).encode())

@@ -22,7 +22,7 @@ _EPILOG_FIDELITY = """examples:
       --json answers.json
 
 --instructions: the prompts are real documents installed on this machine (licenses, Python's
-documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
+documentation, man pages, tables; `adakv_local.eval.corpus`), each followed in the chat template by
 "Summarize the document above in a few sentences." and by a question about it (--questions 3: by
 each of its three questions); the full cache's greedy answer (at most --continuation tokens) is
 what is teacher-forced (docs/SELECTION.md).
@@ -58,14 +58,14 @@ def _names_arg(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
 
 def _attn_paths_arg(text: str) -> list[str]:
     """--attn-paths: a comma-separated list of bench.ATTN_PATHS."""
-    from ..bench import ATTN_PATHS
+    from ..eval.bench import ATTN_PATHS
 
     return _names_arg(text, "--attn-paths", ATTN_PATHS)
 
 
 def _layouts_arg(text: str) -> list[str]:
     """--layouts: a comma-separated list of bench.LAYOUTS."""
-    from ..bench import LAYOUTS
+    from ..eval.bench import LAYOUTS
 
     return _names_arg(text, "--layouts", LAYOUTS)
 
@@ -333,7 +333,7 @@ def _plot(draw: Any, data: Any, path: Path, title: str) -> None:
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from ..evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
+    from ..eval.evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
 
     if args.window >= min(args.budgets):
         raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
@@ -381,8 +381,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _instruction_fidelity(args: argparse.Namespace) -> int:
-    from ..corpus import find_documents
-    from ..instruct import build_prompts, paired, run_instruction_fidelity, summarize
+    from ..eval.corpus import find_documents
+    from ..eval.instruct import build_prompts, paired, run_instruction_fidelity, summarize
 
     if args.prompts is not None:
         raise CLIError("--prompts and --instructions: choose one (--instructions reads installed documents)",
@@ -439,8 +439,8 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_chunked(args: argparse.Namespace) -> int:
-    from ..chunked_eval import run_chunked_fidelity, stream_prompts, summarize_chunked
     from ..config import AdaKVConfig
+    from ..eval.chunked import run_chunked_fidelity, stream_prompts, summarize_chunked
 
     if args.n_ctx >= args.prompt_tokens:
         raise CLIError(f"--n-ctx ({args.n_ctx}) must be below --prompt-tokens ({args.prompt_tokens})", EXIT_USAGE)
@@ -480,7 +480,7 @@ def _cmd_chunked(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from ..tasks import TASKS, run_tasks, summarize
+    from ..eval.tasks import TASKS, run_tasks, summarize
 
     tasks = [x.strip() for x in args.tasks.split(",") if x.strip()]
     bad = [x for x in tasks if x not in TASKS]
@@ -517,14 +517,14 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
               "window": args.window, "kernel": args.kernel, **_selection_options(args)}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
-        from ..evaluate import plot_tasks
+        from ..eval.evaluate import plot_tasks
 
         _plot(plot_tasks, summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import overhead_summary, plot_bench, run
+    from ..eval.bench import overhead_summary, plot_bench, run
 
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)

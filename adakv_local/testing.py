@@ -1,4 +1,4 @@
-"""Tiny random-weight GGUF models for tests.
+"""Tiny random-weight GGUF models for tests (and scripts): never imported by the runtime.
 
 The files written here are real GGUF models that llama.cpp loads and runs:
 they have the exact tensor names/shapes and metadata keys that llama.cpp's
@@ -29,7 +29,7 @@ one token per UTF-8 byte.
 
 Usage::
 
-    from adakv_local.models.testmodel import write_llama_gguf, write_gemma3_gguf
+    from adakv_local.testing import write_llama_gguf, write_gemma3_gguf
 
     llama_path = write_llama_gguf(tmp_path / "tiny-llama.gguf")
     gemma_path = write_gemma3_gguf(tmp_path / "tiny-gemma3.gguf", sliding_window=8)

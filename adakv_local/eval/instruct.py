@@ -1,13 +1,13 @@
 """Instruction fidelity: how close a compressed cache's *answers* stay to the full cache's.
 
-``eval fidelity`` (:mod:`adakv_local.evaluate`) teacher-forces a continuation of raw text. Users
+``eval fidelity`` (:mod:`adakv_local.eval.evaluate`) teacher-forces a continuation of raw text. Users
 ask for something after a document: "summarize the document above", or a question. Here the
-prompt is a real document (:mod:`adakv_local.corpus`) followed by an instruction, in the model's
+prompt is a real document (:mod:`adakv_local.eval.corpus`) followed by an instruction, in the model's
 chat template (``mode="chat"``) or as a plain completion prompt (``mode="raw"``, base models).
 The full cache answers greedily (until an end-of-generation token or ``max_answer`` tokens); that
 answer is teacher-forced after the compressed prompt of every (setting, budget), and
 KL(full || compressed), the largest KL, top-1 agreement and the attention-output L1 error are
-recorded, exactly as :func:`adakv_local.evaluate.run_fidelity` does for raw text. The answer's
+recorded, exactly as :func:`adakv_local.eval.evaluate.run_fidelity` does for raw text. The answer's
 end token is one of the forced positions: whether the model stops is part of the answer.
 
 A *setting* is a named set of :class:`~adakv_local.config.AdaKVConfig` options other than the
@@ -177,9 +177,9 @@ def run_instruction_fidelity(
     answers: one per prompt: the full cache's greedy answer (text), and for every setting and
     every budget in ``sample_budgets`` the compressed cache's own greedy answer.
     """
-    from .config import AdaKVConfig
+    from ..config import AdaKVConfig
+    from ..llama import Llama
     from .evaluate import _continue_from, _teacher_force, check_window_option
-    from .llama import Llama
 
     if max_answer < 2:
         raise ValueError(f"max_answer: expected an int >= 2, got {max_answer}")

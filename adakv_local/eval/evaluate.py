@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..llama import Llama
 from .fidelity import attention_l1, compare
-from .llama import Llama
 from .texts import documents
 
 
@@ -114,7 +114,7 @@ def run_fidelity(
 
     ``options``: more eviction options for every run (AdaKVConfig names, e.g. ``{"pooling": "max2"}``).
 
-    ``l1_attn`` (:func:`~adakv_local.fidelity.attention_l1`) compares the attention outputs of
+    ``l1_attn`` (:func:`~adakv_local.eval.fidelity.attention_l1`) compares the attention outputs of
     every evicted layer on the teacher-forced continuation with the full cache's.
     """
     if not 2 <= n_continuation <= 513:

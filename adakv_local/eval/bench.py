@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kvcache
-from .llama import Llama
+from .. import kvcache
+from ..llama import Llama
 from .texts import documents
 
 
