@@ -44,10 +44,10 @@ QUESTIONS = [
 
 def document(n_chars: int) -> str:
     sys.path.insert(0, str(ROOT))
-    from adakv_local.eval.texts import _module_text
+    from adakv_local.eval.texts import module_text
 
     parts = [(ROOT / "examples" / "ada-kv.md").read_text()]
-    parts += [f"# {m}\n\n{_module_text(m)}" for m in ("argparse", "logging")]
+    parts += [f"# {m}\n\n{module_text(m)}" for m in ("argparse", "logging")]
     text = "\n\n".join(parts)
     return text[:n_chars]
 

@@ -272,7 +272,7 @@ class Meter:
 _METERED: Any = None
 
 
-def _metered_class() -> Any:
+def metered_class() -> Any:
     global _METERED
     if _METERED is None:
         from ..llama import Llama
@@ -314,7 +314,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     cls: a subclass of the measured Llama (default: that class); extra: more llama_cpp.Llama keywords.
     """
     llama_cpp_module()
-    cls = cls or _metered_class()
+    cls = cls or metered_class()
     n_batch = max(512, cfg.window)
     n_threads, n_threads_batch = thread_counts(args.threads)
     kwargs: dict[str, Any] = dict(

@@ -477,9 +477,9 @@ def _serve_class() -> Any:
     """The measured Llama of :mod:`.common`, with stats attached to every completion."""
     global _SERVE
     if _SERVE is None:
-        from .common import _metered_class, request_stats
+        from .common import metered_class, request_stats
 
-        class ServeLlama(_metered_class()):  # type: ignore[misc]
+        class ServeLlama(metered_class()):  # type: ignore[misc]
             n_requests = 0
             last_request_stats: dict[str, Any] | None = None
 
