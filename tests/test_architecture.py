@@ -177,3 +177,23 @@ def test_checker_catches_what_it_should(tmp_path):
     assert any("adakv_local.llama (engine) imports adakv_local.eval.bench" in b for b in edges), edges
     assert sorted(b.split(": ", 1)[1] for b in privates) == [
         "adakv_local.eval.bench._helper", "from adakv_local.llama import _private"], privates
+
+
+def test_config_knows_no_argparse_and_the_cli_declares_each_flag_once():
+    """config.py is the options' single source and knows nothing of argparse; the CLI declares the
+    eviction flags through cli.common.eviction_flag only (no command re-declares --window and the like)."""
+    modules = package_modules()
+    config = modules["adakv_local.config"]
+    assert "argparse" not in {i.module.split(".")[0] for i in imports_of(config, "adakv_local.config")}
+    from adakv_local.config import OPTIONS
+
+    flags = {f"--{o.name.replace('_', '-')}" for o in OPTIONS}
+    bad = []
+    for name, path in modules.items():
+        if layer(name) != "cli":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+                    and any(isinstance(a, ast.Constant) and a.value in flags for a in node.args)):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.args[0].value}")
+    assert not bad, "eviction flags declared outside cli.common.eviction_flag:\n" + "\n".join(bad)

@@ -47,7 +47,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import AdaKVConfig
 from ..progress import PrefillProgress
 from ..prompts import Vocabulary, chat_formatter, summary_messages
 from .common import decode_text
@@ -97,7 +96,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", default="-", metavar="FILE",
                    help="text or markdown file; - (the default) reads stdin")
-    from .common import add_model_arguments
+    from .common import add_eviction_arguments, add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None,
@@ -111,7 +110,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"summary": ..., "stats": {...}} on stdout instead of streaming')
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no stats on stderr")
-    AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
+    add_eviction_arguments(p, budget_default=DEFAULT_BUDGET)
     p.set_defaults(func=run)
     return p
 
