@@ -434,12 +434,6 @@ def request_stats(llm: Any, cfg: AdaKVConfig) -> dict[str, Any]:
     }
 
 
-def _allocated_bytes(llm: Any) -> int | None:
-    """Bytes of K and V the context allocated (n_ctx cells, and the sliding-window ring), if known."""
-    kv = getattr(llm, "adakv_kvcache", None)
-    return kv.memory().allocated_bytes if kv is not None else None
-
-
 def format_stats(s: dict[str, Any]) -> list[str]:
     """A few human lines for stderr."""
     pre = f"{s['prefill_tps']:.1f} tok/s" if s["prefill_tps"] else "-"
