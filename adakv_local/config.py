@@ -2,16 +2,16 @@
 
 :class:`AdaKVConfig` holds the defaults, the help text and the validation of every option.
 ``adakv_local.Llama(..., adakv_<name>=...)`` keywords and the CLI's ``--<name>`` flags are
-both built from :data:`OPTIONS`, so that the three never drift apart.
+both built from :data:`OPTIONS` (the flags by :mod:`adakv_local.cli.common`: this module knows
+nothing of argparse), so that the three never drift apart.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,6 +79,14 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
+def option(name: str) -> Option:
+    """The option called ``name`` (as in :data:`OPTIONS`); KeyError for an unknown one."""
+    for opt in OPTIONS:
+        if opt.name == name:
+            return opt
+    raise KeyError(name)
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
@@ -87,7 +95,7 @@ def _is_real(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
 
 
-def _whole(x: Any) -> Any:
+def whole_number(x: Any) -> Any:
     """x as a Python int when it is a whole number (1000, 1e3, np.int64(1000)), else x unchanged."""
     if _is_int(x):
         return int(x)
@@ -119,7 +127,7 @@ class AdaKVConfig:
     chunk: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", _whole(self.budget))  # 1e3 -> 1000
+        object.__setattr__(self, "budget", whole_number(self.budget))  # 1e3 -> 1000
         for name in ("window", "kernel", "sinks"):  # np.int64(8) -> 8
             if _is_int(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
@@ -183,39 +191,3 @@ class AdaKVConfig:
     def llama_kwargs(self) -> dict[str, Any]:
         """The ``adakv_<name>`` keywords that give ``adakv_local.Llama`` this configuration."""
         return {f"adakv_{opt.name}": getattr(self, opt.name) for opt in OPTIONS}
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser, *, budget_default: Any = None) -> None:
-        """Add ``--budget``, ``--method``, ... to an argparse parser (values checked by from_args)."""
-        defaults = {f.name: f.default for f in fields(AdaKVConfig)}
-        defaults["budget"] = budget_default
-        types = {"budget": _budget_arg, "window": int, "kernel": int, "alpha": float, "max_ratio": float,
-                 "span_share": float, "sinks": int, "chunk": int}
-        group = parser.add_argument_group("KV-cache eviction")
-        for opt in OPTIONS:
-            default = defaults[opt.name]
-            group.add_argument(f"--{opt.name.replace('_', '-')}", dest=f"adakv_{opt.name}",
-                               type=types.get(opt.name, str), default=default, metavar=opt.metavar,
-                               help=f"{opt.help} (default: {default})")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> AdaKVConfig:
-        """From parsed CLI flags; errors name the flag (``--budget``)."""
-        values = {opt.name: getattr(args, f"adakv_{opt.name}") for opt in OPTIONS}
-        values = {k: v for k, v in values.items() if v is not None or k == "budget"}
-        try:
-            return cls(**values)
-        except ConfigError as e:
-            raise e.named(f"--{e.option.replace('_', '-')}") from None
-
-
-def _budget_arg(text: str) -> int | float:
-    """--budget: a whole number of cells (256, 1e3), or a fraction such as 0.1; the range is checked later."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return _whole(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None

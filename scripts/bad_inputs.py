@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 HEADER = """# Bad input: what the Python API and the CLI answer
 
 Generated from real runs by `python scripts/bad_inputs.py > docs/BAD-INPUT.md` (rerun it after
-changing a message). Models are tiny random-weight GGUF files (`adakv_local.models.testmodel`;
+changing a message). Models are tiny random-weight GGUF files (`adakv_local.testing`;
 4096-token trained context); `DIR` is a temporary folder, `doc.md` a ~700-character document
 (885 prompt tokens with the chat template), `huge.txt` ~5300.
 
@@ -444,7 +444,7 @@ def run_serve(d: Path) -> list[str]:
 
 def write_inputs(d: Path) -> bytes:
     from adakv_local._lib import libllama_path
-    from adakv_local.models.testmodel import write_llama_gguf, write_unknown_arch_gguf
+    from adakv_local.testing import write_llama_gguf, write_unknown_arch_gguf
 
     tiny = write_llama_gguf(d / "tiny.gguf", n_embd=256, n_head=4, n_head_kv=2, n_ff=256, seed=5)
     data = tiny.read_bytes()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bounded memory (issue #12): a document far longer than the cache, full cache vs chunked eviction.
 
-For each pass-key depth, one seeded raw-mode pass-key document of --tokens tokens (adakv_local.tasks)
+For each pass-key depth, one seeded raw-mode pass-key document of --tokens tokens (adakv_local.eval.tasks)
 is answered twice, each run in a child process of its own so that its peak RSS is its own:
 
 - full: llama-cpp-python as it is (eviction off): the cache must hold the whole document
@@ -11,7 +11,7 @@ is answered twice, each run in a child process of its own so that its peak RSS i
 Per run: whether the pass key came back, prefill seconds, the KV buffers llama.cpp allocated (its own
 log lines, all layers, sliding ones included), the peak cells / KV bytes the chunked cache held
 (AdaKVStats), the process's peak RSS (VmHWM), and per chunk the compression overhead against the full
-cache's prefill of the same tokens in the same script run (adakv_local.bench.chunk_overhead).
+cache's prefill of the same tokens in the same script run (adakv_local.eval.bench.chunk_overhead).
 
     python scripts/bounded_memory.py --model gemma3-270m --tokens 24000 --n-ctx 4096 --budget 256 \\
         --json docs/results/bounded-memory-gemma3.json
@@ -122,9 +122,9 @@ def main() -> None:
         return child(args)
 
     from adakv_local import Llama
-    from adakv_local.bench import chunk_overhead
+    from adakv_local.eval.bench import chunk_overhead
+    from adakv_local.eval.tasks import passkey, score
     from adakv_local.models import model_path
-    from adakv_local.tasks import passkey, score
 
     tok = Llama(model_path=str(model_path(args.model)), vocab_only=True, verbose=False)
     rows = []

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from adakv_local import Llama
-    from adakv_local.bench import _attn_path, prompt_tokens
+    from adakv_local.eval.bench import attn_path_env, prompt_tokens
     from adakv_local.models.registry import resolve_model
 
     modes = [tuple(m.split(":")) for m in args.modes.split(",")]
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     n_ctx = ((args.length + args.tokens + 64) // 256 + 1) * 256
     llms = []
     for layout, attn in modes:
-        with _attn_path(attn, layout):
+        with attn_path_env(attn, layout):
             llm = Llama(
                 model_path=path,
                 n_ctx=n_ctx,

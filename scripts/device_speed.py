@@ -50,14 +50,14 @@ def random_q4_k(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
 
 def write_model(path: Path, dims: tuple[int, ...], n_ctx_train: int, seed: int = 0) -> Path:
     """A random llama-architecture GGUF with every 2-D weight in Q4_K (metadata and vocabulary as
-    adakv_local.models.testmodel writes them; the same random matrices in every layer)."""
+    adakv_local.testing writes them; the same random matrices in every layer)."""
     import gguf
 
-    from adakv_local.models.testmodel import _add_vocab, _llama_vocab  # the tiny models' vocabulary
+    from adakv_local.testing import add_vocab, llama_vocab  # the tiny models' vocabulary
 
     n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff, n_vocab = dims
     rng = np.random.default_rng(seed)
-    vocab = _llama_vocab(n_vocab)
+    vocab = llama_vocab(n_vocab)
     q4k = gguf.GGMLQuantizationType.Q4_K
     mats = {  # numpy shape (rows, cols) == ggml {cols, rows}
         "attn_q": (n_head * head_dim, n_embd), "attn_k": (n_head_kv * head_dim, n_embd),
@@ -84,7 +84,7 @@ def write_model(path: Path, dims: tuple[int, ...], n_ctx_train: int, seed: int =
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    _add_vocab(w, vocab)
+    add_vocab(w, vocab)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(True)
@@ -126,7 +126,7 @@ def make_llm(args: argparse.Namespace):
 
 def decode_tps(llm, n: int, warmup: int = 4) -> float:
     """Greedy decode speed over n tokens, after `warmup` untimed ones (new graph shapes, CUDA graphs)."""
-    from adakv_local.bench import greedy_decode
+    from adakv_local.eval.bench import greedy_decode
 
     greedy_decode(llm, warmup)
     return n / greedy_decode(llm, n)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Instruction fidelity over real documents (adakv_local.instruct): summaries and answers of the
+"""Instruction fidelity over real documents (adakv_local.eval.instruct): summaries and answers of the
 full cache, teacher-forced after the compressed prompt of every (setting, budget).
 
     python scripts/instruct_fidelity.py --model smollm2-135m --budgets 256,512,1024 \\
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adakv_local.corpus import SPECS, find_documents
-from adakv_local.instruct import TASKS, build_prompts, paired, run_instruction_fidelity, summarize
+from adakv_local.eval.corpus import SPECS, find_documents
+from adakv_local.eval.instruct import TASKS, build_prompts, paired, run_instruction_fidelity, summarize
 
 
 def _value(text: str) -> Any:

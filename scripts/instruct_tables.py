@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from adakv_local.instruct import paired, summarize
+from adakv_local.eval.instruct import paired, summarize
 
 
 def main() -> int:

@@ -15,9 +15,9 @@ import argparse
 
 import numpy as np
 
+from adakv_local.eval.tasks import passkey
 from adakv_local.llama import Llama
 from adakv_local.models import model_path
-from adakv_local.tasks import passkey
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 """The pooled block's memory (issue 23): KV bytes held after one compression, per method and budget.
 
 For each model, KV cache type, method, budget and block layout, one prompt of --tokens tokens of
-standard-library prose (adakv_local.bench.prompt_tokens) is evaluated by adakv-local's Llama and
+standard-library prose (adakv_local.eval.bench.prompt_tokens) is evaluated by adakv-local's Llama and
 compressed once (the prompt but its last ubatch is evaluated once per context and restored for
 every setting); the row records what the compacted cache holds: R (``adakv_stats.footprint``, cache
 cells of the block) and the K/V bytes of the cells the sequence uses (``adakv_stats.kv_bytes``, from
@@ -75,10 +75,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the rows here")
     args = ap.parse_args()
 
-    from adakv_local.bench import prompt_tokens
+    from adakv_local.eval.bench import prompt_tokens
     from adakv_local.llama import Llama
     from adakv_local.models import model_path
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     budgets = [int(b) for b in args.budgets.split(",")]
     rows = []

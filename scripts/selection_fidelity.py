@@ -20,7 +20,7 @@ from pathlib import Path
 
 from instruct_fidelity import parse_option  # same folder
 
-from adakv_local.evaluate import builtin_prompts, compare_pairs, run_fidelity, summarize
+from adakv_local.eval.evaluate import builtin_prompts, compare_pairs, run_fidelity, summarize
 from adakv_local.llama import Llama
 from adakv_local.models import resolve_model
 

@@ -8,7 +8,7 @@
     python scripts/selection_profile.py span-changes /tmp/prof --budget 256 \\
         --setting old:spans=none --setting new:spans=long-numbers
 
-``scores``: for every (document, task) prompt of adakv_local.instruct (chat mode, SmolLM2 by
+``scores``: for every (document, task) prompt of adakv_local.eval.instruct (chat mode, SmolLM2 by
 default) evaluates the prompt without compression and reads the observation window's scores of
 every layer and KV head (the scores the eviction ranks by: window-summed, GQA-reduced); saves them
 with the tokens and the document's span in OUT/<document>__<task>.npz.
@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from adakv_local.config import AdaKVConfig
-from adakv_local.corpus import find_documents
+from adakv_local.eval.corpus import find_documents
 from adakv_local.policies import AllocationConfig, keep_sets
 from adakv_local.spans import SpanFinder
 
@@ -54,10 +54,10 @@ def _window_scores(llm: Any, toks: list[int], window: int) -> tuple[np.ndarray, 
     compression (the prefix as llama-cpp-python would, the window scored), and each token's text."""
     import llama_cpp
 
-    from adakv_local.instruct import _prefix_mode
+    from adakv_local.eval.instruct import prefix_mode
 
     llm.reset()
-    with _prefix_mode(llm):
+    with prefix_mode(llm):
         llm.eval(toks[:-window])
     kv = llm.adakv_kvcache
     kv.arm_scores(window)
@@ -67,7 +67,7 @@ def _window_scores(llm: Any, toks: list[int], window: int) -> tuple[np.ndarray, 
 
 
 def cmd_scores(a: argparse.Namespace) -> int:
-    from adakv_local.instruct import build_prompts
+    from adakv_local.eval.instruct import build_prompts
     from adakv_local.llama import Llama
     from adakv_local.models import resolve_model
 
@@ -99,10 +99,10 @@ def cmd_scores(a: argparse.Namespace) -> int:
 
 def cmd_task_scores(a: argparse.Namespace) -> int:
     """The window scores of one generated task sample (chat mode), and where its answer's tokens are."""
-    from adakv_local.instruct import _formatter
+    from adakv_local.eval.tasks import make_sample
     from adakv_local.llama import Llama
     from adakv_local.models import resolve_model
-    from adakv_local.tasks import make_sample
+    from adakv_local.prompts import chat_formatter
 
     llm = Llama(model_path=str(resolve_model(a.model)), n_ctx=a.length + 512, n_batch=512, n_threads=a.threads,
                 n_threads_batch=a.threads, adakv_budget=10**6, adakv_window=a.window, verbose=False)
@@ -110,7 +110,7 @@ def cmd_task_scores(a: argparse.Namespace) -> int:
     try:
         for depth in (float(x) for x in a.depths.split(",")):
             sample = make_sample(a.task, llm, a.length, depth, a.seed, mode="chat")
-            r = _formatter(llm)(messages=sample.messages())
+            r = chat_formatter(llm)(messages=sample.messages())
             toks = list(llm.tokenize(r.prompt.encode("utf-8"), add_bos=not r.added_special, special=True))
             scores, pieces = _window_scores(llm, toks, a.window)
             text = "".join(pieces)

@@ -6,7 +6,7 @@
     python scripts/selection_tasks.py --model gemma3-270m --mode raw --tasks facts --lengths 4000 \\
         --budgets 128,256 --full --json out.json
 
-Runs adakv_local.tasks.run_tasks with ``options`` (AdaKVConfig names), one sample per seed of
+Runs adakv_local.eval.tasks.run_tasks with ``options`` (AdaKVConfig names), one sample per seed of
 --seeds at every depth; --full adds the full cache.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from instruct_fidelity import parse_option  # same folder
 
+from adakv_local.eval.tasks import run_tasks, summarize
 from adakv_local.models import resolve_model
-from adakv_local.tasks import run_tasks, summarize
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ to first content chunk), the server's stats (prompt tokens, tokens evaluated, KV
 after the turn, decode tokens/s after the first token). Prints a table; --json writes every number.
 
 The document: examples/ada-kv.md followed by the documentation of Python's `argparse` and `logging`
-modules (adakv_local.texts), cut at --doc-chars characters (28,000: ~6,000 SmolLM2 tokens).
+modules (adakv_local.eval.texts), cut at --doc-chars characters (28,000: ~6,000 SmolLM2 tokens).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ QUESTIONS = [
 
 def document(n_chars: int) -> str:
     sys.path.insert(0, str(ROOT))
-    from adakv_local.texts import _module_text
+    from adakv_local.eval.texts import module_text
 
     parts = [(ROOT / "examples" / "ada-kv.md").read_text()]
-    parts += [f"# {m}\n\n{_module_text(m)}" for m in ("argparse", "logging")]
+    parts += [f"# {m}\n\n{module_text(m)}" for m in ("argparse", "logging")]
     text = "\n\n".join(parts)
     return text[:n_chars]
 

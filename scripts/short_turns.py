@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from adakv_local import Llama
-    from adakv_local.bench import prompt_tokens
+    from adakv_local.eval.bench import prompt_tokens
     from adakv_local.models.registry import resolve_model
 
     llm = Llama(

@@ -108,7 +108,7 @@ MODELS: dict[str, tuple[str, dict[str, Any], float]] = {
 
 def write_models(folder: str | os.PathLike[str]) -> Path:
     """Write every model of MODELS that is not in ``folder`` yet (deterministic files)."""
-    from adakv_local.models.testmodel import write_gemma3_gguf, write_llama_gguf
+    from adakv_local.testing import write_gemma3_gguf, write_llama_gguf
 
     folder = Path(folder)
     for name, (kind, kw, _) in MODELS.items():

@@ -327,7 +327,7 @@ def test_bracketed_paste_on_a_terminal(flavour):
 
 
 def test_chat_on_a_terminal_answers_a_paste_once(tmp_path):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     tiny = write_llama_gguf(tmp_path / "tiny.gguf", seed=3)
     paste = PASTE_START.encode() + LICENSE.replace("\n", "\r").encode() + PASTE_END.encode() + b"\r"

@@ -14,7 +14,7 @@ BUDGET, WINDOW, N_CTX = 24, 8, 128
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, n_ctx_train=8192, seed=41))

@@ -17,7 +17,7 @@ from words import text
 
 import adakv_local  # noqa: F401  (binds llama_cpp to our libllama)
 from adakv_local.errors import CacheFullError
-from adakv_local.fidelity import last_logits
+from adakv_local.eval.fidelity import last_logits
 from adakv_local.llama import Llama
 from adakv_local.policies import AllocationConfig, keep_sets
 
@@ -26,7 +26,7 @@ BUDGET, WINDOW, CHUNK, N_CTX = 24, 8, 128, 256
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, n_ctx_train=2048, seed=31))
@@ -34,7 +34,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    from adakv_local.models.testmodel import write_gemma3_gguf
+    from adakv_local.testing import write_gemma3_gguf
 
     return str(write_gemma3_gguf(tmp_path_factory.mktemp("g") / "g3.gguf", n_layer=6, n_embd=256, n_head=4,
                                  n_head_kv=2, head_dim=64, sliding_window=16, sliding_window_pattern=3,
@@ -324,8 +324,8 @@ def test_iswa_diverging_prompt_equals_a_fresh_context(gemma):
 
 def test_chunked_fidelity_measures_both_ways(tiny):
     """eval chunked's runner: one-shot and chunked reading of the same prompt against the full cache."""
-    from adakv_local.chunked_eval import run_chunked_fidelity
     from adakv_local.config import AdaKVConfig
+    from adakv_local.eval.chunked import run_chunked_fidelity
 
     toks = prompt_of(llama(tiny), 100, 17)
     recs = run_chunked_fidelity(tiny, [("p", toks)], AdaKVConfig(BUDGET, window=WINDOW), n_ctx=N_CTX, chunk=CHUNK,

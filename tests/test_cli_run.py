@@ -64,7 +64,7 @@ def native_cell_bytes(model: Path) -> int:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return write_llama_gguf(tmp_path_factory.mktemp("cli") / "tiny.gguf", n_embd=256, n_head=4, n_head_kv=2,
                             n_ff=256, seed=5)
@@ -325,7 +325,7 @@ def test_broken_model_files_say_what_is_wrong(tiny, doc, tmp_path):
 
 
 def test_verbose_lets_llama_cpp_say_why_a_model_does_not_load(doc, tmp_path):
-    from adakv_local.models.testmodel import write_unknown_arch_gguf
+    from adakv_local.testing import write_unknown_arch_gguf
 
     path = write_unknown_arch_gguf(tmp_path / "unknown-arch.gguf")  # a complete GGUF file that llama.cpp refuses
     proc = cli("summarize", str(doc), "--model", str(path))

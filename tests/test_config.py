@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from adakv_local.config import OPTIONS, AdaKVConfig, ConfigError, _budget_arg
+from adakv_local.cli.common import budget_arg, config_from_flags
+from adakv_local.config import OPTIONS, AdaKVConfig, ConfigError
 
 
 @pytest.mark.parametrize("budget, expected", [
@@ -59,19 +60,19 @@ def test_python_keywords_and_cli_flags_spell_the_option_their_way():
     args = argparse.Namespace(**{f"adakv_{o.name}": None for o in OPTIONS})
     args.adakv_budget = 4
     with pytest.raises(ConfigError, match=r"^--budget must be an integer >= the window \(32"):
-        AdaKVConfig.from_args(args)
+        config_from_flags(args)
 
 
 @pytest.mark.parametrize("text, expected", [("256", 256), ("1e3", 1000), ("1000.0", 1000), ("0.1", 0.1),
                                             ("2.5", 2.5)])
 def test_budget_flag_parses_whole_numbers_as_ints(text, expected):
-    value = _budget_arg(text)
+    value = budget_arg(text)
     assert value == expected and type(value) is type(expected)
 
 
 def test_budget_flag_rejects_words():
     with pytest.raises(argparse.ArgumentTypeError, match="not a number"):
-        _budget_arg("lots")
+        budget_arg("lots")
 
 
 def test_budget_help_states_the_window_bound():

@@ -1,4 +1,4 @@
-"""adakv_local.corpus: real documents found on the machine, missing ones reported, cut to a token limit."""
+"""adakv_local.eval.corpus: real documents found on the machine, missing ones reported, cut to a token limit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adakv_local.corpus import KINDS, SPECS, Spec, _file, cut_to_tokens, find_documents
+from adakv_local.eval.corpus import KINDS, SPECS, Spec, _file, cut_to_tokens, find_documents
 
 
 def whitespace_count(text: str) -> int:

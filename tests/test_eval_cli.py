@@ -10,7 +10,7 @@ from test_cli_run import cli
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=2, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, seed=31))
@@ -108,8 +108,8 @@ def test_bench_attn_paths(tiny):
 
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
-    from adakv_local.bench import plot_bench
-    from adakv_local.evaluate import plot_fidelity
+    from adakv_local.eval.bench import plot_bench
+    from adakv_local.eval.evaluate import plot_fidelity
 
     recs = [{"prompt": p, "method": m, "budget": b, "kl_mean": k * (1 + p), "kl_max": 1.0, "top1": 0.9,
              "l1_attn": k / 2}
@@ -140,7 +140,7 @@ def test_eval_tasks_json(tiny):
 def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     """Bytes come from the native memory figures (AdaKVStats); the full-cache runs, which cannot ask
     them, compute the same figure from the cache types."""
-    from adakv_local.bench import kv_bytes_without_eviction, run_one
+    from adakv_local.eval.bench import kv_bytes_without_eviction, run_one
     from adakv_local.llama import Llama
 
     path = str(tiny_gemma3)
@@ -160,7 +160,7 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
 
 @pytest.mark.parametrize("cache_type", [1, 8, 2])  # f16, q8_0, q4_0
 def test_bench_full_cache_bytes_follow_the_cache_type(tiny64, cache_type):
-    from adakv_local.bench import kv_bytes_without_eviction
+    from adakv_local.eval.bench import kv_bytes_without_eviction
     from adakv_local.llama import Llama
 
     llm = Llama(model_path=str(tiny64), n_ctx=256, adakv_budget=48, adakv_window=16, type_k=cache_type,
@@ -174,7 +174,7 @@ def test_bench_full_cache_bytes_follow_the_cache_type(tiny64, cache_type):
 
 def test_bench_direct_overhead_times_the_last_ubatch(tiny_llama):
     """bench --direct: the last ubatch from one saved state, plain and with eviction, alternately."""
-    from adakv_local.bench import last_ubatch_extra
+    from adakv_local.eval.bench import last_ubatch_extra
     from adakv_local.llama import Llama
 
     vocab = Llama(model_path=str(tiny_llama), vocab_only=True, verbose=False)

@@ -461,7 +461,7 @@ def test_enable_refuses_an_f32_cache(tiny64):
 
 @pytest.mark.exactness
 def test_iswa_model_evicts_its_global_layers_only(tmp_path):
-    from adakv_local.models.testmodel import write_gemma3_gguf
+    from adakv_local.testing import write_gemma3_gguf
 
     path = write_gemma3_gguf(tmp_path / "g3.gguf", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
                              sliding_window=8, sliding_window_pattern=3, seed=4)
@@ -481,9 +481,9 @@ def test_smollm2_retrieves_a_passkey_from_hand_picked_cells():
     """The machinery, separate from the selection: 151 hand-picked cells per head keep the pass key."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+    from adakv_local.eval.tasks import passkey, score
     from adakv_local.llama import Llama
     from adakv_local.models import model_path
-    from adakv_local.tasks import passkey, score
 
     path = str(model_path("smollm2-135m", quiet=True))
     llm = Llama(model_path=path, n_ctx=3584, n_threads=2, adakv_budget=8000, verbose=False)  # no compression

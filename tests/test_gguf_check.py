@@ -12,7 +12,7 @@ from adakv_local.gguf_check import GGUFFileError, check_gguf
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return write_llama_gguf(tmp_path_factory.mktemp("gguf") / "good.gguf", n_ctx_train=2048, seed=3)
 

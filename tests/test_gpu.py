@@ -369,7 +369,7 @@ def test_cuda_supports_op_exactly_the_extended_shapes(case, expected, pools):
 @pytest.fixture(scope="session")
 def tiny32x8(tmp_path_factory):
     """32 layers, 32 query / 8 KV heads of 128 (Llama-3-8B's attention shape), narrow otherwise."""
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     path = tmp_path_factory.mktemp("models") / "tiny32x8.gguf"
     return write_llama_gguf(path, n_layer=32, n_embd=256, n_head=32, n_head_kv=8, head_dim=128, n_ff=256,

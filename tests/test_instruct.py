@@ -1,4 +1,4 @@
-"""adakv_local.instruct: instruction prompts over documents, and their fidelity measurement, on the
+"""adakv_local.eval.instruct: instruction prompts over documents, and their fidelity measurement, on the
 tiny random-weight model (the numbers mean nothing there; the bookkeeping is what is checked)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from adakv_local.corpus import Document
-from adakv_local.instruct import (
+from adakv_local.eval.corpus import Document
+from adakv_local.eval.instruct import (
     QUESTION_INSTRUCTION,
     SUMMARY_INSTRUCTION,
     build_prompts,

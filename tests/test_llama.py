@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import adakv_local
-from adakv_local.fidelity import attention_l1, compare, teacher_forced_logits
+from adakv_local.eval.fidelity import attention_l1, compare, teacher_forced_logits
 from adakv_local.llama import Llama
 
 PROMPT = "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun. " * 6
@@ -15,7 +15,7 @@ CONT = " Then the story went on for a long time"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, seed=21))
@@ -138,7 +138,7 @@ def test_a_new_config_is_checked_as_the_constructor_checks_it(tiny):
 
 def test_gqa_reduction_reaches_the_scores(tiny):
     """A run's gqa option reaches the graph: max and mean give other scores on a GQA model."""
-    from adakv_local.evaluate import run_fidelity
+    from adakv_local.eval.evaluate import run_fidelity
 
     llm = make(tiny, 40)
     toks = llm.tokenize(PROMPT.encode())
@@ -235,7 +235,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def long_prompt(smollm2):
-    from adakv_local.texts import documents
+    from adakv_local.eval.texts import documents
 
     name, text = next(documents(min_chars=8000))
     llm = Llama(model_path=smollm2, n_ctx=64, verbose=False, vocab_only=True)

@@ -46,7 +46,7 @@ def run(path: str, n_gpu_layers: int, layout: str = "pooled") -> tuple[np.ndarra
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from adakv_local.models.testmodel import write_gemma3_gguf, write_llama_gguf
+    from adakv_local.testing import write_gemma3_gguf, write_llama_gguf
 
     d = tmp_path_factory.mktemp("metal")
     return {

@@ -24,7 +24,7 @@ from adakv_local.llama import Llama
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, seed=21))
@@ -88,7 +88,7 @@ def test_refused_removal_leaves_the_sliding_window_cache_alone(tmp_path):
     """iSWA: the base cache refused the removal, but the SWA cache used to drop its cells anyway."""
     import llama_cpp
 
-    from adakv_local.models.testmodel import write_gemma3_gguf
+    from adakv_local.testing import write_gemma3_gguf
 
     path = str(write_gemma3_gguf(tmp_path / "g3.gguf", n_layer=6, n_embd=256, n_head=4, n_head_kv=2, head_dim=64,
                                  sliding_window=16, sliding_window_pattern=3, seed=4))
@@ -144,7 +144,7 @@ def test_fallback_with_32_layers_and_8_kv_heads_equals_the_fast_path(tmp_path):
     KV heads that overflowed llama.cpp's graph budget (GGML_ASSERT in ggml_new_object). The
     budget now counts them; the fallback ("heads") and the per-head mask path must also equal
     the fast path, and fit the graph budget too."""
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     path = str(write_llama_gguf(tmp_path / "l32.gguf", n_layer=32, n_embd=256, n_head=8, n_head_kv=8,
                                 head_dim=32, n_ff=128, seed=8))
@@ -217,7 +217,7 @@ def test_branching_through_save_and_load_equals_a_context_that_never_branched(ti
 
 @pytest.mark.parametrize("donor", ["no eviction", "other layout"])
 def test_a_state_that_cannot_be_restored_says_why_and_loses_nothing(tiny, tmp_path, donor):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     if donor == "no eviction":
         other = llama(tiny, adakv_budget=None, adakv_window=None)
@@ -315,8 +315,8 @@ def test_truncated_model_file_names_the_reason(tiny, tmp_path):
 def test_mask_path_equals_the_fast_path_on_smollm2(monkeypatch):
     """SmolLM2 (30 layers, 9 query / 3 KV heads): logits of a continuation after eviction, with
     the start cells in the kernel and as a per-head mask on the stock kernel (Metal's route)."""
+    from adakv_local.eval.texts import documents
     from adakv_local.models import model_path
-    from adakv_local.texts import documents
 
     path = str(model_path("smollm2-135m", quiet=True))
     out, used = {}, {}

@@ -90,7 +90,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return write_llama_gguf(tmp_path_factory.mktemp("serve") / "tiny.gguf", n_embd=256, n_head=4, n_head_kv=2,
                             n_ff=256, n_ctx_train=N_CTX_TRAIN, seed=5)
@@ -285,7 +285,7 @@ def test_serve_help_names_the_settings_it_changes():
 def test_smollm2_two_turns_then_an_edited_history(tmp_path):
     """The same with a real model (SmolLM2-135M, ~1,500-token first message): turn 2 streamed and
     evaluating only what is new, then an edited first message answered as by a fresh server."""
-    from adakv_local.texts import documents
+    from adakv_local.eval.texts import documents
 
     name, text = next(documents(min_chars=8000))
     first = f"{text[:6500]}\n\nWhat is this text about?"

@@ -34,7 +34,7 @@ N_CTX_TRAIN = 2048
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=2, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, n_ctx_train=N_CTX_TRAIN, seed=31))
@@ -182,7 +182,7 @@ def test_generated_tokens_keep_the_prompts_record_and_a_short_turn_gets_a_fresh_
 def test_a_budget_above_the_prompt_in_evaluate_records_its_own_run(tiny):
     """evaluate recorded the previous (compressed) budget's footprint and kv_bytes for a budget at least
     the prompt's length."""
-    from adakv_local.evaluate import run_fidelity
+    from adakv_local.eval.evaluate import run_fidelity
 
     llm = llama(tiny)
     toks = llm.tokenize(text(60, 7).encode())
@@ -202,9 +202,9 @@ def test_cli_stats_are_the_records_figures_on_a_later_turn(tiny, cache_type):
     """The CLI's (and the server's) stats used to take kv_cells_before from the prompt's length while
     /stats took the cells held (2965 -> 506 against 1322 -> 506 for the same turn), and computed bytes
     as if K and V were f16 whatever the cache type."""
-    from adakv_local.cli.common import _metered_class, describe_adakv_stats, format_stats, request_stats, short_stats
+    from adakv_local.cli.common import describe_adakv_stats, format_stats, metered_class, request_stats, short_stats
 
-    llm = _metered_class()(model_path=tiny, n_ctx=1024, n_threads=1, seed=0, verbose=False, adakv_budget=24,
+    llm = metered_class()(model_path=tiny, n_ctx=1024, n_threads=1, seed=0, verbose=False, adakv_budget=24,
                            adakv_window=8, type_k=cache_type, type_v=cache_type)
     try:
         cfg, kv = llm.adakv_config, llm.adakv_kvcache
@@ -231,9 +231,9 @@ def test_cli_stats_are_the_records_figures_on_a_later_turn(tiny, cache_type):
 
 
 def test_a_budget_above_the_prompt_is_said_plainly(tiny):
-    from adakv_local.cli.common import _metered_class, format_stats, request_stats
+    from adakv_local.cli.common import format_stats, metered_class, request_stats
 
-    llm = _metered_class()(model_path=tiny, n_ctx=512, n_threads=1, verbose=False, adakv_budget=1e9, adakv_window=8)
+    llm = metered_class()(model_path=tiny, n_ctx=512, n_threads=1, verbose=False, adakv_budget=1e9, adakv_window=8)
     try:
         llm.meter.reset()
         llm.eval(llm.tokenize(text(20, 10).encode()))

@@ -1,4 +1,4 @@
-"""adakv_local.tasks: synthetic long-context tasks, their scoring, the runner and the summary."""
+"""adakv_local.eval.tasks: synthetic long-context tasks, their scoring, the runner and the summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from adakv_local.tasks import MODES, TASKS, TaskSample, make_sample, run_tasks, score, summarize
+from adakv_local.eval.tasks import MODES, TASKS, TaskSample, make_sample, run_tasks, score, summarize
 
 DIGIT_TASKS = ("passkey", "needle", "multikey")
 
@@ -24,7 +24,7 @@ def document(sample: TaskSample) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory) -> str:
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_embd=256, n_head=4, n_head_kv=2,
                                 n_ff=256, seed=1))
@@ -94,7 +94,7 @@ def test_answer_once_at_the_depth(task, mode, depth):
 @pytest.mark.parametrize("kind", ["number", "date", "name"])
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_facts_states_the_fact_once_at_the_depth(kind, mode, depth):
-    from adakv_local.tasks import facts
+    from adakv_local.eval.tasks import facts
 
     s = facts(whitespace, 2500, depth, 4, mode=mode, kind=kind)
     doc = document(s)
@@ -117,7 +117,7 @@ def test_facts_seed_picks_the_kind_and_the_document_is_prose():
 
 
 def test_score_facts_words_ignore_case_and_numbers_need_their_digits():
-    from adakv_local.tasks import facts
+    from adakv_local.eval.tasks import facts
 
     date = facts(whitespace, 600, 0.5, 0, kind="date")
     day, month, year = date.answers

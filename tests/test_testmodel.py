@@ -39,7 +39,7 @@ def test_tiny_llama_has_the_requested_shape(tiny_llama):
 
 
 def test_same_seed_same_file(tmp_path):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     a = write_llama_gguf(tmp_path / "a.gguf", seed=5).read_bytes()
     b = write_llama_gguf(tmp_path / "b.gguf", seed=5).read_bytes()

@@ -1,8 +1,9 @@
 """The ``adakv-local`` command line: the dispatcher.
 
 One module per command (``models``, ``info``, ``summarize``, ``chat``, ``eval``, ``serve``), each
-with ``add_parser(sub)`` and the functions it runs; what several commands share is in
-:mod:`.common`, exit codes and :class:`CLIError` in :mod:`.errors`. No command module imports
+with ``add_parser(sub)`` and the functions it runs (``bench``: :mod:`.eval`'s ``add_bench_parser``,
+registered here); what several commands share is in :mod:`.common` (the eviction flags, built from
+``config.OPTIONS``), exit codes and :class:`CLIError` in :mod:`.errors`. No command module imports
 this one.
 
 Exit codes (:mod:`.errors`): 0 success; 1 runtime failure, including input that cannot be used (a
@@ -44,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in (models, info, summarize, chat, eval_cmd, serve):
+    for command in (models, info, summarize, chat, eval_cmd):
         command.add_parser(sub)
+    eval_cmd.add_bench_parser(sub)
+    serve.add_parser(sub)
     return p
 
 

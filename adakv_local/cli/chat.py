@@ -82,7 +82,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "user turn that takes it above the budget.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .common import add_model_arguments
+    from .common import add_eviction_arguments, add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None,
@@ -95,7 +95,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help='read a piped stdin line by line: each line a message or a /command, """ blocks for '
                    "several lines (default off a terminal: all of stdin is one message)")
     p.add_argument("--quiet", "-q", action="store_true", help="no banner, progress bar or per-turn stats on stderr")
-    AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
+    add_eviction_arguments(p, budget_default=DEFAULT_BUDGET)
     p.set_defaults(func=run)
     return p
 

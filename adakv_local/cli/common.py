@@ -7,6 +7,7 @@ the native library.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import re
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import AdaKVConfig, ConfigError
+from ..config import OPTIONS, AdaKVConfig, ConfigError, option, whole_number
 from ..gguf_check import GGUFFileError, GGUFInfo, check_gguf
 from .errors import EXIT_FAILURE, EXIT_USAGE, CLIError
 
@@ -172,9 +173,63 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def config_from_args(args: argparse.Namespace) -> AdaKVConfig:
+# -- eviction options: the flags of config.OPTIONS ---------------------------------------------------
+
+
+def budget_arg(text: str) -> int | float:
+    """--budget: a whole number of cells (256, 1e3), or a fraction such as 0.1; the range is checked later."""
     try:
-        return AdaKVConfig.from_args(args)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return whole_number(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+# how a flag's text becomes the option's value (AdaKVConfig checks the range); str for the others
+_FLAG_TYPES: dict[str, Any] = {"budget": budget_arg, "window": int, "kernel": int, "alpha": float,
+                               "max_ratio": float, "span_share": float, "sinks": int, "chunk": int}
+_CONFIG_DEFAULTS = {f.name: f.default for f in dataclasses.fields(AdaKVConfig)}
+_UNSET: Any = object()
+
+
+def eviction_flag(p: Any, name: str, *, default: Any = _UNSET, dest: str | None = None, help: str | None = None,
+                  **kwargs: Any) -> None:
+    """``--<name>`` for the option ``name`` of config.OPTIONS, declared once for every command: help and
+    metavar from OPTIONS, default AdaKVConfig's (unless ``default``), dest ``adakv_<name>`` (unless ``dest``);
+    ``kwargs`` go to argparse (a stricter ``type``, ``choices``)."""
+    opt = option(name)
+    if default is _UNSET:
+        default = _CONFIG_DEFAULTS[name]
+    kwargs.setdefault("type", _FLAG_TYPES.get(name, str))
+    kwargs.setdefault("metavar", opt.metavar)
+    p.add_argument(f"--{name.replace('_', '-')}", dest=dest or f"adakv_{name}", default=default,
+                   help=f"{help or opt.help} (default: {default})", **kwargs)
+
+
+def add_eviction_arguments(parser: argparse.ArgumentParser, *, budget_default: Any = None) -> None:
+    """``--budget``, ``--method``, ... (all of config.OPTIONS) in a group; values checked by config_from_args."""
+    group = parser.add_argument_group("KV-cache eviction")
+    for opt in OPTIONS:
+        eviction_flag(group, opt.name, **({"default": budget_default} if opt.name == "budget" else {}))
+
+
+def config_from_flags(args: argparse.Namespace) -> AdaKVConfig:
+    """The configuration of add_eviction_arguments' flags; a ConfigError names the flag (``--budget``)."""
+    values = {opt.name: getattr(args, f"adakv_{opt.name}") for opt in OPTIONS}
+    values = {k: v for k, v in values.items() if v is not None or k == "budget"}
+    try:
+        return AdaKVConfig(**values)
+    except ConfigError as e:
+        raise e.named(f"--{e.option.replace('_', '-')}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> AdaKVConfig:
+    """As config_from_flags; a bad value exits 2."""
+    try:
+        return config_from_flags(args)
     except ConfigError as e:
         raise CLIError(str(e), EXIT_USAGE) from None
 
@@ -272,7 +327,7 @@ class Meter:
 _METERED: Any = None
 
 
-def _metered_class() -> Any:
+def metered_class() -> Any:
     global _METERED
     if _METERED is None:
         from ..llama import Llama
@@ -314,7 +369,7 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
     cls: a subclass of the measured Llama (default: that class); extra: more llama_cpp.Llama keywords.
     """
     llama_cpp_module()
-    cls = cls or _metered_class()
+    cls = cls or metered_class()
     n_batch = max(512, cfg.window)
     n_threads, n_threads_batch = thread_counts(args.threads)
     kwargs: dict[str, Any] = dict(
@@ -377,12 +432,6 @@ def request_stats(llm: Any, cfg: AdaKVConfig) -> dict[str, Any]:
         "decode_compressions": st.decode_compressions,
         "decode_compress_seconds": round(st.decode_seconds, 4),
     }
-
-
-def _allocated_bytes(llm: Any) -> int | None:
-    """Bytes of K and V the context allocated (n_ctx cells, and the sliding-window ring), if known."""
-    kv = getattr(llm, "adakv_kvcache", None)
-    return kv.memory().allocated_bytes if kv is not None else None
 
 
 def format_stats(s: dict[str, Any]) -> list[str]:

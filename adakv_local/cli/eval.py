@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..policies import METHODS
-from .common import non_negative_int, positive_int, resolve_model_arg, thread_counts, threads_help
+from .common import eviction_flag, non_negative_int, positive_int, resolve_model_arg, thread_counts, threads_help
 from .errors import EXIT_OK, EXIT_USAGE, CLIError
 
 _EPILOG_FIDELITY = """examples:
@@ -22,7 +22,7 @@ _EPILOG_FIDELITY = """examples:
       --json answers.json
 
 --instructions: the prompts are real documents installed on this machine (licenses, Python's
-documentation, man pages, tables; `adakv_local.corpus`), each followed in the chat template by
+documentation, man pages, tables; `adakv_local.eval.corpus`), each followed in the chat template by
 "Summarize the document above in a few sentences." and by a question about it (--questions 3: by
 each of its three questions); the full cache's greedy answer (at most --continuation tokens) is
 what is teacher-forced (docs/SELECTION.md).
@@ -58,14 +58,14 @@ def _names_arg(text: str, option: str, allowed: tuple[str, ...]) -> list[str]:
 
 def _attn_paths_arg(text: str) -> list[str]:
     """--attn-paths: a comma-separated list of bench.ATTN_PATHS."""
-    from ..bench import ATTN_PATHS
+    from ..eval.bench import ATTN_PATHS
 
     return _names_arg(text, "--attn-paths", ATTN_PATHS)
 
 
 def _layouts_arg(text: str) -> list[str]:
     """--layouts: a comma-separated list of bench.LAYOUTS."""
-    from ..bench import LAYOUTS
+    from ..eval.bench import LAYOUTS
 
     return _names_arg(text, "--layouts", LAYOUTS)
 
@@ -93,19 +93,12 @@ def _methods(text: str) -> list[str]:
 
 
 def _selection_flags(p: argparse.ArgumentParser) -> None:
-    from ..config import GQA_REDUCTIONS, OPTIONS, AdaKVConfig
+    from ..config import GQA_REDUCTIONS
     from ..spans import SPAN_MODES
 
-    default = AdaKVConfig(budget=64)
-    p.add_argument("--spans", choices=SPAN_MODES, default=default.spans,
-                   help=f"cells ranked as one span: numbers keeps every digit of a number with its best digit, "
-                   f"long-numbers only those of 4 digits or more (docs/SELECTION.md); none: SnapKV's ranking, the "
-                   f"default before 2026-11-30 (default: {default.spans})")
-    p.add_argument("--span-share", type=_span_share_arg, default=default.span_share, metavar="S",
-                   help="the most cells whole spans may take in one head, as a share of budget - window; inf: no "
-                   f"limit (default: {default.span_share})")
-    gqa_help = next(o.help for o in OPTIONS if o.name == "gqa")
-    p.add_argument("--gqa", choices=GQA_REDUCTIONS, default=default.gqa, help=f"{gqa_help} (default: {default.gqa})")
+    eviction_flag(p, "spans", dest="spans", choices=SPAN_MODES, metavar=None)
+    eviction_flag(p, "span_share", dest="span_share", type=_span_share_arg)
+    eviction_flag(p, "gqa", dest="gqa", choices=GQA_REDUCTIONS, metavar=None)
 
 
 def _span_share_arg(text: str) -> float:
@@ -121,6 +114,14 @@ def _span_share_arg(text: str) -> float:
 def _selection_options(args: argparse.Namespace) -> dict[str, Any]:
     """Options spans, span_share and gqa as AdaKVConfig takes them."""
     return {"spans": args.spans, "span_share": args.span_share, "gqa": args.gqa}
+
+
+def _budget_and_method(p: argparse.ArgumentParser) -> None:
+    """--budget (a whole number of cells here, 256 by default) and --method (an eviction method: not full)."""
+    eviction_flag(p, "budget", dest="budget", type=positive_int, default=256)
+    methods = [m for m in METHODS if m != "full"]
+    eviction_flag(p, "method", dest="method", choices=methods, default="ada-snapkv", metavar=None,
+                  help=f"allocation method: {', '.join(methods)}")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -160,8 +161,8 @@ def add_parser(sub: Any) -> None:
                    help="prompt length in tokens (built-in prompts; files are cut there) (default: 2000)")
     f.add_argument("--continuation", type=positive_int, default=64, metavar="N",
                    help="teacher-forced tokens after the prompt (default: 64)")
-    f.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
-    f.add_argument("--kernel", type=positive_int, default=7, metavar="K", help="pooling kernel (default: 7)")
+    eviction_flag(f, "window", dest="window", type=positive_int)
+    eviction_flag(f, "kernel", dest="kernel", type=positive_int)
     _selection_flags(f)
     f.add_argument("--instructions", action="store_true",
                    help="answers to instructions after real documents instead of raw-text continuations: a summary "
@@ -190,10 +191,8 @@ def add_parser(sub: Any) -> None:
                    help="prompt length in tokens (default: 7000)")
     c.add_argument("--n-ctx", type=positive_int, default=2048, metavar="N",
                    help="the chunked run's cache, below --prompt-tokens (default: 2048)")
-    c.add_argument("--chunk", type=positive_int, default=1024, metavar="C", help="tokens per chunk (default: 1024)")
-    c.add_argument("--budget", type=positive_int, default=256, metavar="B", help="eviction budget (default: 256)")
-    c.add_argument("--method", default="ada-snapkv", choices=[m for m in METHODS if m != "full"],
-                   help="eviction method (default: ada-snapkv)")
+    eviction_flag(c, "chunk", dest="chunk", type=positive_int, default=1024)
+    _budget_and_method(c)
     c.add_argument("--continuation", type=positive_int, default=64, metavar="N",
                    help="teacher-forced tokens after the prompt (default: 64)")
     c.set_defaults(func=_cmd_chunked)
@@ -219,12 +218,14 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--samples", type=positive_int, default=1, metavar="N",
                    help="samples per (task, length, depth), seeds seed..seed+N-1 (default: 1)")
     t.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="first seed (default: 0)")
-    t.add_argument("--window", type=positive_int, default=32, metavar="W", help="observation window (default: 32)")
-    t.add_argument("--kernel", type=positive_int, default=7, metavar="K",
-                   help="score pooling width (odd; default: 7)")
+    eviction_flag(t, "window", dest="window", type=positive_int)
+    eviction_flag(t, "kernel", dest="kernel", type=positive_int)
     _selection_flags(t)
     t.set_defaults(func=_cmd_tasks)
 
+
+def add_bench_parser(sub: Any) -> None:
+    """The top-level ``bench`` command (registered by the CLI's main module; it shares this module's options)."""
     b = sub.add_parser(
         "bench", help="prefill and decode speed, full cache vs eviction, in the same run",
         description="At every prompt length: full cache, then eviction, same model and threads; prints the "
@@ -233,9 +234,7 @@ def add_parser(sub: Any) -> None:
     _common(b)
     b.add_argument("--lengths", type=_csv(positive_int, "--lengths"), default=[1000, 4000, 8000],
                    help="prompt lengths in tokens (default: 1000,4000,8000)")
-    b.add_argument("--budget", type=positive_int, default=256, metavar="B", help="eviction budget (default: 256)")
-    b.add_argument("--method", default="ada-snapkv", choices=[m for m in METHODS if m != "full"],
-                   help="eviction method (default: ada-snapkv)")
+    _budget_and_method(b)
     b.add_argument("--decode-tokens", type=positive_int, default=64, metavar="N",
                    help="greedy tokens decoded after the prompt (default: 64)")
     b.add_argument("--attn-paths", type=_attn_paths_arg, default=["auto"],
@@ -254,8 +253,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--n-ctx", type=positive_int, default=None, metavar="N",
                    help="eviction's cache size; below the prompt length the prompt is read in chunks (default: the "
                    "prompt fits)")
-    b.add_argument("--chunk", type=positive_int, default=None, metavar="C",
-                   help="with --n-ctx: at most C prompt tokens per chunk (default: as many as fit)")
+    eviction_flag(b, "chunk", dest="chunk", type=positive_int,
+                  help="with --n-ctx: at most C prompt tokens per chunk; None: as many as fit")
     b.add_argument("--nofa-baseline", action="store_true",
                    help="also time the full cache without flash attention (llama.cpp's other attention path; "
                    "eviction always uses flash attention)")
@@ -333,7 +332,7 @@ def _plot(draw: Any, data: Any, path: Path, title: str) -> None:
 
 
 def _cmd_fidelity(args: argparse.Namespace) -> int:
-    from ..evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
+    from ..eval.evaluate import builtin_prompts, compare_pairs, file_prompts, plot_fidelity, run_fidelity, summarize
 
     if args.window >= min(args.budgets):
         raise CLIError(f"--budgets: every budget must exceed the window ({args.window})", EXIT_USAGE)
@@ -381,8 +380,8 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _instruction_fidelity(args: argparse.Namespace) -> int:
-    from ..corpus import find_documents
-    from ..instruct import build_prompts, paired, run_instruction_fidelity, summarize
+    from ..eval.corpus import find_documents
+    from ..eval.instruct import build_prompts, paired, run_instruction_fidelity, summarize
 
     if args.prompts is not None:
         raise CLIError("--prompts and --instructions: choose one (--instructions reads installed documents)",
@@ -439,8 +438,8 @@ def _instruction_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_chunked(args: argparse.Namespace) -> int:
-    from ..chunked_eval import run_chunked_fidelity, stream_prompts, summarize_chunked
     from ..config import AdaKVConfig
+    from ..eval.chunked import run_chunked_fidelity, stream_prompts, summarize_chunked
 
     if args.n_ctx >= args.prompt_tokens:
         raise CLIError(f"--n-ctx ({args.n_ctx}) must be below --prompt-tokens ({args.prompt_tokens})", EXIT_USAGE)
@@ -480,7 +479,7 @@ def _cmd_chunked(args: argparse.Namespace) -> int:
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from ..tasks import TASKS, run_tasks, summarize
+    from ..eval.tasks import TASKS, run_tasks, summarize
 
     tasks = [x.strip() for x in args.tasks.split(",") if x.strip()]
     bad = [x for x in tasks if x not in TASKS]
@@ -517,14 +516,14 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
               "window": args.window, "kernel": args.kernel, **_selection_options(args)}
     _write_json(args.json_out, {"records": records, "summary": summary, "config": config})
     if args.plot:
-        from ..evaluate import plot_tasks
+        from ..eval.evaluate import plot_tasks
 
         _plot(plot_tasks, summary, args.plot, f"{model.name}: long-context tasks ({args.mode})")
     return EXIT_OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from ..bench import overhead_summary, plot_bench, run
+    from ..eval.bench import overhead_summary, plot_bench, run
 
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)

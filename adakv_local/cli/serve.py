@@ -38,7 +38,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from ..config import AdaKVConfig
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 DEFAULT_BUDGET = 256
@@ -77,7 +76,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "after each request's prompt. Chat front ends point their OpenAI base URL at it.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from .common import add_model_arguments
+    from .common import add_eviction_arguments, add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None, generation=False,
@@ -97,7 +96,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="end a streamed reply as soon as another request arrives (llama-cpp-python's default, "
                    "meant for one user who supersedes their last request); by default requests queue on the "
                    "model and every one is answered in full")
-    AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
+    add_eviction_arguments(p, budget_default=DEFAULT_BUDGET)
     p.set_defaults(func=run)
     return p
 
@@ -477,9 +476,9 @@ def _serve_class() -> Any:
     """The measured Llama of :mod:`.common`, with stats attached to every completion."""
     global _SERVE
     if _SERVE is None:
-        from .common import _metered_class, request_stats
+        from .common import metered_class, request_stats
 
-        class ServeLlama(_metered_class()):  # type: ignore[misc]
+        class ServeLlama(metered_class()):  # type: ignore[misc]
             n_requests = 0
             last_request_stats: dict[str, Any] | None = None
 

@@ -47,16 +47,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..config import AdaKVConfig
 from ..progress import PrefillProgress
+from ..prompts import Vocabulary, chat_formatter, summary_messages
 from .common import decode_text
 from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CLIError
 
 DEFAULT_BUDGET = 256
-SYSTEM = "You summarize documents accurately and briefly."
-# after the document: the observation window (the prompt's last tokens) then holds the instruction,
-# so the attention that scores the cells is the attention of "summarize", as in SnapKV's setting
-INSTRUCTION = "Summarize the document above in a few sentences."
 _CTX_MARGIN = 16  # tokens left free beyond prompt + max tokens (llama-cpp-python wants a strict <)
 _CTX_ROUND = 256
 # the default cache with eviction: a longer document is read in chunks, compressed in between
@@ -100,7 +96,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("file", nargs="?", default="-", metavar="FILE",
                    help="text or markdown file; - (the default) reads stdin")
-    from .common import add_model_arguments
+    from .common import add_eviction_arguments, add_model_arguments
 
     add_model_arguments(
         p, n_ctx_default=None,
@@ -114,7 +110,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true",
                      help='print one JSON object {"summary": ..., "stats": {...}} on stdout instead of streaming')
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no stats on stderr")
-    AdaKVConfig.add_arguments(p, budget_default=DEFAULT_BUDGET)
+    add_eviction_arguments(p, budget_default=DEFAULT_BUDGET)
     p.set_defaults(func=run)
     return p
 
@@ -135,37 +131,28 @@ def read_document(name: str) -> str:
     return text
 
 
-def messages_for(text: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"{text}\n\n{INSTRUCTION}"}]
 
 
 def count_prompt(model: Path, messages: list[dict[str, str]], args: argparse.Namespace
-                 ) -> tuple[int, int, list[dict[str, str]]]:
-    """(prompt tokens, trained context, messages), from a small-context load of the model (memory-mapped).
+                 ) -> tuple[int, int | None, list[dict[str, str]]]:
+    """(prompt tokens, trained context, messages), from the model's vocabulary alone (``vocab_only``: no
+    weights, no context, no second load of the model) and its GGUF header.
 
     The prompt is rendered with the GGUF's chat template as llama-cpp-python renders it; without a
     template (llama-cpp-python then falls back to another format) it is estimated generously. A
     template that refuses a system message gets the messages without it.
     """
-    from .common import llama_cpp_module, load_failure
+    from .common import llama_cpp_module, load_failure, model_info
 
-    lc = llama_cpp_module()
-    from llama_cpp import llama_chat_format
-
+    llama_cpp_module()
+    n_train = model_info(model).n_ctx_train  # <arch>.context_length, as llama.cpp reads it
     try:
-        tok = lc.Llama(model_path=str(model), n_ctx=256, n_batch=32, n_ubatch=32, n_gpu_layers=0,
-                       verbose=args.verbose, n_threads=args.threads)
+        tok = Vocabulary(str(model), verbose=args.verbose)
     except (ValueError, RuntimeError, OSError) as e:
         raise load_failure(model, e, args) from None
     try:
-        n_train = int(lc.llama_model_n_ctx_train(tok.model))
-        template = tok.metadata.get("tokenizer.chat_template")
-        if template:
-            eos, bos = tok.token_eos(), tok.token_bos()
-            fmt = llama_chat_format.Jinja2ChatFormatter(
-                template=template, eos_token=tok._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=tok._model.token_get_text(bos) if bos != -1 else "",
-            )
+        fmt = chat_formatter(tok)
+        if fmt is not None:
             try:
                 prompt = fmt(messages=messages).prompt
             except Exception:  # e.g. "roles must alternate user/assistant"
@@ -247,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_document(args.file)
     model = resolve_model_arg(args.model, quiet=args.quiet)
     check_n_ctx(args.n_ctx, model, model_info(model).n_ctx_train, args)
-    messages = messages_for(text)
+    messages = summary_messages(text)
     prompt_tokens, n_train, messages = count_prompt(model, messages, args)
     n_ctx = choose_n_ctx(prompt_tokens, args.max_tokens, n_train, args.n_ctx, args.allow_context_overflow,
                          chunked=cfg.method != "full")

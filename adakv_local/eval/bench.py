@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from . import kvcache
-from .llama import Llama
+from .. import kvcache
+from ..llama import Llama
 from .texts import documents
 
 
@@ -113,7 +113,7 @@ LAYOUTS = tuple(p for p in kvcache.LAYOUTS if p is not None)
 
 
 @contextlib.contextmanager
-def _attn_path(path: str, layout: str = "pooled") -> Iterator[None]:
+def attn_path_env(path: str, layout: str = "pooled") -> Iterator[None]:
     """ADAKV_ATTN_PATH and ADAKV_LAYOUT while a context is created (the library reads them when
     eviction is enabled)."""
     old = {k: os.environ.get(k) for k in ("ADAKV_ATTN_PATH", "ADAKV_LAYOUT")}
@@ -156,7 +156,7 @@ def run_one(model_path: str, tokens: Sequence[int], n_decode: int, *, budget: in
     n_ctx = n_ctx or ((len(tokens) + n_decode + 64) // 256 + 1) * 256
     kw: dict[str, Any] = ({"adakv_budget": budget, "adakv_method": method, "adakv_window": window,
                            "adakv_chunk": chunk} if budget else {})
-    with _attn_path(attn_path, layout):
+    with attn_path_env(attn_path, layout):
         llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
                     n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, verbose=False,
                     **kw)
@@ -343,9 +343,9 @@ def overhead_summary(records: Sequence[dict[str, Any]], key: str = "overhead_sha
 
 def plot_bench(records: Sequence[dict[str, Any]], out: Any, title: str) -> None:
     """Decode tokens/s against prompt length, full cache vs eviction."""
-    from .evaluate import _pyplot
+    from .evaluate import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     labels = {"full": "full cache", "full-nofa": "full cache, no flash attention"}
     for mode in sorted({r["mode"] for r in records}, key=lambda m: (m not in labels, m)):

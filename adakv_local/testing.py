@@ -1,4 +1,4 @@
-"""Tiny random-weight GGUF models for tests.
+"""Tiny random-weight GGUF models for tests (and scripts): never imported by the runtime.
 
 The files written here are real GGUF models that llama.cpp loads and runs:
 they have the exact tensor names/shapes and metadata keys that llama.cpp's
@@ -29,7 +29,7 @@ one token per UTF-8 byte.
 
 Usage::
 
-    from adakv_local.models.testmodel import write_llama_gguf, write_gemma3_gguf
+    from adakv_local.testing import write_llama_gguf, write_gemma3_gguf
 
     llama_path = write_llama_gguf(tmp_path / "tiny-llama.gguf")
     gemma_path = write_gemma3_gguf(tmp_path / "tiny-gemma3.gguf", sliding_window=8)
@@ -148,7 +148,7 @@ def _build_vocab(specials: Sequence[tuple[str, str, gguf.TokenType]], n_vocab: i
     return TinyVocab(tuple(tokens), tuple(scores), tuple(types), MappingProxyType(special))
 
 
-def _llama_vocab(n_vocab: int | None) -> TinyVocab:
+def llama_vocab(n_vocab: int | None) -> TinyVocab:
     return _build_vocab(
         [
             ("unk", "<unk>", gguf.TokenType.UNKNOWN),
@@ -260,7 +260,7 @@ def _file_type(dtype: DType) -> int:
     return int(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
 
-def _add_vocab(writer: gguf.GGUFWriter, vocab: TinyVocab) -> None:
+def add_vocab(writer: gguf.GGUFWriter, vocab: TinyVocab) -> None:
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(list(vocab.tokens))
@@ -357,7 +357,7 @@ def write_llama_gguf(
     """
     head_dim = n_embd // n_head if head_dim is None else head_dim
     _check_dims(n_layer, n_embd, n_head, n_head_kv, head_dim, n_ff)
-    vocab = _llama_vocab(n_vocab)
+    vocab = llama_vocab(n_vocab)
     w = _Weights(seed, dtype)
 
     def fill(writer: gguf.GGUFWriter) -> None:
@@ -377,7 +377,7 @@ def write_llama_gguf(
         writer.add_rope_freq_base(rope_freq_base)
         writer.add_layer_norm_rms_eps(rms_norm_eps)
 
-        _add_vocab(writer, vocab)
+        add_vocab(writer, vocab)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
         writer.add_add_space_prefix(True)
@@ -509,7 +509,7 @@ def write_gemma3_gguf(
         if final_logit_softcapping:
             writer.add_final_logit_softcapping(final_logit_softcapping)
 
-        _add_vocab(writer, vocab)
+        add_vocab(writer, vocab)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
         writer.add_add_space_prefix(False)

@@ -22,7 +22,7 @@ MODULES = (
 )  # fmt: skip
 
 
-def _module_text(name: str) -> str:
+def module_text(name: str) -> str:
     mod = importlib.import_module(name)
     parts = [inspect.getdoc(mod) or ""]
     for attr in sorted(dir(mod)):
@@ -41,7 +41,7 @@ def documents(min_chars: int = 4000) -> Iterator[tuple[str, str]]:
     """(module name, text) for every module of MODULES whose documentation has at least min_chars."""
     for name in MODULES:
         try:
-            text = _module_text(name)
+            text = module_text(name)
         except Exception:  # a module missing from a slim Python build: skip it
             continue
         if len(text) >= min_chars:

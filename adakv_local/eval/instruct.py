@@ -1,13 +1,13 @@
 """Instruction fidelity: how close a compressed cache's *answers* stay to the full cache's.
 
-``eval fidelity`` (:mod:`adakv_local.evaluate`) teacher-forces a continuation of raw text. Users
+``eval fidelity`` (:mod:`adakv_local.eval.evaluate`) teacher-forces a continuation of raw text. Users
 ask for something after a document: "summarize the document above", or a question. Here the
-prompt is a real document (:mod:`adakv_local.corpus`) followed by an instruction, in the model's
+prompt is a real document (:mod:`adakv_local.eval.corpus`) followed by an instruction, in the model's
 chat template (``mode="chat"``) or as a plain completion prompt (``mode="raw"``, base models).
 The full cache answers greedily (until an end-of-generation token or ``max_answer`` tokens); that
 answer is teacher-forced after the compressed prompt of every (setting, budget), and
 KL(full || compressed), the largest KL, top-1 agreement and the attention-output L1 error are
-recorded, exactly as :func:`adakv_local.evaluate.run_fidelity` does for raw text. The answer's
+recorded, exactly as :func:`adakv_local.eval.evaluate.run_fidelity` does for raw text. The answer's
 end token is one of the forced positions: whether the model stops is part of the answer.
 
 A *setting* is a named set of :class:`~adakv_local.config.AdaKVConfig` options other than the
@@ -30,13 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from ..prompts import SUMMARY_INSTRUCTION, SYSTEM, chat_formatter
 from .corpus import Document, cut_to_tokens
 from .fidelity import attention_l1, compare
 
-#: the system message and instruction of ``adakv-local summarize`` (mirrored here, not imported: the
-#: CLI modules are not a dependency of the evaluation)
-SYSTEM = "You summarize documents accurately and briefly."
-SUMMARY_INSTRUCTION = "Summarize the document above in a few sentences."
 QUESTION_INSTRUCTION = "Answer this question about the document above in one sentence: {question}"
 RAW_SUMMARY = "\n\nA short summary of the document above:\n"
 RAW_QUESTION = "\n\nQuestion: {question}\nAnswer:"
@@ -58,19 +55,6 @@ class InstructionPrompt:
     document_tokens: int
 
 
-def _formatter(llm: Any) -> Any:
-    """llama-cpp-python's formatter for the GGUF's own chat template, or None without one."""
-    from llama_cpp import llama_chat_format
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        return None
-    eos, bos = llm.token_eos(), llm.token_bos()
-    return llama_chat_format.Jinja2ChatFormatter(
-        template=template, eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
-        bos_token=llm._model.token_get_text(bos) if bos != -1 else "")
-
-
 def render(llm: Any, text: str, task: str, question: str, mode: str) -> list[int]:
     """The prompt's tokens, as ``create_chat_completion`` (chat) or ``create_completion`` (raw) sends them."""
     if task not in TASKS:
@@ -80,7 +64,7 @@ def render(llm: Any, text: str, task: str, question: str, mode: str) -> list[int
         return list(llm.tokenize((text + tail).encode("utf-8"), add_bos=True))
     if mode != "chat":
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
-    fmt = _formatter(llm)
+    fmt = chat_formatter(llm)
     if fmt is None:
         raise ValueError("mode 'chat' needs a model with a chat template (tokenizer.chat_template); use mode 'raw'")
     instruction = SUMMARY_INSTRUCTION if task == "summary" else QUESTION_INSTRUCTION.format(question=question)
@@ -127,7 +111,7 @@ def _shared_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 @contextlib.contextmanager
-def _prefix_mode(llm: Any) -> Iterator[None]:
+def prefix_mode(llm: Any) -> Iterator[None]:
     """Evaluate without compressing and without the logits of every token (llama-cpp-python's
     ``_logits_all``): the output layer over thousands of document tokens is most of a prefill's cost
     for a small model, and only the logits after the window and of the answer are compared."""
@@ -177,9 +161,9 @@ def run_instruction_fidelity(
     answers: one per prompt: the full cache's greedy answer (text), and for every setting and
     every budget in ``sample_budgets`` the compressed cache's own greedy answer.
     """
-    from .config import AdaKVConfig
-    from .evaluate import _continue_from, _teacher_force, check_window_option
-    from .llama import Llama
+    from ..config import AdaKVConfig
+    from ..llama import Llama
+    from .evaluate import check_window_option, continue_from, teacher_force
 
     if max_answer < 2:
         raise ValueError(f"max_answer: expected an int >= 2, got {max_answer}")
@@ -215,26 +199,26 @@ def run_instruction_fidelity(
                     raise ValueError(f"prompt {p.name} has {len(p.tokens)} tokens, not more than the window ({window})")
             shared = min(_shared_prefix([p.tokens for p in group]), min(len(p.tokens) for p in group) - window)
             llm.reset()
-            with _prefix_mode(llm):
+            with prefix_mode(llm):
                 llm.eval(list(group[0].tokens[:shared]))
             doc_state = llm.save_state()
             for p in group:
                 toks = list(p.tokens)
                 llm.load_state(doc_state)
-                with _prefix_mode(llm):
+                with prefix_mode(llm):
                     if len(toks) - window > shared:
                         llm.eval(toks[shared:-window])
                 state = llm.save_state()
                 win = toks[-window:]
 
-                last = _continue_from(llm, state, win, None)
+                last = continue_from(llm, state, win, None)
                 ans = _greedy(llm, last, max_answer)
                 n_ans = len(ans)
                 # the reference logits come from the same path as every compressed run's (the window,
                 # then the answer teacher-forced in one batch), not from the token-by-token decode
                 # that chose the answer: batch shapes change the float rounding
-                _continue_from(llm, state, win, None)
-                full_attn = _teacher_force(llm, ans[:-1]) if n_ans > 1 else None
+                continue_from(llm, state, win, None)
+                full_attn = teacher_force(llm, ans[:-1]) if n_ans > 1 else None
                 full = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_ans], dtype=np.float32)
                 entry: dict[str, Any] = {"prompt": p.name, "document": p.document, "task": p.task,
                                          "full": detok(ans), "answer_tokens": n_ans, "compressed": {}}
@@ -244,9 +228,9 @@ def run_instruction_fidelity(
                 for label, opts in settings:
                     for budget in budgets:
                         cfg = dataclasses.replace(configs[label], budget=budget)
-                        _continue_from(llm, state, win, cfg)
+                        continue_from(llm, state, win, cfg)
                         footprint = llm.adakv_stats.cells_after  # this evaluation's record, compressed or not
-                        got_attn = _teacher_force(llm, ans[:-1]) if n_ans > 1 else None
+                        got_attn = teacher_force(llm, ans[:-1]) if n_ans > 1 else None
                         got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_ans], dtype=np.float32)
                         f = compare(full, got)
                         l1 = attention_l1(full_attn, got_attn) if full_attn is not None else float("nan")
@@ -257,7 +241,7 @@ def run_instruction_fidelity(
                             "prompt_tokens": len(toks), "answer_tokens": n_ans,
                         })  # fmt: skip
                         if budget in sample_budgets:
-                            first = _continue_from(llm, state, win, cfg)
+                            first = continue_from(llm, state, win, cfg)
                             with llm.adakv_suspended():
                                 own = _greedy(llm, first, max_answer)
                             entry["compressed"][f"{label}@{budget}"] = detok(own)

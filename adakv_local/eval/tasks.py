@@ -11,7 +11,7 @@ Every prompt is built from small word lists, a seed and (facts) installed text. 
   distractor chain with another value; the question asks for every variable that holds the value.
 * ``facts``: one fact (a number, a date or a person's name, the seed picks which) stated once in a
   long natural document (the prose of the Python standard library's documentation, see
-  :mod:`adakv_local.texts`, which every Python has); the question asks for it.
+  :mod:`adakv_local.eval.texts`, which every Python has); the question asks for it.
 
 Nothing here is downloaded; the facts task's document is read from the installed Python.
 
@@ -429,7 +429,7 @@ def vartrack(tokenizer: Tokenizer, n_tokens: int, depth: float, seed: int, *, mo
 
 
 def _prose_filler(rng: random.Random) -> _Filler:
-    """Sentences of the standard library's documentation (:mod:`adakv_local.texts`), modules in a
+    """Sentences of the standard library's documentation (:mod:`adakv_local.eval.texts`), modules in a
     seeded order, every sentence on one line; digits are removed so that the fact's number is unique."""
     from .texts import documents
 
@@ -568,7 +568,7 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
     if window is not None and (not _is_int(window) or window < 1):
         raise ValueError(f"window: expected None or a positive int, got {window!r}")
 
-    from .config import AdaKVConfig
+    from ..config import AdaKVConfig
 
     for method, budget in methods_budgets:
         if budget is not None:
@@ -578,7 +578,7 @@ def run_tasks(model_path: str, *, tasks: Sequence[str], lengths: Sequence[int], 
             except ValueError as e:
                 raise ValueError(f"methods_budgets: ({method!r}, {budget}): {e}") from None
 
-    from .llama import Llama  # the native library is loaded only when a model is run
+    from ..llama import Llama  # the native library is loaded only when a model is run
 
     vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     try:

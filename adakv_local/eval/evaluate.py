@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ..llama import Llama
 from .fidelity import attention_l1, compare
-from .llama import Llama
 from .texts import documents
 
 
@@ -73,7 +73,7 @@ def check_window_option(options: dict[str, Any], window: int, where: str) -> Non
                          "the run's last window tokens)")
 
 
-def _continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config: Any) -> np.ndarray:
+def continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config: Any) -> np.ndarray:
     """Restore the prefix, evaluate the window under config (None: full cache); the last logits."""
     llm.load_state(prefix_state)
     llm.adakv_config = config
@@ -81,7 +81,7 @@ def _continue_from(llm: Any, prefix_state: Any, window_tokens: list[int], config
     return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
 
 
-def _teacher_force(llm: Any, tokens: list[int]) -> np.ndarray:
+def teacher_force(llm: Any, tokens: list[int]) -> np.ndarray:
     """Evaluate tokens (one ubatch, not compressed) and capture every evicted layer's attention
     outputs for them: [n_layer, len(tokens), width]."""
     kv = llm.adakv_kvcache
@@ -114,7 +114,7 @@ def run_fidelity(
 
     ``options``: more eviction options for every run (AdaKVConfig names, e.g. ``{"pooling": "max2"}``).
 
-    ``l1_attn`` (:func:`~adakv_local.fidelity.attention_l1`) compares the attention outputs of
+    ``l1_attn`` (:func:`~adakv_local.eval.fidelity.attention_l1`) compares the attention outputs of
     every evicted layer on the teacher-forced continuation with the full cache's.
     """
     if not 2 <= n_continuation <= 513:
@@ -142,15 +142,15 @@ def run_fidelity(
             prefix_state = llm.save_state()
 
             # the full cache: its greedy continuation is the one every method is forced along
-            last = _continue_from(llm, prefix_state, toks[-window:], None)
+            last = continue_from(llm, prefix_state, toks[-window:], None)
             cont: list[int] = []
             for _ in range(n_continuation):
                 cont.append(int(last.argmax()))
                 llm.eval([cont[-1]])
                 last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
             full = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
-            _continue_from(llm, prefix_state, toks[-window:], None)
-            full_attn = _teacher_force(llm, cont[:-1])
+            continue_from(llm, prefix_state, toks[-window:], None)
+            full_attn = teacher_force(llm, cont[:-1])
             done += 1
             if progress:
                 progress(done, total, f"{name}: full cache")
@@ -158,11 +158,11 @@ def run_fidelity(
             for method in methods:
                 for budget in budgets:
                     cfg = dataclasses.replace(base, method=method, budget=budget)
-                    _continue_from(llm, prefix_state, toks[-window:], cfg)
+                    continue_from(llm, prefix_state, toks[-window:], cfg)
                     st = llm.adakv_stats  # this evaluation's record, compressed or not
                     assert st is not None and st.prompt_tokens == len(toks)
                     footprint, kv_bytes = st.cells_after, st.kv_bytes
-                    got_attn = _teacher_force(llm, cont[:-1])
+                    got_attn = teacher_force(llm, cont[:-1])
                     got = np.array(llm.scores[len(toks) - 1 : len(toks) - 1 + n_continuation], dtype=np.float32)
                     f = compare(full, got)
                     records.append({
@@ -219,7 +219,7 @@ def compare_pairs(records: Iterable[dict[str, Any]], key: str = "kl_mean") -> li
 
 def plot_fidelity(records: Sequence[dict[str, Any]], out: Path, title: str) -> None:
     """KL and, where recorded, attention L1 (means with 95% CIs) against budget, one line per method."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = [("kl_mean", "mean KL(full || compressed)")]
     if all("l1_attn" in r for r in records):
         keys.append(("l1_attn", "attention-output L1 (relative)"))
@@ -242,7 +242,8 @@ def plot_fidelity(records: Sequence[dict[str, Any]], out: Path, title: str) -> N
     plt.close(fig)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot with the Agg backend (files only), or RuntimeError naming the extra to install."""
     try:
         import matplotlib
 
@@ -255,7 +256,7 @@ def _pyplot() -> Any:
 
 def plot_tasks(summary: Sequence[dict[str, Any]], out: Path, title: str) -> None:
     """Accuracy against budget, one line per method; the full cache as a dashed line per task."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     for task in sorted({r["task"] for r in summary}):
         rows = [r for r in summary if r["task"] == task]

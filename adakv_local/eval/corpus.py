@@ -1,6 +1,6 @@
 """Real documents, written by others, found among the files installed on this machine.
 
-Instruction fidelity (``adakv_local.instruct``) needs long documents that nobody here wrote, of
+Instruction fidelity (``adakv_local.eval.instruct``) needs long documents that nobody here wrote, of
 several kinds: prose, reference text, markup, tables of numbers, logs. No data set can be
 downloaded, so they are taken from files that ship with the operating system and with Python:
 

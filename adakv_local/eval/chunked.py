@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import AdaKVConfig
+from ..config import AdaKVConfig
+from ..llama import Llama
 from .fidelity import compare, last_logits
-from .llama import Llama
 
 
 def forced_logits(llm: Llama, continuation: Sequence[int]) -> np.ndarray:
@@ -39,7 +39,7 @@ def forced_logits(llm: Llama, continuation: Sequence[int]) -> np.ndarray:
 
 def stream_prompts(llm: Any, n_prompts: int, n_tokens: int) -> list[tuple[str, list[int]]]:
     """n_prompts prompts of n_tokens tokens cut from the standard library's documentation read as one
-    stream (module after module, in adakv_local.texts' order), each named after the modules it spans:
+    stream (module after module, in adakv_local.eval.texts' order), each named after the modules it spans:
     few modules are long enough on their own for prompts of several thousand tokens."""
     from .texts import documents
 
