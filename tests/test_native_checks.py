@@ -21,7 +21,7 @@ MAGIC_V3 = struct.pack("<II", 0x564B4441, 3)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from adakv_local.models.testmodel import write_llama_gguf
+    from adakv_local.testing import write_llama_gguf
 
     return str(write_llama_gguf(tmp_path_factory.mktemp("m") / "t.gguf", n_layer=3, n_embd=256, n_head=4,
                                 n_head_kv=2, n_ff=256, seed=21))
@@ -401,7 +401,7 @@ def test_seq_pos_min_is_the_first_label_and_prefix_reuse_is_not_misled(tiny):
 _GROW = """
 import sys
 from adakv_local.llama import Llama
-from adakv_local.models.testmodel import write_llama_gguf
+from adakv_local.testing import write_llama_gguf
 import numpy as np
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
