@@ -72,9 +72,9 @@ class AdaKVStats:
     policy, ``compact`` the compaction (these two are eviction's own cost), each summed over the
     compressions.
 
-    A turn of fewer new tokens than the window that takes the cache above the budget is compressed
-    too: its window is completed with the cache's last ``reevaluated`` tokens, taken back and
-    evaluated again. A generation that fills the cache compresses it (its last ``window`` tokens
+    A turn of fewer new tokens than the window that takes the cache more than a window above the
+    budget is compressed too: its window is completed with the cache's last ``reevaluated`` tokens,
+    taken back and evaluated again. A generation that fills the cache compresses it (its last ``window`` tokens
     evaluated again as the window) and goes on: ``decode_compressions`` counts those compressions
     since this record was made, ``decode_seconds`` their wall time.
     """
@@ -404,17 +404,23 @@ class Llama(llama_cpp.Llama):
     def _eval_short(self, tokens: list[int]) -> None:
         """A turn of fewer tokens than the window (a follow-up question, a chat template's few tokens).
 
-        When the cache then holds more than the budget, the window is the conversation's last
-        ``adakv_window`` tokens: the new ones, and before them the last ones of the cache, taken back
-        and evaluated again with them (at most a window of extra work), so that every turn brings the
-        cache back to the budget and a chat of short messages never fills it."""
+        When the cache then holds more than a window above the budget, it is compressed back to the
+        budget with the conversation's last ``adakv_window`` tokens as the window: the new ones, and
+        before them the last ones of the cache, taken back and evaluated again with them (at most a
+        window of extra work, once per window of new tokens at most), so that a chat of short
+        messages never fills the cache and stays within a window of the budget after each turn."""
         kv, cfg = self._adakv, self.adakv_config
         assert kv is not None and cfg is not None
         budget = cfg.cells_for(self.n_tokens + len(tokens))
-        if self._held(len(tokens)) <= budget:
+        held = self._held(len(tokens))
+        if held <= budget + cfg.window:
             self._eval_batches(tokens)
             self._stats_run.end_chunk(len(tokens))
-            return self._finish_stats(kv.n_cells(), budget)
+            if held <= budget:
+                return self._finish_stats(kv.n_cells(), budget)
+            return self._record(self._stats_run, budget, kv.n_cells(), (
+                f"a short turn ({len(tokens)} new tokens): the heads hold {held:.1f} cells on average, less than a "
+                f"window ({cfg.window}) above the budget of {budget}; compressed once they hold more"))
         again = self._take_back(cfg.window - len(tokens))
         self._stats_run.reevaluated = len(again)
         return self._eval_prompt(again + tokens, budget, window=len(again) + len(tokens))
@@ -729,6 +735,18 @@ class Llama(llama_cpp.Llama):
             yield
         finally:
             self._adakv_suspended = False
+
+    @contextlib.contextmanager
+    def adakv_decoding(self) -> Iterator[None]:
+        """Evaluate tokens as ``generate`` evaluates the ones it decodes (e.g. a greedy loop of one
+        ``eval`` per token): no budget check after each, only a compression when the cache is full
+        (counted in ``adakv_stats.decode_compressions``), and no stats record of their own."""
+        outer = self._decoding
+        self._decoding = True
+        try:
+            yield
+        finally:
+            self._decoding = outer
 
     def _eval_batches(self, tokens: Sequence[int], count: int | None = None) -> None:
         """super().eval, one n_batch at a time when a progress callback wants to hear about it.

@@ -99,9 +99,11 @@ def greedy_decode(llm: Any, n: int) -> float:
 
     n_vocab = llm.n_vocab()
     t0 = time.perf_counter()
-    for _ in range(n):
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-        llm.eval([int(logits.argmax())])
+    decoding = llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()
+    with decoding:  # as generate decodes: no budget check per token
+        for _ in range(n):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+            llm.eval([int(logits.argmax())])
     return time.perf_counter() - t0
 
 

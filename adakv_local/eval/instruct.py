@@ -131,13 +131,15 @@ def _greedy(llm: Any, first_logits: np.ndarray, max_tokens: int) -> list[int]:
     vocab = llm._model.vocab
     out: list[int] = []
     last = first_logits
-    while len(out) < max_tokens:
-        tok = int(last.argmax())
-        out.append(tok)
-        if llama_cpp.llama_vocab_is_eog(vocab, tok) or len(out) == max_tokens:
-            break
-        llm.eval([tok])
-        last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    decoding = llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()
+    with decoding:  # as generate decodes: no budget check per token
+        while len(out) < max_tokens:
+            tok = int(last.argmax())
+            out.append(tok)
+            if llama_cpp.llama_vocab_is_eog(vocab, tok) or len(out) == max_tokens:
+                break
+            llm.eval([tok])
+            last = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
     return out
 
 
