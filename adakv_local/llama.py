@@ -31,6 +31,7 @@ from .config import AdaKVConfig, ConfigError  # noqa: E402
 from .errors import CacheFullError, ClosedError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
+from .planning import next_chunk  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
 from .spans import SpanFinder  # noqa: E402
 
@@ -489,23 +490,19 @@ class Llama(llama_cpp.Llama):
         self._stats_run = _Run(peak_cells=kv.n_cells(), total_cells=kv.n_cells() + len(tokens))
         i = 0
         while True:
-            left, room = len(doc) - i, n_ctx - kv.n_cells() - w
-            if left <= room and (cfg.chunk is None or left <= cfg.chunk):
+            step = next_chunk(len(doc) - i, kv.n_cells(), n_ctx, w, cfg.chunk)
+            if step.kind == "last":
                 return self._eval_prompt(doc[i:] + probe, budget)  # the last chunk and the window, as usual
-            if room < min(w, left):  # no useful room left (a long history before this prompt)
+            if step.kind == "probe":
                 self._eval_probe([], probe, budget)
                 continue
-            take = min(left, room, cfg.chunk or left)
-            n_next = kv.n_cells() + take
-            left_next = left - take
-            compress = left_next > 0 and min(left_next, cfg.chunk or left_next) > n_ctx - n_next - w
-            if compress:
-                self._eval_probe(doc[i : i + take], probe, budget)
+            if step.compress:
+                self._eval_probe(doc[i : i + step.take], probe, budget)
             else:
-                self._eval_batches(doc[i : i + take])
+                self._eval_batches(doc[i : i + step.take])
                 self._note_peak()
-            self._stats_run.end_chunk(take)
-            i += take
+            self._stats_run.end_chunk(step.take)
+            i += step.take
 
     def _eval_probe(self, chunk: list[int], probe: list[int], budget: int) -> None:
         """Evaluate a chunk with the probe after it (scored in the same last ubatch), remove the
