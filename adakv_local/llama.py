@@ -359,7 +359,8 @@ class Llama(llama_cpp.Llama):
                 "trained for: eviction bounds the cache, not the conversation's length"
             )
         n_cells = kv.n_cells()
-        if n_cells + len(tokens) > self.n_ctx() and (self._decoding or len(tokens) < cfg.window):
+        if (n_cells + len(tokens) > self.n_ctx() and not self._adakv_suspended
+                and (self._decoding or len(tokens) < cfg.window)):
             # a generated token or a short turn that does not fit: compress what the cache holds first
             self._make_room(len(tokens))
             n_cells = kv.n_cells()

@@ -83,6 +83,11 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
 // ubatch (a long prompt after a compaction) takes the one-call-per-KV-head path instead
 static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
 
+// the pool mask serves ubatches of at most this many tokens (decoding, short turns), where a copy of
+// the block per ubatch would cost as much as the attention; a larger ubatch gathers the block once
+// (its kernel then walks H times fewer columns per query than over the pool mask)
+static const int64_t ADAKV_POOL_MASK_MAX_TOKENS = 32;
+
 // a view of the bytes of t as a tensor of another type (ne: its shape, contiguous), for byte-exact
 // row moves with stock ops: a GGML_OP_VIEW node like ggml_view_*'s, so that every backend and the
 // graph allocator see it as a view of t (its data, its dependencies)
@@ -299,7 +304,7 @@ static ggml_tensor * llama_adakv_graph_heads(
     const int64_t H    = ak->n_head_kv;
     const int64_t n_kv = k->ne[1];
     const int64_t n_q  = mask ? mask->ne[1] : q->ne[1];
-    if (ak->attn_path != LLAMA_ADAKV_ATTN_HEADS && q->ne[3] == 1 &&
+    if (ak->attn_path != LLAMA_ADAKV_ATTN_HEADS && q->ne[3] == 1 && n_q <= ADAKV_POOL_MASK_MAX_TOKENS &&
         llama_adakv_head_mask_bytes(n_kv * H, n_q, q->ne[2]) <= ADAKV_HEAD_MASK_MAX_BYTES) {
         // the block where it lies: every head row a column of one shared KV head
         const size_t kb = ggml_row_size(l.k->type, k->ne[0]);

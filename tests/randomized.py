@@ -22,7 +22,10 @@ The oracle, for every step:
 * for every ``eval`` call (also those made inside ``create_completion``): the cache holds what
   llama-cpp-python believes it holds (its history is never cut inside the compacted block, and
   cells = footprint + tokens after the block); a compression happens exactly when the call has
-  at least ``window`` tokens and takes the average cells per head above the budget; after one:
+  at least ``window`` tokens and takes the average cells per head above the budget (a fraction
+  of the conversation's tokens), or fewer tokens and takes them more than a window above it (its
+  window completed with at most the cells after the block), or, for a token ``generate``
+  decodes, when it does not fit the cache; after one:
   ``adakv_stats`` matches (budget, cells, footprint = the block of the layout = cells held), each layer keeps
   the total that the method's allocation gives (``policies.METHODS[m].allocate`` on scores of
   the same validity pattern: totals and uniform counts do not depend on the score values), Ada
@@ -419,10 +422,11 @@ class CheckedLlama(Llama):
             self.rt_block_end, self.rt_sinks_kept = None, None
             shape = (kv.n_layer, kv.n_head_kv)
             return dict(n=0, cells=0, view=0, starts=np.zeros(shape, np.int64), positions=None,
-                        stats=self.adakv_stats)
+                        stats=self.adakv_stats, footprint=0, decoding=self._decoding)
         check_cache_holds_history(self)
         return dict(n=n, cells=kv.n_cells(), view=kv.view_cells(), starts=kv.starts().astype(np.int64),
-                    positions=self.adakv_kept_positions(), stats=self.adakv_stats)  # fmt: skip
+                    positions=self.adakv_kept_positions(), stats=self.adakv_stats, footprint=kv.footprint(),
+                    decoding=self._decoding)  # fmt: skip
 
     def _rt_after(self, tokens: Sequence[int], before: dict[str, Any]) -> None:
         cfg = self.rt_cfg
@@ -432,13 +436,31 @@ class CheckedLlama(Llama):
         check(self.n_tokens == before["n"] + m, f"n_tokens {self.n_tokens} after eval of {m} on {before['n']}")
         n_after = before["cells"] + m  # cache cells
         n_view = before["view"] + m  # cells of the per-head view (what starts and kept cells index)
-        budget = cfg.adakv.cells_for(n_after)
+        budget = cfg.adakv.cells_for(self.n_tokens)  # a fraction is of the conversation's tokens
         starts = before["starts"]
-        # a decoded token makes no record (the completion's is its prompt's): a new record, compressed
         new = self.adakv_stats
-        compressed = new is not before["stats"] and new is not None and new.compressed
-        should = cfg.method != "full" and m >= w and n_view - float(starts.mean()) > budget
         where = f"eval of {m} tokens on {before['n']} (cells {before['cells']} -> {n_after}, budget {budget})"
+        if before["decoding"]:
+            # a token generate decodes: no record of its own; a compression (counted in the prompt's
+            # record) exactly when it did not fit the cache
+            old = before["stats"]
+            made_room = (new is not None and old is not None and new.decode_compressions > old.decode_compressions)
+            full = n_after > self.n_ctx() and cfg.method != "full"
+            check(made_room == full, f"{'a' if made_room else 'no'} compression while decoding, {where}, "
+                  f"n_ctx {self.n_ctx()}")
+            if made_room:
+                self.rt_block_end = self.n_tokens - m
+            return
+        # a prompt: a new record, compressed when the average cells per head go above the budget (a
+        # turn shorter than the window: a window above it, its window completed from the cache)
+        compressed = new is not before["stats"] and new is not None and new.compressed
+        held = n_view - float(starts.mean())
+        should = cfg.method != "full" and held > (budget if m >= w else budget + w)
+        if compressed and m < w:
+            taken = new.reevaluated
+            check(0 <= taken <= min(w - m, before["cells"] - before["footprint"], before["n"]),
+                  f"{taken} tokens taken back to complete the window of a {m}-token turn, {where}")
+            w = m + taken
         if cfg.method == "full":
             pass  # keeps every cell: compressing or not are both right; positions are checked below
         elif should:
@@ -455,7 +477,7 @@ class CheckedLlama(Llama):
         kept = np.array([[len(pos[il][h]) for h in range(kv.n_head_kv)] for il in ids])
         r = kv.footprint()
         self.rt_events.append((st.cells_before, st.budget, st.footprint, st.kept.tolist()))
-        check(st.cells_before == n_after and st.budget == budget and st.window == w and st.method == cfg.method,
+        check(st.cells_before == n_after and st.budget == budget and st.window == cfg.window and st.method == cfg.method,
               f"adakv_stats {st.cells_before=} {st.budget=} {st.window=} {st.method=} after the {where}")
         check(st.prompt_tokens == self.n_tokens, f"adakv_stats.prompt_tokens {st.prompt_tokens} != {self.n_tokens}")
         check(np.array_equal(st.kept[ids], kept), f"adakv_stats.kept {st.kept[ids].tolist()} != kept positions "

@@ -67,7 +67,7 @@ def test_metal_mask_path_equals_the_cpu(models, model, layout):
     cpu, cpu_used = run(models[model], 0, layout)
     gpu, gpu_used = run(models[model], 999, layout)
     assert set(cpu_used) == {"kernel"}, cpu_used
-    # the pooled block is gathered into a rectangle per ubatch (stock get_rows), then the same mask
+    # one-token decodes: the pooled block read where it lies with the pool mask (a per-head mask too)
     want = {"pooled": "pool-mask", "rect": "mask"}[layout]
     assert set(gpu_used) == {want}, f"Metal should take the per-head mask path ({want}), took {gpu_used}"
     # Metal's flash attention converts Q to f16 and accumulates in f16 halves on some paths; the

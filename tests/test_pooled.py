@@ -31,8 +31,9 @@ def run(path, layout, route, type_kv, seed):
     prefill(llm, kv, llm.tokenize(PROMPT))
     r1 = kv.compact(random_kept(kv, kv.view_cells(), WINDOW, seed=seed))
     out = [continuation_logits(llm, CONT)]
-    used = kv.attn_used()
+    used = kv.attn_used()  # a batch of more than 32 tokens
     out += [continuation_logits(llm, t) for t in (b" and", b" then")]
+    used = (used, kv.attn_used())  # and one-token decodes
     prefill(llm, kv, llm.tokenize(MORE, add_bos=False))
     r2 = kv.compact(random_kept(kv, kv.view_cells(), WINDOW, seed=seed + 1))
     out.append(continuation_logits(llm, CONT))
@@ -46,14 +47,16 @@ def test_pooled_equals_rect(tiny64, type_kv, route):
     seed = zlib.crc32(f"{type_kv}{route}".encode())
     ref, ref_r, ref_used, _ = run(tiny64, "rect", "auto", type_kv, seed)
     got, got_r, used, kv = run(tiny64, "pooled", route, type_kv, seed)
-    assert ref_used == ["kernel"] * kv.n_layer
-    assert used == [ROUTES[route]] * kv.n_layer, used
+    assert ref_used == (["kernel"] * kv.n_layer,) * 2
+    # the pool mask serves ubatches of up to 32 tokens; a larger one gathers the block once
+    batch = "gather-mask" if route == "mask" else ROUTES[route]
+    assert used == ([batch] * kv.n_layer, [ROUTES[route]] * kv.n_layer), used
     if route == "auto":
         # the kernel walks the same rows in the same order (pooled rows, then the cells after them)
         np.testing.assert_array_equal(got, ref, err_msg=type_kv)
     else:
         same, _, same_used, _ = run(tiny64, "rect", route, type_kv, seed)
-        assert same_used == [route] * kv.n_layer, same_used
+        assert same_used == ([route] * kv.n_layer,) * 2, same_used
         if route == "heads":
             # the gathered view holds the cache's own bytes in the rect layout's order, read by the
             # same stock calls as the rect layout's route
