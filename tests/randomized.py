@@ -477,7 +477,8 @@ class CheckedLlama(Llama):
         kept = np.array([[len(pos[il][h]) for h in range(kv.n_head_kv)] for il in ids])
         r = kv.footprint()
         self.rt_events.append((st.cells_before, st.budget, st.footprint, st.kept.tolist()))
-        check(st.cells_before == n_after and st.budget == budget and st.window == cfg.window and st.method == cfg.method,
+        check(st.cells_before == n_after and st.budget == budget and st.window == cfg.window
+              and st.method == cfg.method,
               f"adakv_stats {st.cells_before=} {st.budget=} {st.window=} {st.method=} after the {where}")
         check(st.prompt_tokens == self.n_tokens, f"adakv_stats.prompt_tokens {st.prompt_tokens} != {self.n_tokens}")
         check(np.array_equal(st.kept[ids], kept), f"adakv_stats.kept {st.kept[ids].tolist()} != kept positions "
