@@ -622,7 +622,7 @@ class Llama(llama_cpp.Llama):
                 why = (f"the budget ({budget} cells per head) {'exceeds' if budget > n else 'equals'} the "
                        f"{n}-token prompt: nothing is evicted")
             else:
-                held = kv.view_cells() - float(kv.starts().mean())
+                held = self._held()
                 why = f"the heads hold {held:.1f} cells on average, within the budget of {budget}: nothing is evicted"
             self._record(run, budget, kv.n_cells(), why)
             return
