@@ -35,6 +35,10 @@ def __getattr__(name: str):
         from . import llama
 
         return getattr(llama, name)
+    if name == "ConversationCache":
+        from .conversations import ConversationCache
+
+        return ConversationCache
     if name == "AdaKVConfig":
         from .config import AdaKVConfig
 
@@ -45,6 +49,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdaKVConfig",
     "AdaKVStats",
+    "ConversationCache",
     "Llama",
     "AdaKVError",
     "CacheFullError",

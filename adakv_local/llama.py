@@ -307,8 +307,25 @@ class Llama(llama_cpp.Llama):
         return super().detokenize(*args, **kwargs)
 
     def save_state(self) -> llama_cpp.LlamaState:
+        """llama-cpp-python's ``save_state``. With eviction, the state is the compressed cache (its
+        cells, the per-head layout, kept positions) and the token history up to ``n_tokens``; the
+        logits table is saved only with ``logits_all=True`` (otherwise llama-cpp-python never reads it
+        back: a loaded state evaluates again before it samples), so a saved conversation costs about
+        its compressed cells, not ``n_batch x n_vocab`` floats. :func:`state_bytes` is its size."""
         self._check_open()
-        return super().save_state()
+        if self._adakv is None:
+            return super().save_state()
+        state = super().save_state() if self._logits_all else self._save_state_without_logits()
+        state.input_ids = state.input_ids[: self.n_tokens].copy()
+        return state
+
+    def _save_state_without_logits(self) -> llama_cpp.LlamaState:
+        scores, n_vocab = self.scores, self.scores.shape[1]
+        self.scores = np.empty((0, n_vocab), dtype=np.single)  # what super() copies: nothing
+        try:
+            return super().save_state()
+        finally:
+            self.scores = scores
 
     # -- the hook ----------------------------------------------------------------------------------
 
@@ -695,12 +712,16 @@ class Llama(llama_cpp.Llama):
         kv = self._adakv
         if kv is None:
             return super().load_state(state)
-        before = (self.input_ids.copy(), self.n_tokens, self.scores[: self.n_tokens].copy(), self._seed)
+        if state.n_tokens > self.input_ids.shape[0]:
+            raise RuntimeError(f"cannot load this state: it holds {state.n_tokens} tokens, more than the "
+                               f"{self.input_ids.shape[0]} positions of this context; the KV cache was left as it was")
+        rows = min(self.n_tokens, self.scores.shape[0]) if self._logits_all else 0
+        before = (self.input_ids.copy(), self.n_tokens, self.scores[:rows].copy(), self._seed)
         mem = llama_cpp.llama_get_memory(self.ctx)
         held = llama_cpp.llama_memory_seq_pos_max(mem, 0) >= 0
         kv.clear_last_error()
         try:
-            super().load_state(state)
+            self._load_full_size(state)
         except RuntimeError:
             reason = kv.last_error()  # the eviction section's reason (native), if it was that
             if not reason or (held and llama_cpp.llama_memory_seq_pos_max(mem, 0) < 0):
@@ -709,10 +730,29 @@ class Llama(llama_cpp.Llama):
                 raise RuntimeError(f"cannot load this state: {why}; the context was reset, the next prompt is "
                                    "evaluated from scratch") from None
             self.input_ids, self.n_tokens, self._seed = before[0], before[1], before[3]
-            self.scores[: self.n_tokens] = before[2]
+            self.scores[:rows] = before[2]
             self._requires_eval = True
             raise RuntimeError(f"cannot load this state: {reason}; the KV cache was left as it was") from None
         return None
+
+    def _load_full_size(self, state: llama_cpp.LlamaState) -> None:
+        """llama-cpp-python's ``load_state`` of a state saved here: the token history it keeps (the first
+        n_tokens) goes back into one as long as this context's; the logits table is not copied unless
+        ``logits_all=True`` (a state without one, then: zeros, as never read before the next evaluation)."""
+        n = int(state.n_tokens)
+        ids = np.zeros_like(self.input_ids)
+        ids[: min(n, state.input_ids.shape[0])] = state.input_ids[:n]
+        n_vocab = self.scores.shape[1]
+        scores = state.scores if state.scores.shape[0] else np.zeros((1, n_vocab), dtype=np.single)
+        full = llama_cpp.LlamaState(input_ids=ids, scores=scores, n_tokens=n, llama_state=state.llama_state,
+                                    llama_state_size=state.llama_state_size, seed=state.seed)
+        if self._logits_all:
+            return super().load_state(full)
+        table, self.scores = self.scores, np.empty((0, n_vocab), dtype=np.single)
+        try:
+            super().load_state(full)
+        finally:
+            self.scores = table
 
     def _rewind(self) -> None:
         """Drop the cells after n_tokens, as llama-cpp-python's eval does, but check that it worked:
