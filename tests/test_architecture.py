@@ -4,6 +4,7 @@ Layers, top to bottom (STYLE.md rule 12; README.md, *Architecture*):
 
     adakv_local.__main__                  the ``python -m adakv_local`` entry point
     adakv_local.cli.*                     commands only
+    adakv_local.server.*                  the HTTP app of ``serve``
     adakv_local.eval.*                    the measuring harness
     adakv_local.* (everything else)       the engine: Llama, the cache handle, config, policies, binding
 
@@ -25,7 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RANKS = {"engine": 0, "eval": 1, "cli": 2, "entry": 3}
+RANKS = {"engine": 0, "eval": 1, "server": 2, "cli": 3, "entry": 4}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -42,7 +43,7 @@ def layer(module: str) -> str | None:
         return None
     if len(parts) == 1:
         return "engine"
-    if parts[1] in ("cli", "eval", "testing"):
+    if parts[1] in ("cli", "eval", "server", "testing"):
         return parts[1]
     if parts[1] == "__main__":
         return "entry"
@@ -138,7 +139,7 @@ def back_edges(path: Path, module: str, modules: dict[str, Path], root: Path = R
 
 def test_layers_are_known():
     modules = package_modules()
-    assert {layer(m) for m in modules} == {"engine", "eval", "cli", "testing", "entry"}
+    assert {layer(m) for m in modules} == {"engine", "eval", "server", "cli", "testing", "entry"}
     for m in ("adakv_local.llama", "adakv_local.kvcache", "adakv_local.config", "adakv_local.models.registry"):
         assert layer(m) == "engine", m
     assert layer("adakv_local.eval.bench") == "eval" and layer("adakv_local.cli.common") == "cli"

@@ -4,7 +4,7 @@
 The model is a tiny random one (one token per character, never EOS, trained context 2048), so
 the ~1,500-character first message is ~1,500 tokens and replies always run to max_tokens. Replies
 are greedy (temperature 0), so two servers given the same conversation answer the same.
-Needs llama-cpp-python's server extra and the openai package (`pip install '.[test]'`).
+Needs the server extra and the openai package (`pip install '.[test]'`).
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class Server:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
                     if r.status == 200:
                         break
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # it answers: it wants the key
+                    break
             except OSError:
                 pass
             if time.monotonic() > deadline:
@@ -268,7 +271,7 @@ def test_serve_without_the_server_extra_says_what_to_install(tiny, monkeypatch, 
     monkeypatch.setattr(serve, "SERVER_MODULES", ("adakv_no_such_module",))
     assert cli.main(["serve", "--model", str(tiny)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == ("adakv-local: error: serve needs llama-cpp-python's server extra (adakv_no_such_module not "
+    assert err == ("adakv-local: error: serve needs the server extra (adakv_no_such_module not "
                    "installed): pip install 'adakv-local[server]'")
 
 
@@ -379,3 +382,143 @@ def test_concurrent_requests_each_carry_their_own_stats_and_answer_as_one_by_one
             assert st["compressed"] and st["kv_cells_before"] == st["prompt_tokens"], (case, st)
     log = [ln for ln in s.log.read_text().splitlines() if "adakv-local serve: request" in ln]
     assert len(log) == 2 * len(requests) and not any("stopped early" in ln for ln in log), log
+
+
+# --- several conversations: saved compressed states (issue 26) -----------------------------------------
+
+TITLE = "Create a concise, 3-5 word title for this chat:\n{}"
+TAGS = "Generate 1-3 broad tags categorizing this chat:\n{}"
+
+
+def _front_end(client: Any, with_side_requests: bool = True) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """A front end's pattern: conversation A's first turn, its title and tags requests (the conversation
+    quoted in one new message), conversation B interleaved, then A's and B's later turns. Returns each
+    conversation's (answer, stats) per turn."""
+    a = [{"role": "user", "content": FIRST}]
+    b = [{"role": "user", "content": OTHER}]
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {"A": [], "B": []}
+
+    def step(name: str, history: list[dict[str, str]], question: str | None) -> None:
+        if question is not None:
+            history += [{"role": "user", "content": question}]
+        answer, stats = chat(client, history)
+        out[name].append((answer, stats))
+        history.append({"role": "assistant", "content": answer})
+
+    step("A", a, None)
+    if with_side_requests:
+        quoted = f"USER: {FIRST}\nASSISTANT: {a[-1]['content']}"
+        for template in (TITLE, TAGS):
+            chat(client, [{"role": "user", "content": template.format(quoted)}])
+    step("B", b, None)
+    step("A", a, SECOND)
+    step("B", b, "And the swell on entry 3?")
+    step("A", a, "Summarize line 2.")
+    return out
+
+
+@needs_server
+def test_conversations_resume_from_their_saved_states_and_answer_as_served_alone(tiny, tmp_path):
+    s = Server(tiny, tmp_path / "serve.log")
+    try:
+        together = _front_end(s.client())
+        with urllib.request.urlopen(f"{s.base_url}/adakv/states", timeout=10) as r:
+            saved = json.loads(r.read())
+    finally:
+        s.stop()
+    alone: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for name in ("A", "B"):
+        solo = Server(tiny, tmp_path / f"alone-{name}.log")
+        try:
+            alone[name] = [x for x in _front_end(solo.client(), with_side_requests=False)[name]]
+        finally:
+            solo.stop()
+        # alone: the other conversation is not sent at all
+    for name in ("A", "B"):
+        for t, ((answer, st), (answer1, st1)) in enumerate(zip(together[name], alone[name])):
+            case = f"conversation {name}, turn {t + 1}"
+            assert answer == answer1, case
+            for key in ("prompt_tokens", "kv_cells_after", "kv_cells_kept_mean", "completion_tokens"):
+                assert st[key] == st1[key], (case, key, st, st1)
+            if t == 0:
+                assert st["prefill_tokens"] == st["prompt_tokens"] and st["state_resumed_tokens"] == 0, (case, st)
+            else:  # resumed from its own state: only the new tokens are evaluated
+                assert st["state_resumed_tokens"] > 1000, (case, st)
+                assert st["prefill_tokens"] == st1["prefill_tokens"] < 80, (case, st, st1)
+            assert st["cache_bytes"] > 0 and st["cache_states"] >= 1, st
+    # seven requests, a state saved after each; each is the compressed cache, not the conversation
+    assert len(saved["states"]) == 7 and saved["bytes"] == sum(e["bytes"] for e in saved["states"])
+    per_cell = together["A"][0][1]["kv_bytes_after"] / together["A"][0][1]["kv_cells_after"]
+    for e in saved["states"]:
+        assert e["bytes"] < per_cell * 400 + 200_000, e  # at most ~(budget + a reply) cells, and the logits
+    log = (tmp_path / "serve.log").read_text()
+    assert "resumed from a saved state of" in log and "saved states" in log
+
+
+@needs_server
+def test_without_saved_states_a_conversation_interrupted_by_another_is_read_again(tiny, tmp_path):
+    s = Server(tiny, tmp_path / "serve.log", "--cache-bytes", "0")
+    try:
+        out = _front_end(s.client(), with_side_requests=False)
+    finally:
+        s.stop()
+    turn2 = out["A"][1][1]
+    assert turn2["prefill_tokens"] == turn2["prompt_tokens"] and "cache_bytes" not in turn2, turn2
+
+
+@needs_server
+def test_saved_states_in_files_survive_a_restart(tiny, tmp_path):
+    history = [{"role": "user", "content": FIRST}]
+    s = Server(tiny, tmp_path / "a.log", "--cache-dir", str(tmp_path / "states"))
+    try:
+        reply, _ = chat(s.client(), history)
+    finally:
+        s.stop()
+    history += [{"role": "assistant", "content": reply}, {"role": "user", "content": SECOND}]
+    s = Server(tiny, tmp_path / "b.log", "--cache-dir", str(tmp_path / "states"))
+    try:
+        _, st = chat(s.client(), history)
+    finally:
+        s.stop()
+    assert st["state_resumed_tokens"] > 1000 and st["prefill_tokens"] < 80, st
+    assert len(list((tmp_path / "states").glob("*/*.npz"))) == 2
+
+
+@needs_server
+def test_a_client_that_goes_away_mid_stream_does_not_block_the_next_request(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": OTHER}], "max_tokens": 200,
+                       "temperature": 0, "stream": True})
+    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data: ")
+    conn.close()  # gone after its first chunk
+    reply, s = chat(server.client(), [{"role": "user", "content": "hello"}], max_tokens=3)
+    assert reply and s["completion_tokens"] == 3
+    log = server.log.read_text()
+    assert "(stopped early)" in log, log
+
+
+@needs_server
+def test_the_api_key_is_asked_for(tiny, tmp_path):
+    import openai
+
+    s = Server(tiny, tmp_path / "serve.log", "--api-key", "sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client().models.list()
+        ok = openai.OpenAI(base_url=s.base_url, api_key="sesame", max_retries=0, timeout=60)
+        assert [m.id for m in ok.models.list().data] == ["tiny"]
+    finally:
+        s.stop()
+
+
+def test_a_bad_cache_size_is_a_usage_error(tiny, capsys):
+    from adakv_local import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--model", str(tiny), "--cache-bytes", "lots"])
+    assert e.value.code == 2
+    assert "--cache-bytes: not a size: 'lots'" in capsys.readouterr().err

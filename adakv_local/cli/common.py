@@ -11,12 +11,12 @@ import dataclasses
 import functools
 import os
 import re
-import time
 from pathlib import Path
 from typing import Any
 
 from ..config import OPTIONS, AdaKVConfig, ConfigError, option, whole_number
 from ..gguf_check import GGUFFileError, GGUFInfo, check_gguf
+from ..metering import Meter, metered_class, request_stats  # noqa: F401 (the CLI's measured Llama)
 from .errors import EXIT_FAILURE, EXIT_USAGE, CLIError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -302,66 +302,6 @@ def llama_cpp_module() -> Any:
 # -- the model, measured -----------------------------------------------------------------------------
 
 
-class Meter:
-    """Times of one request: the first ``eval`` is the prompt, every ``sample`` a generated token."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.t_start = time.perf_counter()
-        self.prefill_done = False
-        self.prefill_tokens = 0  # tokens evaluated for the prompt (the rest came from the prefix cache)
-        self.prefill_s = 0.0
-        self.t_prefill_end = self.t_start
-        self.prompt_tokens = 0  # the whole prompt, cached part included
-        self.generated = 0
-        self.t_last = self.t_start
-        self.on_prefill_done: Any = None
-
-    @property
-    def decode_s(self) -> float:
-        return max(0.0, self.t_last - self.t_prefill_end) if self.generated else 0.0
-
-
-_METERED: Any = None
-
-
-def metered_class() -> Any:
-    global _METERED
-    if _METERED is None:
-        from ..llama import Llama
-
-        class MeteredLlama(Llama):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                self.meter = Meter()
-                super().__init__(*args, **kwargs)
-
-            def eval(self, tokens: Any) -> None:
-                m = self.meter
-                if m.prefill_done:
-                    return super().eval(tokens)
-                t0 = time.perf_counter()
-                super().eval(tokens)
-                m.t_prefill_end = time.perf_counter()
-                m.prefill_s = m.t_prefill_end - t0
-                m.prefill_tokens = len(tokens)
-                m.prompt_tokens = self.n_tokens
-                m.prefill_done = True
-                if m.on_prefill_done is not None:
-                    m.on_prefill_done()
-                return None
-
-            def sample(self, *args: Any, **kwargs: Any) -> int:
-                token = super().sample(*args, **kwargs)
-                self.meter.generated += 1
-                self.meter.t_last = time.perf_counter()
-                return token
-
-        _METERED = MeteredLlama
-    return _METERED
-
-
 def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: int, cls: Any = None,
                **extra: Any) -> Any:
     """The eviction-enabled Llama, measured (``llm.meter``). Load failures exit 1, bad options 2.
@@ -389,49 +329,6 @@ def load_llama(model: Path, cfg: AdaKVConfig, args: argparse.Namespace, n_ctx: i
 
 
 # -- stats -------------------------------------------------------------------------------------------
-
-
-def request_stats(llm: Any, cfg: AdaKVConfig) -> dict[str, Any]:
-    """The stats of the last request (see the module docs of cli.summarize for their meaning).
-
-    The cache figures are those of ``llm.adakv_stats``, the record of this request's prompt
-    evaluation (bytes from the native memory figures), so that the CLI, the server and
-    ``AdaKVStats`` print the same numbers; the times and token counts come from ``llm.meter``.
-    """
-    m: Meter = llm.meter
-    st = llm.adakv_stats
-    if st is None:
-        raise RuntimeError("no eviction stats: the request evaluated no prompt with eviction on")
-    full = cfg.method == "full"  # keeps every cell: no budget, nothing evicted
-    return {
-        "prompt_tokens": m.prompt_tokens,
-        "prefill_tokens": m.prefill_tokens,
-        "completion_tokens": m.generated,
-        "compressed": st.compressed,
-        "reason": None if st.compressed else st.reason,
-        "method": cfg.method,
-        "budget": None if full else st.budget,
-        "window": cfg.window,
-        "kv_cells_before": st.cells_before,
-        "kv_cells_after": st.cells_after,
-        "kv_cells_kept_mean": round(st.kept_mean, 1),
-        "kv_bytes_before": st.kv_bytes_before,
-        "kv_bytes_after": st.kv_bytes,
-        "prefill_seconds": round(m.prefill_s, 4),
-        "prefill_tps": round(m.prefill_tokens / m.prefill_s, 2) if m.prefill_s > 0 else None,
-        "decode_seconds": round(m.decode_s, 4),
-        "decode_tps": round(m.generated / m.decode_s, 2) if m.decode_s > 0 else None,
-        "seconds": {k: round(float(v), 4) for k, v in st.seconds.items()},
-        "footprint": st.footprint if st.compressed else st.cells_after,
-        "chunks": st.chunks,
-        "compressions": st.compressions,
-        "peak_cells": st.peak_cells,
-        "kv_bytes_peak": st.kv_bytes_peak,
-        "kv_bytes_allocated": st.kv_bytes_allocated,
-        "reevaluated": st.reevaluated,
-        "decode_compressions": st.decode_compressions,
-        "decode_compress_seconds": round(st.decode_seconds, 4),
-    }
 
 
 def format_stats(s: dict[str, Any]) -> list[str]:
