@@ -333,6 +333,8 @@ def cli_cases() -> list[tuple[str, list[str], str | None]]:
         ("serve --port 0", ["serve", *m, "--port", "0"], None),
         ("serve --n-ctx above trained", ["serve", *m, "--n-ctx", "100000"], None),
         ("serve --budget below the window", ["serve", *m, "--budget", "8"], None),
+        ("serve --cache-bytes not a size", ["serve", *m, "--cache-bytes", "lots"], None),
+        ("serve --cache-dir a file", ["serve", *m, "--cache-dir", "{d}/tiny.gguf"], None),
     ]
 
 
@@ -405,8 +407,8 @@ def run_serve(d: Path) -> list[str]:
     rows = ["## Server: `adakv-local serve --model DIR/tiny.gguf --n-ctx 1024 --threads 1`", ""]
     if missing_server_modules():
         return [*rows, f"(not run: {', '.join(missing_server_modules())} not installed)"]
-    rows += ["The answers of llama-cpp-python's server, with the fixes of `adakv_local.cli.serve`; the server "
-             "keeps serving after each.", "", "| case | request | status | answer |", "|---|---|---:|---|"]
+    rows += ["The answers of `adakv_local.server` (OpenAI's error object, as llama-cpp-python's server sends it); "
+             "the server keeps serving after each.", "", "| case | request | status | answer |", "|---|---|---:|---|"]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -34,6 +34,9 @@ before the summary was generated:
   (``adakv-local bench --direct`` measures it); summed over the compressions.
 - ``compressed``: whether anything was evicted; when not, ``reason`` says why (e.g. the budget
   exceeds the prompt; always with ``--method full``, which keeps every cell), else null.
+- ``state_resumed_tokens`` / ``state_saved_bytes``: the tokens of a saved conversation state the
+  request resumed from and the bytes of the state saved after it (``serve``'s saved conversations;
+  0 here).
 - also: ``prefill_tokens`` (prompt tokens evaluated, = prompt_tokens here), ``completion_tokens``,
   ``prefill_seconds``, ``decode_seconds``, ``method``, ``budget`` (in cells; null with ``--method full``), ``window``,
   ``n_ctx``.
