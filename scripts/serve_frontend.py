@@ -39,10 +39,10 @@ from serve_turns import document, start, turn  # noqa: E402
 
 TITLE = ("### Task:\nGenerate a concise, 3-5 word title with an emoji summarizing the chat history.\n"
          "### Output:\nJSON format: { \"title\": \"your concise title here\" }\n"
-         "### Chat History:\n<chat_history>\n{}\n</chat_history>")
+         "### Chat History:\n<chat_history>\n<<HISTORY>>\n</chat_history>")
 TAGS = ("### Task:\nGenerate 1-3 broad tags categorizing the main themes of the chat history.\n"
         "### Output:\nJSON format: { \"tags\": [\"tag1\", \"tag2\"] }\n"
-        "### Chat History:\n<chat_history>\n{}\n</chat_history>")
+        "### Chat History:\n<chat_history>\n<<HISTORY>>\n</chat_history>")
 A_QUESTIONS = ["Summarize the document above in a few sentences.",
                "What does Ada-KV change compared with SnapKV, according to the document?",
                "What is the observation window used for?"]
@@ -64,8 +64,8 @@ def pattern(client: Any, doc_a: str, doc_b: str, max_tokens: int) -> list[dict[s
 
     send("A1", a, True)
     quoted = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in a[-2:])
-    send("title", [{"role": "user", "content": TITLE.format(quoted)}], False, 24)
-    send("tags", [{"role": "user", "content": TAGS.format(quoted)}], False, 24)
+    send("title", [{"role": "user", "content": TITLE.replace("<<HISTORY>>", quoted)}], False, 24)
+    send("tags", [{"role": "user", "content": TAGS.replace("<<HISTORY>>", quoted)}], False, 24)
     send("B1", b, True)
     a.append({"role": "user", "content": A_QUESTIONS[1]})
     send("A2", a, True)

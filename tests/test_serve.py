@@ -522,3 +522,21 @@ def test_a_bad_cache_size_is_a_usage_error(tiny, capsys):
         cli.main(["serve", "--model", str(tiny), "--cache-bytes", "lots"])
     assert e.value.code == 2
     assert "--cache-bytes: not a size: 'lots'" in capsys.readouterr().err
+
+
+@needs_server
+def test_a_conversation_the_settings_cannot_read_gets_a_400_that_says_why(tiny, tmp_path):
+    """A prompt longer than the cache is read in chunks; with a budget that leaves no room for a chunk
+    after the compressed block, the request is refused before anything is evaluated."""
+    import openai
+
+    s = Server(tiny, tmp_path / "serve.log", "--n-ctx", "256", "--budget", "240")
+    try:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(s.client(), [{"role": "user", "content": FIRST}])
+        assert "too small to read" in e.value.body["message"] and "n_ctx >=" in e.value.body["message"], e.value.body
+        reply, st = chat(s.client(), [{"role": "user", "content": "hello"}], max_tokens=3)
+        assert reply and st["completion_tokens"] == 3
+    finally:
+        s.stop()
+    assert "rejected with 400: n_ctx = 256 is too small" in (tmp_path / "serve.log").read_text()
