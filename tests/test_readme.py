@@ -37,6 +37,26 @@ def test_the_python_example_runs_with_a_bounded_reply(tiny_llama, monkeypatch, c
     scope["llm"].close()
 
 
+def test_the_saved_conversations_example_runs(tiny_llama, monkeypatch, capsys):
+    """The Python example of saved conversation states (after the first one, which sets `path`)."""
+    from adakv_local import models
+
+    monkeypatch.setattr(models, "model_path", lambda name, **kwargs: tiny_llama)
+    blocks = python_blocks()
+    code = next(b for b in blocks if "set_cache(" in b)
+    doc = " ".join(f"Line {i}: the keeper logged wind {i % 9}." for i in range(60))
+    scope: dict[str, Any] = {"long_document": doc}
+    exec(compile(blocks[0].replace("max_tokens=256", "max_tokens=2"), str(README), "exec"), scope)
+    scope["llm"].close()
+    scope["doc_a_messages"] = [{"role": "user", "content": doc}]
+    scope["doc_b_messages"] = [{"role": "user", "content": doc.replace("keeper", "pilot")}]
+    exec(compile(code.replace("max_tokens=256", "max_tokens=4"), str(README), "exec"), scope)
+    llm = scope["llm"]
+    assert [e.tokens > 500 for e in llm.cache.entries()] == [True, True]
+    assert "CacheEntry(" in capsys.readouterr().out
+    llm.close()
+
+
 def test_the_examples_get_their_models_from_the_registry():
     for code in python_blocks():
         for path in re.findall(r'model_path="([^"]+)"', code):

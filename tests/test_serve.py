@@ -540,3 +540,25 @@ def test_a_conversation_the_settings_cannot_read_gets_a_400_that_says_why(tiny, 
     finally:
         s.stop()
     assert "rejected with 400: n_ctx = 256 is too small" in (tmp_path / "serve.log").read_text()
+
+
+def test_the_parts_of_llama_cpp_python_that_serve_uses_are_there():
+    """serve and the saved conversations use these parts of llama-cpp-python (pinned to 0.3.36 in
+    pyproject.toml): the request types and the fields read from them, and the prompt-cache protocol
+    (BaseLlamaCache's methods; _create_completion looks the prompt up before it evaluates and saves the
+    state after the last token). An upgrade that changes them fails here first."""
+    import importlib.metadata
+    import inspect
+
+    import llama_cpp
+    from llama_cpp.llama_cache import BaseLlamaCache
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+    assert importlib.metadata.version("llama-cpp-python") == "0.3.36"
+    used = {"model", "max_tokens", "stream", "logit_bias", "logit_bias_type", "grammar", "min_tokens", "n", "user"}
+    assert used | {"messages"} <= set(CreateChatCompletionRequest.model_fields)
+    assert used | {"prompt"} <= set(CreateCompletionRequest.model_fields)
+    assert {"cache_size", "__getitem__", "__contains__", "__setitem__"} <= BaseLlamaCache.__abstractmethods__
+    src = inspect.getsource(llama_cpp.Llama._create_completion)
+    assert "cache_item = self.cache[prompt_tokens]" in src and "self.load_state(cache_item)" in src
+    assert "self.cache[prompt_tokens + completion_tokens] = self.save_state()" in src
