@@ -141,11 +141,12 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     """Bytes come from the native memory figures (AdaKVStats); the full-cache runs, which cannot ask
     them, compute the same figure from the cache types."""
     from adakv_local.eval.bench import kv_bytes_without_eviction, run_one
+    from adakv_local.inspection import model_n_layer
     from adakv_local.llama import Llama
 
     path = str(tiny_gemma3)
     llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
-    n_layer, n_evicted = llm._n_layer(), llm.adakv_kvcache.n_layer
+    n_layer, n_evicted = model_n_layer(llm.model), llm.adakv_kvcache.n_layer
     mem = llm.adakv_kvcache.memory()
     toks = llm.tokenize(b"Some words about boats and the sea. " * 8)
     assert kv_bytes_without_eviction(llm, len(toks)) == len(toks) * (mem.cell_bytes + mem.swa_cell_bytes)
