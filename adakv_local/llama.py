@@ -739,3 +739,10 @@ class Llama(llama_cpp.Llama):
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")
         return kept_positions(kv, model_n_layer(self.model), self.n_tokens)
+
+
+def decoding_context(llm: Any) -> contextlib.AbstractContextManager[None]:
+    """The context in which to evaluate tokens decoded one at a time (a greedy loop of ``eval`` calls)
+    as ``generate`` evaluates them: our Llama's ``adakv_decoding()`` (no budget check per token, a
+    compression only when the cache is full), nothing for a plain ``llama_cpp.Llama``."""
+    return llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import kvcache
-from ..llama import Llama
+from ..llama import Llama, decoding_context
 from .texts import documents
 
 
@@ -99,8 +99,7 @@ def greedy_decode(llm: Any, n: int) -> float:
 
     n_vocab = llm.n_vocab()
     t0 = time.perf_counter()
-    decoding = llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()
-    with decoding:  # as generate decodes: no budget check per token
+    with decoding_context(llm):  # as generate decodes: no budget check per token
         for _ in range(n):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
             llm.eval([int(logits.argmax())])
@@ -239,12 +238,6 @@ def last_ubatch_extra(model_path: str, tokens: Sequence[int], *, budget: int, me
                 "last_ubatch_tokens": k, "last_ubatch_seconds": float(np.median(wall["plain"]))}
     finally:
         llm.close()
-
-
-def _n_layer(llm: Any) -> int:
-    import llama_cpp
-
-    return int(llama_cpp.llama_model_n_layer(llm.model))
 
 
 def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
