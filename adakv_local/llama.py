@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,111 +30,12 @@ import llama_cpp  # noqa: E402
 from .config import AdaKVConfig, ConfigError  # noqa: E402
 from .errors import CacheFullError, ClosedError, NativeInvalidArgument  # noqa: E402
 from .gguf_check import check_gguf  # noqa: E402
+from .inspection import kept_positions, model_n_layer  # noqa: E402
 from .kvcache import KVCache  # noqa: E402
 from .planning import next_chunk  # noqa: E402
 from .policies import AllocationConfig, keep_sets  # noqa: E402
 from .spans import SpanFinder  # noqa: E402
-
-
-@dataclass(frozen=True)
-class AdaKVStats:
-    """What the last prompt evaluation did to the cache: a fresh record per evaluation of a prompt
-    (the tokens of one ``eval`` call; not the tokens ``generate`` decodes after it, nor those
-    evaluated under ``adakv_suspended()``), whether it compressed or not; None while eviction is off
-    (``adakv_config`` None) and after ``reset()``.
-
-    ``compressed`` (``compressions > 0``): whether this evaluation evicted anything; when not,
-    ``reason`` says why in words (the budget exceeds the prompt, the heads hold no more than the
-    budget, the method "full"), and ``seconds`` are zeros.
-
-    kept: int ``[n_layer, n_head_kv]`` cells each head holds after it (every model layer; layers
-    that are not evicted, such as sliding-window layers, show the full length); ``kept_mean`` their
-    mean over the evicted layers. footprint: R, the cache cells of the compacted block (0 when
-    there is none): each layer's kept tokens are packed into its memory, so R is the sum of the
-    per-head budgets divided by the number of KV heads (rounded up; the fullest layer's). For
-    Ada-SnapKV and SnapKV that is the budget. ``cells_before`` / ``cells_after``: the cells the
-    cache held (per layer) before this evaluation's compression (the compacted block of earlier
-    turns plus the new tokens: the prompt's length on a first turn) and after it; ``freed`` the
-    difference. ``budget``: in cells per head (None with the method "full").
-
-    A prompt that does not fit the cache is read in ``chunks`` with a compression between them
-    (``compressions`` counts them all, the final one included). ``peak_cells``: the most cells the
-    evicted cache held at once while the prompt was read. Bytes, all from the native memory
-    figures (K and V as the cache stores them: f16, q8_0, ...; sliding-window layers included):
-    ``kv_bytes_before`` / ``kv_bytes`` of ``cells_before`` / ``cells_after``, ``kv_bytes_peak`` at
-    the peak, ``kv_bytes_allocated`` for the context's whole KV cache (n_ctx cells).
-    ``chunk_tokens`` / ``chunk_seconds`` / ``chunk_cpu_seconds``: the prompt tokens of each chunk
-    and the wall time and process CPU time it took, its compression included (one entry when the
-    prompt fit; with one thread, CPU time is the work done, whatever else the machine runs).
-
-    seconds: ``scored_ubatch`` the decodes of the ubatches that carried the window: prompt reading,
-    with the window's scores computed in their graph (the scoring's own extra cost is a small part
-    of it, about 1% of a prefill: ``adakv-local bench --direct`` measures it), ``allocate`` the
-    policy, ``compact`` the compaction (these two are eviction's own cost), each summed over the
-    compressions.
-
-    A turn of fewer new tokens than the window that takes the cache more than a window above the
-    budget is compressed too: its window is completed with the cache's last ``reevaluated`` tokens,
-    taken back and evaluated again. A generation that fills the cache compresses it (its last ``window`` tokens
-    evaluated again as the window) and goes on: ``decode_compressions`` counts those compressions
-    since this record was made, ``decode_seconds`` their wall time.
-    """
-
-    prompt_tokens: int
-    budget: int | None
-    method: str
-    window: int
-    kept: np.ndarray
-    footprint: int
-    freed: int
-    cells_before: int
-    cells_after: int
-    seconds: dict[str, float] = field(default_factory=dict)
-    compressions: int = 0
-    chunks: int = 1
-    peak_cells: int = 0
-    kv_bytes: int = 0
-    kv_bytes_peak: int = 0
-    kv_bytes_allocated: int = 0
-    chunk_tokens: tuple[int, ...] = ()
-    chunk_seconds: tuple[float, ...] = ()
-    chunk_cpu_seconds: tuple[float, ...] = ()
-    kv_bytes_before: int = 0
-    kept_mean: float = 0.0
-    reason: str = ""
-    reevaluated: int = 0
-    decode_compressions: int = 0
-    decode_seconds: float = 0.0
-
-    @property
-    def compressed(self) -> bool:
-        """Whether this evaluation evicted anything (else ``reason`` says why not)."""
-        return self.compressions > 0
-
-
-@dataclass
-class _Run:
-    """What the compressions of one eval call did, for AdaKVStats."""
-
-    peak_cells: int = 0
-    peak_bytes: int = 0
-    total_cells: int = 0
-    compressions: int = 0
-    chunks: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"scored_ubatch": 0.0, "allocate": 0.0, "compact": 0.0})
-    chunk_tokens: list[int] = field(default_factory=list)
-    chunk_seconds: list[float] = field(default_factory=list)
-    chunk_cpu_seconds: list[float] = field(default_factory=list)
-    reevaluated: int = 0
-    t_mark: tuple[float, float] = field(default_factory=lambda: (time.perf_counter(), time.process_time()))
-
-    def end_chunk(self, n_tokens: int) -> None:
-        now = (time.perf_counter(), time.process_time())
-        self.chunks += 1
-        self.chunk_tokens.append(n_tokens)
-        self.chunk_seconds.append(now[0] - self.t_mark[0])
-        self.chunk_cpu_seconds.append(now[1] - self.t_mark[1])
-        self.t_mark = now
+from .stats import AdaKVStats, StatsRun, record  # noqa: E402
 
 
 def _footprint_bound(cfg: AdaKVConfig, budget: int, n_head_kv: int, layout: str = "pooled") -> int:
@@ -243,7 +144,7 @@ class Llama(llama_cpp.Llama):
         self._adakv_suspended = False
         self._decoding = False  # generate() is past the prompt: its evals are decoded tokens
         self._progress = [0, 0]
-        self._stats_run = _Run()
+        self._stats_run = StatsRun()
         self.adakv_stats: AdaKVStats | None = None
         self._adakv: KVCache | None = None
         self._spans: SpanFinder | None = None
@@ -354,7 +255,7 @@ class Llama(llama_cpp.Llama):
         kv, cfg = self._adakv, self.adakv_config
         self._progress = [0, len(tokens)]
         if kv is None or cfg is None or cfg.method == "full":
-            run = _Run(peak_cells=len(tokens))
+            run = StatsRun(peak_cells=len(tokens))
             self._eval_batches(tokens)  # "full" keeps every cell: no scoring, no compaction
             if kv is not None and cfg is not None:
                 self._record_uncompressed(run, len(tokens), None, "the method full keeps every cell")
@@ -386,7 +287,7 @@ class Llama(llama_cpp.Llama):
                 return self._eval_batches(tokens)
             if self._decoding:  # a generated token: compressed when the cache is full (above)
                 return self._eval_batches(tokens)
-            self._stats_run = _Run(peak_cells=n_cells + len(tokens))
+            self._stats_run = StatsRun(peak_cells=n_cells + len(tokens))
             if len(tokens) < cfg.window:
                 return self._eval_short(tokens)
             return self._eval_prompt(tokens)
@@ -466,7 +367,7 @@ class Llama(llama_cpp.Llama):
             )
         t0 = time.perf_counter()
         outer, callback = self._stats_run, self.progress_callback
-        self._stats_run, self.progress_callback = _Run(), None
+        self._stats_run, self.progress_callback = StatsRun(), None
         try:
             again = self._take_back(cfg.window)
             if not again:
@@ -505,7 +406,7 @@ class Llama(llama_cpp.Llama):
         assert kv is not None and cfg is not None
         w, n_ctx = cfg.window, self.n_ctx()
         doc, probe = tokens[:-w], tokens[-w:]
-        self._stats_run = _Run(peak_cells=kv.n_cells(), total_cells=kv.n_cells() + len(tokens))
+        self._stats_run = StatsRun(peak_cells=kv.n_cells(), total_cells=kv.n_cells() + len(tokens))
         i = 0
         while True:
             step = next_chunk(len(doc) - i, kv.n_cells(), n_ctx, w, cfg.chunk)
@@ -518,7 +419,7 @@ class Llama(llama_cpp.Llama):
                 self._eval_probe(doc[i : i + step.take], probe, budget)
             else:
                 self._eval_batches(doc[i : i + step.take])
-                self._note_peak()
+                self._stats_run.note_peak(kv)
             self._stats_run.end_chunk(step.take)
             i += step.take
 
@@ -553,7 +454,7 @@ class Llama(llama_cpp.Llama):
         t0 = time.perf_counter()
         kv.arm_scores(window)
         super().eval(tokens[-k:])
-        self._note_peak()
+        self._stats_run.note_peak(kv)
         self._advance(max(0, count - (len(tokens) - k)))
         self._stats_run.seconds["scored_ubatch"] += time.perf_counter() - t0
         return kv.read_scores()
@@ -620,15 +521,6 @@ class Llama(llama_cpp.Llama):
             )
         return budget
 
-    def _note_peak(self) -> None:
-        """Record the cells (and bytes) the cache holds now if that is the most so far."""
-        kv, run = self._adakv, self._stats_run
-        assert kv is not None
-        n = kv.n_cells()
-        if n >= run.peak_cells or run.peak_bytes == 0:
-            run.peak_cells = max(run.peak_cells, n)
-            run.peak_bytes = kv.memory().used_bytes(run.peak_cells)
-
     def _finish_stats(self, n_after: int, budget: int) -> None:
         """The record of a prompt evaluation that went through the budget check (compressed or not)."""
         kv, run = self._adakv, self._stats_run
@@ -645,48 +537,21 @@ class Llama(llama_cpp.Llama):
             return
         self._record(run, budget, max(run.total_cells, n_after), "")
 
-    def _record_uncompressed(self, run: _Run, n_tokens: int, budget: int | None, reason: str) -> None:
+    def _record_uncompressed(self, run: StatsRun, n_tokens: int, budget: int | None, reason: str) -> None:
         """The record of an evaluation that did not go through the budget check (see ``reason``)."""
         assert self._adakv is not None
         run.end_chunk(n_tokens)
         self._record(run, budget, self._adakv.n_cells(), reason)
 
-    def _record(self, run: _Run, budget: int | None, cells_before: int, reason: str) -> None:
+    def _record(self, run: StatsRun, budget: int | None, cells_before: int, reason: str) -> None:
         """A fresh AdaKVStats for this prompt evaluation (none for a token that ``generate`` decodes:
         the completion's record is its prompt's)."""
         kv, cfg = self._adakv, self.adakv_config
         assert kv is not None and cfg is not None
         if self._decoding:
             return
-        mem = kv.memory()
-        n = kv.n_cells()
-        kept = self._kept_matrix()
-        peak = max(run.peak_cells, n)
-        self.adakv_stats = AdaKVStats(
-            prompt_tokens=self.n_tokens,
-            budget=budget,
-            method=cfg.method,
-            window=cfg.window,
-            kept=kept,
-            footprint=kv.footprint(),
-            freed=cells_before - n,
-            cells_before=cells_before,
-            cells_after=n,
-            seconds=dict(run.seconds),
-            compressions=run.compressions,
-            chunks=max(1, run.chunks),
-            peak_cells=peak,
-            kv_bytes=mem.used_bytes(n),
-            kv_bytes_peak=max(run.peak_bytes, mem.used_bytes(peak)),
-            kv_bytes_allocated=mem.allocated_bytes,
-            chunk_tokens=tuple(run.chunk_tokens),
-            chunk_seconds=tuple(run.chunk_seconds),
-            chunk_cpu_seconds=tuple(run.chunk_cpu_seconds),
-            kv_bytes_before=mem.used_bytes(cells_before),
-            kept_mean=float(kept[list(kv.layout.layer_ids)].mean()) if kv.n_layer else float(n),
-            reason=reason,
-            reevaluated=run.reevaluated,
-        )
+        self.adakv_stats = record(kv, run, n_layer=model_n_layer(self.model), n_tokens=self.n_tokens, budget=budget,
+                                  method=cfg.method, window=cfg.window, cells_before=cells_before, reason=reason)
 
     def reset(self) -> None:
         """llama-cpp-python's ``reset`` (the next prompt is evaluated from the start); ``adakv_stats``
@@ -913,29 +778,11 @@ class Llama(llama_cpp.Llama):
         kv = self._adakv
         if kv is None:
             raise RuntimeError("eviction is off (adakv_budget is None)")
-        per_layer = [[p[p < self.n_tokens] for p in layer] for layer in self._cell_positions(kv.view_cells())]
-        everything = np.arange(self.n_tokens, dtype=np.int64)
-        out: list[list[np.ndarray]] = [[everything] * kv.n_head_kv for _ in range(self._n_layer())]
-        for i, il in enumerate(kv.layout.layer_ids):
-            out[il] = per_layer[i]
-        return out
+        return kept_positions(kv, model_n_layer(self.model), self.n_tokens)
 
-    def _n_layer(self) -> int:
-        return int(llama_cpp.llama_model_n_layer(self.model))
 
-    def _cell_positions(self, n_cells: int) -> list[list[np.ndarray]]:
-        """Original position of every valid cell [start, n_cells) of each evicted layer and head,
-        as the native library records them (the compacted block, then the tokens after it)."""
-        kv = self._adakv
-        assert kv is not None
-        positions, starts = kv.positions(n_cells).astype(np.int64), kv.starts()
-        return [[positions[i, h, starts[i, h] :] for h in range(kv.n_head_kv)] for i in range(kv.n_layer)]
-
-    def _kept_matrix(self) -> np.ndarray:
-        kv = self._adakv
-        assert kv is not None
-        kept = np.full((self._n_layer(), kv.n_head_kv), self.n_tokens, dtype=np.int64)
-        n, starts = kv.view_cells(), kv.starts()
-        for i, il in enumerate(kv.layout.layer_ids):
-            kept[il] = n - starts[i]
-        return kept
+def decoding_context(llm: Any) -> contextlib.AbstractContextManager[None]:
+    """The context in which to evaluate tokens decoded one at a time (a greedy loop of ``eval`` calls)
+    as ``generate`` evaluates them: our Llama's ``adakv_decoding()`` (no budget check per token, a
+    compression only when the cache is full), nothing for a plain ``llama_cpp.Llama``."""
+    return llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()

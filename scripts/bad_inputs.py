@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """docs/BAD-INPUT.md from real runs: every bad input tried on the Python API and the CLI, and what it gets.
 
+Reproduces docs/BAD-INPUT.md, *Bad input: what the Python API and the CLI answer*.
+
     python scripts/bad_inputs.py > docs/BAD-INPUT.md
 
 Needs the patched libllama (an installed package, or ADAKV_LIB_DIR pointing at a build) and takes

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Decode speed with the full cache, with eviction and with the forced per-head fallback, one run.
 
+Reproduces docs/CUDA.md, *The device check*.
+
     python scripts/device_speed.py --write-model /tmp/llama8b-q4k.gguf --json speed.json
 
 Part of scripts/device_check.sh (the GPU check). With --write-model it first writes a random

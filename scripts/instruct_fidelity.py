@@ -2,6 +2,11 @@
 """Instruction fidelity over real documents (adakv_local.eval.instruct): summaries and answers of the
 full cache, teacher-forced after the compressed prompt of every (setting, budget).
 
+Reproduces docs/SELECTION.md, *The measurement: instruction fidelity over real documents*,
+*Instruction fidelity of the candidates (4 documents x 2 prompts)*, *All 11 documents (SmolLM2, 1
+thread)*, *Three questions per document: 33 answers*; docs/RESULTS.md, *Instruction fidelity, real
+documents, and numbers kept whole (issue 14)*.
+
     python scripts/instruct_fidelity.py --model smollm2-135m --budgets 256,512,1024 \\
         --setting default --setting k15:kernel=15 --json out.json
 

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Markdown tables from scripts/instruct_fidelity.py's JSON (docs/SELECTION.md, docs/RESULTS.md).
 
+Reproduces docs/SELECTION.md, *Instruction fidelity of the candidates (4 documents x 2 prompts)*,
+*What `max2` costs on answers, and summaries at budget 512*, *All 11 documents (SmolLM2, 1 thread)*,
+*Three questions per document: 33 answers*, *Summaries, full cache against the new default at 512*,
+*Summaries, full cache against the default at 512*.
+
     python scripts/instruct_tables.py out.json --base default
     python scripts/instruct_tables.py out.json --answers gpl-2,man-tar --sample default@512
     python scripts/instruct_tables.py a.json:spans=new,default=old b.json:old=old,default=new --base old

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """A long answer through a small cache: what compressing during generation costs and changes.
 
+Reproduces docs/RESULTS.md, *A 2,000-token answer through 1,024 cells*.
+
 The full cache (n_ctx large enough for the whole answer) generates ``--tokens`` tokens greedily
 from a short prompt; every step's logits are kept. Then a context with eviction and a cache of
 ``--n-ctx`` cells generates the same answer, teacher-forced through ``generate`` itself (a logits

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The pooled block's memory (issue 23): KV bytes held after one compression, per method and budget.
 
+Reproduces docs/RESULTS.md, *KV bytes after one compression*.
+
 For each model, KV cache type, method, budget and block layout, one prompt of --tokens tokens of
 standard-library prose (adakv_local.eval.bench.prompt_tokens) is evaluated by adakv-local's Llama and
 compressed once (the prompt but its last ubatch is evaluated once per context and restored for

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """The pooled block in a conversation (issue 23): KV bytes held after each of 5 turns, both layouts.
 
+Reproduces docs/RESULTS.md, *A 5-turn conversation: KV bytes held after each turn*.
+
     python scripts/pooled_turns.py --model smollm2-135m --budget 256 --threads 2 \\
         --json docs/results/pooled-turns-smollm2.json
 

@@ -1,6 +1,14 @@
 #!/usr/bin/env python3
 """Markdown tables for docs/RESULTS.md from the JSON files the eval/bench commands write.
 
+Reproduces docs/RESULTS.md, *Fidelity to the full cache, SmolLM2-135M*, *The pooling kernel: 7
+(default) or 15*, *Equal footprint, rerun: Ada-SnapKV and SnapKV at the same budget hold the same
+bytes*, *Gemma 3 270M: a 24,000-token document through a 4096-cell cache*, *Fidelity: chunked
+reading against one-shot eviction, SmolLM2-135M*, *Equal footprint: what the memory buys,
+SmolLM2-135M (the rect block, before 2026-12-06)*; docs/SELECTION.md, *What `max2` costs on raw
+continuations*, *What it costs on raw continuations: within 1% of kernel 7*, *The new default on raw
+continuations*.
+
     python scripts/results_tables.py docs/results/*.json
     python scripts/results_tables.py --paired A.json B.json   # two fidelity runs, prompt by prompt
     python scripts/results_tables.py --footprint F.json       # Ada against SnapKV at equal footprint R

@@ -2,6 +2,10 @@
 """``eval fidelity`` (raw-text continuations, built-in prompts) with any eviction options, paired
 prompt by prompt with the default run of docs/RESULTS.md.
 
+Reproduces docs/SELECTION.md, *What `max2` costs on raw continuations*, *What it costs on raw
+continuations: within 1% of kernel 7*, *The new default on raw continuations*, *The query heads'
+highest score (`gqa="max"`): the default*.
+
     python scripts/selection_fidelity.py --option pooling=max2 --n-prompts 26 --budgets 64,128,256 \\
         --methods ada-snapkv,snapkv --json out.json
 

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """What eviction keeps for an instruction after a real document (docs/SELECTION.md).
 
+Reproduces docs/SELECTION.md, *The cause: a "summarize" window looks at the last lines*, *Numbers
+written one token per digit: pooling in two scales (`max2`)*, *Numbers of four digits or more
+(`long-numbers`): the default*.
+
     python scripts/selection_profile.py scores --documents gpl-2,man-tar --out /tmp/prof   # runs the model
     python scripts/selection_profile.py report /tmp/prof --budgets 256,512,1024 \\
         --setting default --setting k15:kernel=15

@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """``eval tasks`` with any eviction options (the CLI has flags for the window and kernel only).
 
+Reproduces docs/SELECTION.md, *Numbers written one token per digit: pooling in two scales (`max2`)*,
+*Pass key at budget 128 with `spans="numbers"`: 20 of 20*, *Facts: a number or a date stated once in
+a real document*, *The new default on the pass key and the facts*.
+
     python scripts/selection_tasks.py --model smollm2-135m --tasks passkey --lengths 3000 --budgets 128 \\
         --option pooling=max-fill --seeds 0,1 --json out.json
     python scripts/selection_tasks.py --model gemma3-270m --mode raw --tasks facts --lengths 4000 \\

@@ -19,6 +19,7 @@ by its modules; their public names may be used by anyone.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,3 +199,33 @@ def test_config_knows_no_argparse_and_the_cli_declares_each_flag_once():
                     and any(isinstance(a, ast.Constant) and a.value in flags for a in node.args)):
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.args[0].value}")
     assert not bad, "eviction flags declared outside cli.common.eviction_flag:\n" + "\n".join(bad)
+
+
+# the server's script, reworked with `adakv-local serve` (issue 25, item 5); its header is its own
+SCRIPTS_UNCHECKED = {"serve_turns.py"}
+
+
+def test_every_script_names_the_docs_it_reproduces():
+    """scripts/ keeps what reproduces a table of docs/ (what a user runs is an `adakv-local` command): each
+    script's docstring says "Reproduces docs/FILE.md, *Heading*, ...; docs/OTHER.md, *Heading*." and
+    every heading named is one of that file's."""
+    bad = []
+    for path in sorted((ROOT / "scripts").glob("*.py")):
+        if path.name in SCRIPTS_UNCHECKED:
+            continue
+        doc = " ".join((ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").split())
+        m = re.search(r"Reproduces (.*?\*)\.(?: |$)", doc)
+        if m is None:
+            bad.append(f"{path.name}: no 'Reproduces docs/FILE.md, *Heading*.' in its docstring")
+            continue
+        for group in m.group(1).split("; "):
+            name, _, rest = group.partition(", ")
+            doc_file = ROOT / name
+            if not name.startswith("docs/") or not doc_file.is_file():
+                bad.append(f"{path.name}: {name!r} is not a file of docs/")
+                continue
+            headings = {line.lstrip("#").strip() for line in doc_file.read_text(encoding="utf-8").splitlines()
+                        if line.startswith("#")}
+            bad += [f"{path.name}: {name} has no heading {h!r}" for h in re.findall(r"\*(.+?)\*", rest)
+                    if h not in headings]
+    assert not bad, "\n".join(bad)

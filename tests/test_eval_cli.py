@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from test_cli_run import cli
@@ -106,6 +107,47 @@ def test_bench_attn_paths(tiny):
     assert json.loads(proc.stdout)["config"]["attn_paths"] == ["auto", "mask", "heads"]
 
 
+def test_bench_interleave(tiny):
+    """bench --interleave: every mode in a context of its own, the same tokens decoded round after round;
+    the medians and ratios are those of the per-round figures written beside them."""
+    proc = cli("bench", "--model", tiny, "--interleave", "3", "--lengths", "200", "--budget", "48",
+               "--decode-tokens", "4", "--layouts", "pooled,rect", "--attn-paths", "auto,mask", "--threads", "1",
+               "--json", "-", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    recs = {r["mode"]: r for r in data["records"]}
+    assert list(recs) == ["full", "ada-snapkv", "ada-snapkv[rect]", "ada-snapkv[mask]", "ada-snapkv[mask,rect]"]
+    assert data["config"]["interleave"] == 3
+    full = recs["full"]
+    assert full["kv_cells_after"] == 200 and full["route"] == "stock" and full["budget"] is None
+    for r in recs.values():
+        rounds = r["decode_tps_rounds"]
+        assert len(rounds) == 3 and all(t > 0 for t in rounds), r
+        assert r["decode_tps"] == pytest.approx(statistics.median(rounds))
+        assert r["decode_speedup"] == pytest.approx(
+            statistics.median(a / b for a, b in zip(rounds, full["decode_tps_rounds"])))
+    for path, pooled, rect in (("auto", "ada-snapkv", "ada-snapkv[rect]"),
+                               ("mask", "ada-snapkv[mask]", "ada-snapkv[mask,rect]")):
+        p, q = recs[pooled], recs[rect]
+        assert p["attn_path"] == q["attn_path"] == path and (p["layout"], q["layout"]) == ("pooled", "rect")
+        assert p["kv_cells_after"] <= q["kv_cells_after"] < 200  # the pooled block is at most the rect one
+        assert p["pooled_over_rect"] == pytest.approx(
+            statistics.median(a / b for a, b in zip(p["decode_tps_rounds"], q["decode_tps_rounds"])))
+        assert "pooled_over_rect" not in q
+    # the routes the CPU takes (docs/RESULTS.md, *Decode speed at 8,000 tokens*)
+    assert (recs["ada-snapkv[mask]"]["route"], recs["ada-snapkv[mask,rect]"]["route"]) == ("pool-mask", "mask")
+    assert "round 3/3" in proc.stderr and "pooled / rect" in proc.stderr
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--repeats", "2", "--nofa-baseline"], "leave out --repeats, --nofa-baseline"),
+    (["--n-ctx", "256"], "leave out --n-ctx"),
+])
+def test_bench_interleave_usage_errors(tiny, args, text):
+    proc = cli("bench", "--model", tiny, "--interleave", "2", "--lengths", "200", "--budget", "48", *args)
+    assert proc.returncode == 2 and text in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need the plot extra (matplotlib)")
     from adakv_local.eval.bench import plot_bench
@@ -141,11 +183,12 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     """Bytes come from the native memory figures (AdaKVStats); the full-cache runs, which cannot ask
     them, compute the same figure from the cache types."""
     from adakv_local.eval.bench import kv_bytes_without_eviction, run_one
+    from adakv_local.inspection import model_n_layer
     from adakv_local.llama import Llama
 
     path = str(tiny_gemma3)
     llm = Llama(model_path=path, n_ctx=512, adakv_budget=48, adakv_window=16, verbose=False)
-    n_layer, n_evicted = llm._n_layer(), llm.adakv_kvcache.n_layer
+    n_layer, n_evicted = model_n_layer(llm.model), llm.adakv_kvcache.n_layer
     mem = llm.adakv_kvcache.memory()
     toks = llm.tokenize(b"Some words about boats and the sea. " * 8)
     assert kv_bytes_without_eviction(llm, len(toks)) == len(toks) * (mem.cell_bytes + mem.swa_cell_bytes)

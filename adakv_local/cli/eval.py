@@ -37,12 +37,19 @@ _EPILOG_BENCH = """examples:
   adakv-local bench --model smollm2-135m --lengths 1000,4000,8000 --budget 256 --json bench.json --plot bench.png
   adakv-local bench --lengths 4000,8000 --repeats 3 --decode-tokens 16       # compression overhead, medians
   adakv-local bench --model gemma3-270m --lengths 24000 --n-ctx 4096         # chunked prefill, per chunk
+  adakv-local bench --interleave 11 --lengths 8000 --layouts rect,pooled --attn-paths auto,mask  # decode A/B
 
 The compression overhead is the eviction prefill's time (the window's scores, allocation and
 compaction included; chunks and their probes too) over the full cache's prefill of the same
 prompt in one batch sequence, run just before it in the same process, minus 1; in wall time
 and in process CPU time (with --threads 1 the CPU time is the work done, which the load of a
 shared machine disturbs far less than the wall time).
+
+--interleave ROUNDS compares decode speeds a few percent apart: the full cache and every eviction
+mode (--attn-paths x --layouts) each read the prompt once in a context of their own, all held at
+once; then, round after round, each decodes the same --decode-tokens tokens (rotating which goes
+first) and forgets them. Printed: per mode the median tokens/s and the median of the per-round
+ratios to the full cache (and pooled over rect, where both layouts ran with the same path).
 """
 
 
@@ -255,6 +262,10 @@ def add_bench_parser(sub: Any) -> None:
                    "prompt fits)")
     eviction_flag(b, "chunk", dest="chunk", type=positive_int,
                   help="with --n-ctx: at most C prompt tokens per chunk; None: as many as fit")
+    b.add_argument("--interleave", type=positive_int, default=None, metavar="ROUNDS",
+                   help="decode speed only, interleaved: every mode (the full cache, each --attn-paths x --layouts "
+                   "eviction run) in a context of its own, decoding the same tokens in turn for ROUNDS rounds; "
+                   "ratios within each round, medians (default: off)")
     b.add_argument("--nofa-baseline", action="store_true",
                    help="also time the full cache without flash attention (llama.cpp's other attention path; "
                    "eviction always uses flash attention)")
@@ -528,6 +539,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.budget >= min(args.lengths):
         raise CLIError(f"--budget ({args.budget}) must be below every prompt length", EXIT_USAGE)
     _check_outputs(args)
+    if args.interleave is not None:
+        return _bench_interleaved(args)
     model, vocab = _open_model(args)
     vocab.close()
     records = run(str(model), args.lengths, budget=args.budget, method=args.method, n_decode=args.decode_tokens,
@@ -539,11 +552,42 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     for (mode, n), share in sorted(overhead_summary(records).items(), key=lambda kv: (kv[0][1], kv[0][0])):
         _log(args)(f"compression overhead, {mode} at {n} tokens: {100 * share:+.2f}% of the full cache's prefill "
                    f"time, {100 * cpu[(mode, n)]:+.2f}% of its CPU time (medians of {args.repeats})")
-    config = {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
-              "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
-              "nofa_baseline": args.nofa_baseline, "attn_paths": args.attn_paths, "repeats": args.repeats,
-              "n_ctx": args.n_ctx, "chunk": args.chunk, "direct": args.direct, "layouts": args.layouts}
+    config = _bench_config(args, model, nofa_baseline=args.nofa_baseline, repeats=args.repeats, n_ctx=args.n_ctx,
+                           chunk=args.chunk, direct=args.direct)
     _write_json(args.json_out, {"records": records, "config": config})
     if args.plot:
         _plot(plot_bench, records, args.plot, f"{model.name}: decode speed, {args.threads} threads")
+    return EXIT_OK
+
+
+def _bench_config(args: argparse.Namespace, model: Path, **mode: Any) -> dict[str, Any]:
+    """The options of a bench run, for its JSON: those every mode has, then ``mode``'s own."""
+    return {"model": str(model), "lengths": args.lengths, "budget": args.budget, "method": args.method,
+            "decode_tokens": args.decode_tokens, "threads": args.threads, "gpu_layers": args.gpu_layers,
+            "attn_paths": args.attn_paths, "layouts": args.layouts, **mode}
+
+
+def _bench_interleaved(args: argparse.Namespace) -> int:
+    """``bench --interleave ROUNDS``: decode speeds of all modes, round after round in one process."""
+    from ..eval.bench import interleave
+
+    other = [flag for flag, on in (("--repeats", args.repeats != 1), ("--direct", args.direct), ("--n-ctx", args.n_ctx),
+                                   ("--chunk", args.chunk is not None), ("--nofa-baseline", args.nofa_baseline),
+                                   ("--plot", args.plot is not None)) if on]
+    if other:
+        raise CLIError(f"--interleave measures decode speed only; leave out {', '.join(other)}", EXIT_USAGE)
+    model, vocab = _open_model(args)
+    vocab.close()
+    log = _log(args)
+    records = interleave(str(model), args.lengths, budget=args.budget, rounds=args.interleave, method=args.method,
+                         n_decode=args.decode_tokens, n_threads=args.threads, n_gpu_layers=args.gpu_layers,
+                         attn_paths=args.attn_paths, layouts=args.layouts, log=log)
+    for r in records:
+        pr = r.get("pooled_over_rect_rounds")
+        pooled = (f"; pooled / rect x{r['pooled_over_rect']:.3f} (x{min(pr):.2f}-x{max(pr):.2f}, pooled faster in "
+                  f"{sum(x > 1 for x in pr)} of {len(pr)} rounds)" if pr else "")
+        log(f"{r['prompt_tokens']:>6} tokens {r['mode']:<24} decode {r['decode_tps']:7.1f} t/s (median), "
+            f"x{r['decode_speedup']:.3f} of the full cache (median of {args.interleave} per-round ratios), "
+            f"{r['kv_cells_after']} cells, route {r['route']}{pooled}")
+    _write_json(args.json_out, {"records": records, "config": _bench_config(args, model, interleave=args.interleave)})
     return EXIT_OK

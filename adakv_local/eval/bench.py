@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import kvcache
-from ..llama import Llama
+from ..llama import Llama, decoding_context
 from .texts import documents
 
 
@@ -93,17 +93,20 @@ def kv_bytes_without_eviction(llm: Any, n_tokens: int) -> int:
     return n_layer * row * n_tokens
 
 
-def greedy_decode(llm: Any, n: int) -> float:
-    """Decode n tokens greedily after what was evaluated; returns the seconds it took."""
+def greedy_token(llm: Any) -> int:
+    """The most likely token after the last one llm evaluated."""
     import llama_cpp
 
-    n_vocab = llm.n_vocab()
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+    return int(logits.argmax())
+
+
+def greedy_decode(llm: Any, n: int) -> float:
+    """Decode n tokens greedily after what was evaluated; returns the seconds it took."""
     t0 = time.perf_counter()
-    decoding = llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()
-    with decoding:  # as generate decodes: no budget check per token
+    with decoding_context(llm):  # as generate decodes: no budget check per token
         for _ in range(n):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
-            llm.eval([int(logits.argmax())])
+            llm.eval([greedy_token(llm)])
     return time.perf_counter() - t0
 
 
@@ -241,12 +244,6 @@ def last_ubatch_extra(model_path: str, tokens: Sequence[int], *, budget: int, me
         llm.close()
 
 
-def _n_layer(llm: Any) -> int:
-    import llama_cpp
-
-    return int(llama_cpp.llama_model_n_layer(llm.model))
-
-
 def chunk_overhead(chunk_tokens: Sequence[int], chunk_seconds: Sequence[float],
                    full_timeline: Sequence[Sequence[float]], n_tokens: int, column: int = 1) -> tuple[float, ...]:
     """Per chunk of an eviction run: its time (compression included) over the time the full cache took
@@ -330,6 +327,111 @@ def run(model_path: str, lengths: Sequence[int], *, budget: int, method: str = "
                     f"{chunks}"
                     + (f"; without flash attention the full cache decodes {nofa.decode_tps:.1f} t/s "
                        f"(x{re_['decode_speedup_nofa']:.2f})" if nofa is not None else ""))
+    return out
+
+
+def decode_and_forget(llm: Any, tokens: Sequence[int]) -> float:
+    """Evaluate tokens one at a time after what the cache holds (llama-cpp-python's own ``eval``: no
+    budget check, the decode alone), then forget them (the next evaluation removes their cells, which
+    lie after any compacted block); returns the seconds."""
+    import llama_cpp
+
+    n_past = llm.n_tokens
+    t0 = time.perf_counter()
+    for t in tokens:
+        llama_cpp.Llama.eval(llm, [t])
+    seconds = time.perf_counter() - t0
+    llm.n_tokens = n_past
+    return seconds
+
+
+def interleave(model_path: str, lengths: Sequence[int], *, budget: int, rounds: int, method: str = "ada-snapkv",
+               n_decode: int = 64, n_threads: int = 2, n_gpu_layers: int = 0, attn_paths: Sequence[str] = ("auto",),
+               layouts: Sequence[str] = ("pooled",), log: Callable[[str], None] = lambda s: None
+               ) -> list[dict[str, Any]]:
+    """Decode speed of the full cache and of every eviction mode (attention path x block layout),
+    interleaved: a few percent apart can be told on a shared machine.
+
+    Per prompt length, every mode gets its own context, all held at once, which reads the same
+    prompt (the eviction modes compress it at the same budget). Then, ``rounds`` times, each mode in
+    turn (rotating which goes first) decodes the same ``n_decode`` tokens (the full cache's greedy
+    continuation) one at a time and forgets them, so that the load of the machine falls on all modes
+    alike, seconds apart. Ratios are taken within each round and their median reported.
+
+    Returns one record per (length, mode): ``decode_tps`` (median over rounds) and
+    ``decode_tps_rounds``, ``decode_speedup`` (median of the per-round ratios to the full cache),
+    ``route`` (the attention route the first evicted layer's decoding took; "stock" for the full
+    cache), ``kv_cells_after``; a pooled row whose rect row ran with the same attention path also
+    gets ``pooled_over_rect`` (the median of the per-round ratios) and ``pooled_over_rect_rounds``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    vocab = Llama(model_path=model_path, vocab_only=True, verbose=False)
+    try:
+        all_tokens = prompt_tokens(vocab, max(lengths))
+    finally:
+        vocab.close()
+    modes = [("full", None, None)] + [(mode_name(method, p, lay), p, lay)
+                                      for p, lay in itertools.product(attn_paths, layouts)]
+    out: list[dict[str, Any]] = []
+    for n in lengths:
+        toks = all_tokens[:n]
+        n_ctx = ((n + n_decode + 64) // 256 + 1) * 256
+        llms: list[Any] = []
+        try:
+            recs = []
+            for name, path, layout in modes:
+                kw: dict[str, Any] = {} if path is None else {"adakv_budget": budget, "adakv_method": method}
+                with attn_path_env(path or "auto", layout or "pooled"):
+                    llm = Llama(model_path=model_path, n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
+                                n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False, **kw)
+                llms.append(llm)
+                log(f"{n:>6} tokens {name}: reading the prompt ...")
+                llm.eval(toks)
+                recs.append(dict(mode=name, prompt_tokens=n, budget=None if path is None else budget,
+                                 attn_path=path, layout=layout, kv_cells_after=n if path is None else
+                                 llm.adakv_stats.cells_after, decode_tokens=n_decode))
+            cont = _greedy_tokens(llms[0], n_decode)
+            per_round: list[list[float]] = []
+            for r in range(rounds):
+                order = list(range(len(llms)))
+                order = order[r % len(order):] + order[: r % len(order)]  # each mode goes first in turn
+                tps = [0.0] * len(llms)
+                for i in order:
+                    tps[i] = n_decode / decode_and_forget(llms[i], cont)
+                per_round.append(tps)
+                log(f"{n:>6} tokens, round {r + 1}/{rounds}: "
+                    + "  ".join(f"{m[0]} {t:.1f}" for m, t in zip(modes, tps)) + " t/s")
+            for rec, llm in zip(recs, llms):  # the route the last decoded token took
+                kv = llm.adakv_kvcache
+                rec["route"] = kv.attn_used()[0] if kv is not None else "stock"
+        finally:
+            for llm in llms:
+                llm.close()
+        for i, rec in enumerate(recs):
+            rec["decode_tps_rounds"] = [row[i] for row in per_round]
+            rec["decode_tps"] = float(np.median(rec["decode_tps_rounds"]))
+            rec["decode_speedup"] = float(np.median([row[i] / row[0] for row in per_round]))
+        for rec in recs:
+            rect = next((q for q in recs if q["layout"] == "rect" and q["attn_path"] == rec["attn_path"]), None)
+            if rec["layout"] == "pooled" and rect is not None:
+                ratios = [a / b for a, b in zip(rec["decode_tps_rounds"], rect["decode_tps_rounds"])]
+                rec["pooled_over_rect_rounds"] = ratios
+                rec["pooled_over_rect"] = float(np.median(ratios))
+        out += recs
+    return out
+
+
+def _greedy_tokens(llm: Any, n: int) -> list[int]:
+    """The n greedy tokens after what llm evaluated, decoded and forgotten again."""
+    import llama_cpp
+
+    out: list[int] = []
+    n_past = llm.n_tokens
+    for _ in range(n):
+        out.append(greedy_token(llm))
+        llama_cpp.Llama.eval(llm, [out[-1]])
+    llm.n_tokens = n_past
     return out
 
 

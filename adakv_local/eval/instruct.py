@@ -128,11 +128,12 @@ def _greedy(llm: Any, first_logits: np.ndarray, max_tokens: int) -> list[int]:
     """Greedy tokens after the current state, ending with (and including) an end-of-generation token."""
     import llama_cpp
 
+    from ..llama import decoding_context
+
     vocab = llm._model.vocab
     out: list[int] = []
     last = first_logits
-    decoding = llm.adakv_decoding() if hasattr(llm, "adakv_decoding") else contextlib.nullcontext()
-    with decoding:  # as generate decodes: no budget check per token
+    with decoding_context(llm):  # as generate decodes: no budget check per token
         while len(out) < max_tokens:
             tok = int(last.argmax())
             out.append(tok)
