@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A chat front end's request pattern through `adakv-local serve`, with saved conversation states and
-without (today's one-conversation server), in the same run. Reproduces docs/RESULTS.md, *Serving
-several conversations*.
+without (today's one-conversation server), in the same run.
+
+Reproduces docs/RESULTS.md, *Serving several conversations: a front end's requests, SmolLM2-135M*.
 
     python scripts/serve_frontend.py --model smollm2-135m --budget 256 --threads 2 \\
         --json docs/results/serve-frontend-smollm2.json

@@ -2,6 +2,8 @@
 """A 5-turn conversation over a pasted ~6,000-token document, through `adakv-local serve`, with
 eviction and with the full cache, in the same run.
 
+Reproduces docs/RESULTS.md, *Serving: a 5-turn conversation over a ~6,000-token document, SmolLM2-135M*.
+
     python scripts/serve_turns.py --model smollm2-135m --budget 256 --threads 2 --json turns.json
 
 Two servers run side by side on free localhost ports: one with eviction (--method, --budget),

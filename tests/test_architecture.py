@@ -201,18 +201,12 @@ def test_config_knows_no_argparse_and_the_cli_declares_each_flag_once():
     assert not bad, "eviction flags declared outside cli.common.eviction_flag:\n" + "\n".join(bad)
 
 
-# the server's script, reworked with `adakv-local serve` (issue 25, item 5); its header is its own
-SCRIPTS_UNCHECKED = {"serve_turns.py"}
-
-
 def test_every_script_names_the_docs_it_reproduces():
     """scripts/ keeps what reproduces a table of docs/ (what a user runs is an `adakv-local` command): each
     script's docstring says "Reproduces docs/FILE.md, *Heading*, ...; docs/OTHER.md, *Heading*." and
     every heading named is one of that file's."""
     bad = []
     for path in sorted((ROOT / "scripts").glob("*.py")):
-        if path.name in SCRIPTS_UNCHECKED:
-            continue
         doc = " ".join((ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "").split())
         m = re.search(r"Reproduces (.*?\*)\.(?: |$)", doc)
         if m is None:
