@@ -562,3 +562,32 @@ def test_the_parts_of_llama_cpp_python_that_serve_uses_are_there():
     src = inspect.getsource(llama_cpp.Llama._create_completion)
     assert "cache_item = self.cache[prompt_tokens]" in src and "self.load_state(cache_item)" in src
     assert "self.cache[prompt_tokens + completion_tokens] = self.save_state()" in src
+
+
+@needs_server
+def test_interrupt_requests_ends_a_streamed_reply_when_another_request_waits(tiny, tmp_path):
+    import http.client
+    import threading
+
+    s = Server(tiny, tmp_path / "serve.log", "--interrupt-requests")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": OTHER}], "max_tokens": 1000,
+                           "temperature": 0, "stream": True})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        first = r.readline()
+        assert r.status == 200 and first.startswith(b"data: ")
+        rest: list[bytes] = []
+        reader = threading.Thread(target=lambda: rest.extend(r.read().split(b"\n\n")))
+        reader.start()
+        reply, st = chat(s.client(), [{"role": "user", "content": "hello"}], max_tokens=3)
+        reader.join(120)
+        conn.close()
+    finally:
+        s.stop()
+    events = [json.loads(e[len(b"data: "):]) for e in [first.strip(), *rest] if e.startswith(b"data: {")]
+    assert rest and rest[-2:] == [b"data: [DONE]", b""], rest[-3:]
+    assert len(events) < 1000 and all(not (e.get("choices") and e["choices"][0].get("finish_reason")) for e in events)
+    assert reply and st["completion_tokens"] == 3
+    assert "(stopped early)" in (tmp_path / "serve.log").read_text()

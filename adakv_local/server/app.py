@@ -95,6 +95,11 @@ class ModelServer:
     def release(self) -> None:
         self._lock.release()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for the model."""
+        return self._waiting
+
     def close(self) -> None:
         self._worker.shutdown(wait=True)
 
@@ -309,7 +314,7 @@ async def stream(request: Request, server: ModelServer, chat: bool, kwargs: dict
                     yield _event(chunk)
                     break
                 yield _event(chunk)
-                if server.settings.interrupt_requests and server._waiting:
+                if server.settings.interrupt_requests and server.waiting:
                     break
                 chunk = await server.run(next, state["chunks"], _END)
             else:
