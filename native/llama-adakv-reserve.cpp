@@ -120,12 +120,16 @@ bool llama_adakv_graph_plan(llama_adakv * ak, llama_context & ctx, ggml_cgraph *
         }
         break;
     }
-    // no reserved graph has this topology (e.g. armed capture): the allocator plans the graph from
-    // its own shapes, and the compute buffers may grow
-    LLAMA_LOG_DEBUG(
-            "%s: no reserved adakv graph has the topology of this ubatch (variant %d, %u tokens); the compute "
-            "buffers may grow\n",
-            __func__, variant, n_tokens);
+    // no reserved graph has this topology (an armed capture; the per-head mask of a view narrower
+    // than the widest, which takes the one-call-per-head route): the allocator plans the graph from
+    // its own shapes, and the compute buffers may grow (said once per context)
+    if (!ak->plan_warned) {
+        ak->plan_warned = true;
+        LLAMA_LOG_WARN(
+                "%s: no reserved adakv graph has the topology of this ubatch (variant %d, %u tokens); the "
+                "compute buffers may grow past the reserve\n",
+                __func__, variant, n_tokens);
+    }
     ak->plan_signature = sig;
     return true;
 }

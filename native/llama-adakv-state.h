@@ -139,6 +139,7 @@ struct llama_adakv {
     // the topology (llama_adakv_graph_signature) of the graph that the scheduler's allocation plan
     // was made for at its reserved shapes; 0: unknown (another reserve replaced it)
     uint64_t plan_signature = 0;
+    bool plan_warned        = false; // a graph had no reserved variant (llama_adakv_graph_plan warned)
 
     uint64_t epoch = 1;
 
