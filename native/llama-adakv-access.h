@@ -29,6 +29,16 @@ struct llama_adakv_access {
         return ctx.memory ? ctx.memory->init_full() : nullptr;
     }
 
+    // bytes of the compute buffers of all backends: as the last reserve sized them, and now
+    static void compute_bytes(const llama_context & ctx, int64_t & reserved, int64_t & allocated) {
+        reserved  = 0;
+        allocated = 0;
+        for (size_t i = 0; i < ctx.backend_ptrs.size(); ++i) {
+            reserved += (int64_t) ctx.backend_buf_exp_size[i];
+            allocated += (int64_t) ggml_backend_sched_get_buffer_size(ctx.sched.get(), ctx.backend_ptrs[i]);
+        }
+    }
+
     static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
     static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
     static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }

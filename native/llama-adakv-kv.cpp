@@ -873,6 +873,17 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
     return LLAMA_ADAKV_OK;
 }
 
+int32_t llama_adakv_get_compute_memory(const struct llama_context * ctx, struct llama_adakv_compute_memory * out) {
+    llama_adakv_clear_error();
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
+    }
+    *out = {};
+    llama_adakv_access::compute_bytes(*ctx, out->reserved, out->allocated);
+    return LLAMA_ADAKV_OK;
+}
+
 int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out) {
     llama_adakv_clear_error();
     ADAKV_REQUIRE_ENABLED(ctx, ak);

@@ -241,6 +241,7 @@ def _null_calls(kv):
         "llama_adakv_get_attn_used": lambda: lib.llama_adakv_get_attn_used(ctx, null),
         "llama_adakv_get_block": lambda: lib.llama_adakv_get_block(ctx, null),
         "llama_adakv_get_memory": lambda: lib.llama_adakv_get_memory(ctx, null),
+        "llama_adakv_get_compute_memory": lambda: lib.llama_adakv_get_compute_memory(ctx, null),
         "llama_adakv_get_positions": lambda: lib.llama_adakv_get_positions(ctx, null, 4),
         "llama_adakv_read_scores": lambda: lib.llama_adakv_read_scores(ctx, null, 4),
         "llama_adakv_read_rows": lambda: lib.llama_adakv_read_rows(ctx, 0, 0, 0, 1, null, 0),
@@ -452,6 +453,9 @@ assert 4096 < len(prompt) < 8192, len(prompt)
 llm.create_completion(prompt, max_tokens=4, temperature=0.0)  # the prompt, compressed, then decoding
 llm.eval(llm.tokenize((" " + text(100, 2)).encode(), add_bos=False))  # a second prompt after the block
 assert llm.adakv_stats.footprint > 0
+cm = llm.adakv_kvcache.compute_memory()
+assert cm.allocated == cm.reserved > 96 << 20, cm  # the logits of 512 tokens: 96 MiB
+print("COMPUTE", cm.reserved, cm.allocated, file=sys.stderr)
 llm.close()
 """
 
