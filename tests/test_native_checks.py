@@ -432,6 +432,7 @@ def test_no_compute_buffer_grows_after_the_reserve(tmp_path, route):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if "compute buffer size" in ln and "~llama_context" in ln]
     assert lines and all("matches expectation" in ln for ln in lines), "\n".join(lines)
+    assert "no reserved adakv graph" not in proc.stderr  # every graph had its variant's reserved plan
 
 
 _GROW_LOGITS = """
@@ -472,3 +473,4 @@ def test_no_compute_buffer_grows_with_every_token_an_output(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if "compute buffer size" in ln and "~llama_context" in ln]
     assert lines and all("matches expectation" in ln for ln in lines), "\n".join(lines)
+    assert "no reserved adakv graph" not in proc.stderr  # every graph had its variant's reserved plan
