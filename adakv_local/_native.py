@@ -24,7 +24,7 @@ from .errors import (
     NativeLibraryError,
 )
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 # return codes of llama-adakv.h (enum llama_adakv_status)
 OK = 0

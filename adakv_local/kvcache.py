@@ -61,6 +61,20 @@ class KVMemory:
 
 
 @dataclass(frozen=True)
+class ComputeMemory:
+    """The compute buffers of a context, all its backends together, in bytes.
+
+    ``reserved``: what llama.cpp's last reserve sized them to (for the largest graph the context
+    can build; with eviction on, every variant of the adakv part of the graph: scoring armed or
+    not, a compacted block or none). ``allocated``: their size now; larger than ``reserved`` only
+    if a graph outgrew the reserve (on a GPU, memory taken in the middle of a prompt).
+    """
+
+    reserved: int
+    allocated: int
+
+
+@dataclass(frozen=True)
 class KVBlock:
     """The compacted block of the sequence (zeros but ``layout`` before a compaction).
 
@@ -228,6 +242,12 @@ class KVCache:
         out = self._n.ffi.new("struct llama_adakv_memory *")
         self._n.check(self._n.lib.llama_adakv_get_memory(self._ctx, out))
         return KVMemory(out.cells, out.cell_bytes, out.swa_cells, out.swa_cell_bytes, out.swa_used)
+
+    def compute_memory(self) -> ComputeMemory:
+        """What the context's compute buffers cost, reserved and allocated now (see ComputeMemory)."""
+        out = self._n.ffi.new("struct llama_adakv_compute_memory *")
+        self._n.check(self._n.lib.llama_adakv_get_compute_memory(self._ctx, out))
+        return ComputeMemory(out.reserved, out.allocated)
 
     def clear_last_error(self) -> None:
         """Forget the library's last error message (of this thread)."""

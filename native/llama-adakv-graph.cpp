@@ -41,21 +41,28 @@ llama_adakv_reserve_scope::llama_adakv_reserve_scope(llama_adakv * ak) : ak(ak) 
         for (const auto & l : ak->layers) {
             attn_used.push_back(l.attn_used);
         }
-        // the worst graph: scoring armed, and a block (the graph reads only the shapes of the
-        // persistent tensors here, never their values). Pooled: the view of the graph's n_kv
-        // cells has W + n_kv - R cells, the most with a head keeping the whole cache
-        // (W = kv_size) in the fewest cells a block of such a head can have, R = ceil(W / H);
-        // rect: a block of one cell (its view has n_kv cells whatever its width)
+        // the worst graph (or the variant asked for, at its largest shapes): scoring armed, and a
+        // block (the graph reads only the shapes of the persistent tensors here, never their
+        // values). Pooled: the view of the graph's n_kv cells has W + n_kv - R cells, the most
+        // with a head keeping the whole cache (W = kv_size) in the fewest cells a block of such a
+        // head can have, R = ceil(W / H); rect: a block of one cell (its view has n_kv cells
+        // whatever its width)
         const int32_t H  = ak->n_head_kv;
         const int32_t W  = (int32_t) ak->kv_size;
-        ak->armed_window = std::max(ak->armed_window, ak->reserve_window);
-        if (ak->layout == LLAMA_ADAKV_LAYOUT_POOLED) {
+        const int32_t v  = ak->reserve_variant;
+        const bool armed = v < 0 || (v & LLAMA_ADAKV_VARIANT_ARMED);
+        const bool block = v < 0 || (v & LLAMA_ADAKV_VARIANT_BLOCK);
+        ak->armed_window = armed ? std::max(ak->armed_window, ak->reserve_window) : 0;
+        if (!block) {
+            ak->footprint = 0;
+        } else if (ak->layout == LLAMA_ADAKV_LAYOUT_POOLED) {
             ak->width     = W;
             ak->footprint = (W + H - 1) / H;
         } else {
             ak->width     = std::max(ak->width, 1);
             ak->footprint = ak->width;
         }
+        ak->plan_signature = 0; // the scheduler's plan is this graph's now (llama_adakv_graph_plan)
         if (ak->scored.size() != ak->layers.size()) {
             ak->scored.assign(ak->layers.size(), false);
         }
@@ -82,11 +89,6 @@ llama_adakv_reserve_scope::~llama_adakv_reserve_scope() {
 // the per-head mask of one ubatch may take at most this much of the compute buffer; a larger
 // ubatch (a long prompt after a compaction) takes the one-call-per-KV-head path instead
 static const size_t ADAKV_HEAD_MASK_MAX_BYTES = 256u << 20;
-
-// the pool mask serves ubatches of at most this many tokens (decoding, short turns), where a copy of
-// the block per ubatch would cost as much as the attention; a larger ubatch gathers the block once
-// (its kernel then walks H times fewer columns per query than over the pool mask)
-static const int64_t ADAKV_POOL_MASK_MAX_TOKENS = 32;
 
 // a view of the bytes of t as a tensor of another type (ne: its shape, contiguous), for byte-exact
 // row moves with stock ops: a GGML_OP_VIEW node like ggml_view_*'s, so that every backend and the

@@ -17,6 +17,7 @@ struct llama_adakv;
 class llama_io_write_i;
 class llama_io_read_i;
 class llama_kv_cache;
+struct llama_memory_context_i;
 
 // destroys the state (llama_context's destructor)
 void llama_adakv_free(llama_adakv * ak);
@@ -53,6 +54,20 @@ class llama_adakv_reserve_scope {
     std::vector<bool> captured;
     std::vector<int32_t> attn_used;
 };
+
+// llama_context::sched_reserve, after its own graphs: reserves the graph of every variant of the
+// adakv part (scoring armed or not, a block or none) for a ubatch of n_ubatch tokens, of
+// ADAKV_POOL_MASK_MAX_TOKENS and of one token, so that the compute buffers hold the largest plan of
+// any; false: an allocation failed
+bool llama_adakv_reserve_variants(llama_adakv * ak, llama_context & ctx, const llama_memory_context_i * mctx);
+
+// llama_context::process_ubatch, after building a new graph gf for a ubatch of n_tokens tokens:
+// ggml's allocator reuses its plan for a graph of the same topology with smaller tensors, but
+// plans a graph of another topology from its own shapes, and such a plan can outgrow the reserve.
+// When gf's topology is not the one planned, the variant's reserved graph with the same topology
+// is planned (as llama_adakv_reserve_variants did) and true is returned: the scheduler was reset
+// and gf must be built again
+bool llama_adakv_graph_plan(llama_adakv * ak, llama_context & ctx, ggml_cgraph * gf, uint32_t n_tokens);
 
 // called with each flash-attention node right after build_attn_mha built it; returns the
 // node to use instead (the same node with per-head start cells, or the per-head fallback),

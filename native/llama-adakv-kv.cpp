@@ -1,6 +1,7 @@
 // llama-adakv-kv.cpp - enabling eviction on a context, compaction, guards, state save/load
 
 #include "adakv-impl.h"
+#include "llama-adakv-access.h"
 #include "llama-adakv-hooks.h"
 #include "llama-adakv-state.h"
 #include "llama-adakv.h"
@@ -22,32 +23,6 @@
 #include <memory>
 #include <stdexcept>
 #include <typeinfo>
-
-// the parts of llama_kv_cache and llama_context that adakv needs (a friend of both, patch 0002)
-struct llama_adakv_access {
-    // the graph budget changed (llama_adakv_graph_extra_nodes): reserve again before the next decode
-    static void request_reserve(llama_context & ctx) { ctx.sched_need_reserve = true; }
-
-    static bool shares_cells(const llama_kv_cache & kv) { return kv.other != nullptr; }
-    static bool v_trans(const llama_kv_cache & kv) { return kv.v_trans; }
-    static uint32_t n_stream(const llama_kv_cache & kv) { return kv.n_stream; }
-    static llama_kv_cells & cells(llama_kv_cache & kv) { return kv.v_cells[0]; }
-    static uint32_t & head(llama_kv_cache & kv) { return kv.v_heads[0]; }
-
-    // (model layer, K, V) of every layer of the cache
-    static std::vector<llama_adakv_layer> layers(const llama_kv_cache & kv) {
-        std::vector<llama_adakv_layer> res;
-        for (size_t ikv = 0; ikv < kv.layers.size(); ++ikv) {
-            llama_adakv_layer l;
-            l.il  = (int32_t) kv.layers[ikv].il;
-            l.ikv = (int32_t) ikv;
-            l.k   = kv.layers[ikv].k;
-            l.v   = kv.layers[ikv].v;
-            res.push_back(l);
-        }
-        return res;
-    }
-};
 
 static const uint32_t ADAKV_STATE_MAGIC = 0x564b4441; // "ADKV"
 // 3: the block's layout, width and per-head counts (2, before the pooled layout: start cells)
@@ -895,6 +870,17 @@ int32_t llama_adakv_arm_scores(struct llama_context * ctx, int32_t n_window) {
     ak->scored_tokens = 0;
     ak->scored.assign(ak->layers.size(), false);
     ak->epoch++;
+    return LLAMA_ADAKV_OK;
+}
+
+int32_t llama_adakv_get_compute_memory(const struct llama_context * ctx, struct llama_adakv_compute_memory * out) {
+    llama_adakv_clear_error();
+    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (out == nullptr) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
+    }
+    *out = {};
+    llama_adakv_access::compute_bytes(*ctx, out->reserved, out->allocated);
     return LLAMA_ADAKV_OK;
 }
 

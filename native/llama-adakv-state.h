@@ -70,6 +70,18 @@ struct llama_adakv_layer {
     std::vector<llama_pos> kept_pos;
 };
 
+// the pool mask serves ubatches of at most this many tokens (decoding, short turns), where a copy of
+// the block per ubatch would cost as much as the attention; a larger ubatch gathers the block once
+// (its kernel then walks H times fewer columns per query than over the pool mask)
+static const int64_t ADAKV_POOL_MASK_MAX_TOKENS = 32;
+
+// the variants of the adakv part of a graph that the compute buffers are reserved for, as bits
+// (llama_adakv::reserve_variant): window scoring armed, a compacted block
+enum llama_adakv_variant {
+    LLAMA_ADAKV_VARIANT_ARMED = 1,
+    LLAMA_ADAKV_VARIANT_BLOCK = 2,
+};
+
 struct llama_adakv {
     llama_context * lctx    = nullptr;
     llama_kv_cache * kv     = nullptr; // the evicted cache (the non-SWA cache of an iSWA model)
@@ -120,6 +132,14 @@ struct llama_adakv {
     // the compute buffers are reserved for scoring a window of this many tokens (arming a larger
     // one asks llama.cpp to reserve again); see llama_adakv_reserve_scope
     int32_t reserve_window = 32;
+
+    // the graph llama_adakv_reserve_scope builds: -1 the worst (scoring armed, a block), else the
+    // LLAMA_ADAKV_VARIANT_* bits of the variant to build at its largest shapes
+    int32_t reserve_variant = -1;
+    // the topology (llama_adakv_graph_signature) of the graph that the scheduler's allocation plan
+    // was made for at its reserved shapes; 0: unknown (another reserve replaced it)
+    uint64_t plan_signature = 0;
+    bool plan_warned        = false; // a graph had no reserved variant (llama_adakv_graph_plan warned)
 
     uint64_t epoch = 1;
 

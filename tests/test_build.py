@@ -48,7 +48,7 @@ def test_native_version_and_commit():
     assert info["llama_cpp_commit"] == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
     # the library, its header and the Python binding agree on the ABI (6: the pooled block, llama_adakv_get_block)
     header = int(re.search(r"#define LLAMA_ADAKV_ABI_VERSION (\d+)", header_path().read_text()).group(1))
-    assert native().lib.llama_adakv_abi_version() == header == ABI_VERSION == 6
+    assert native().lib.llama_adakv_abi_version() == header == ABI_VERSION == 7
 
 
 def test_importing_llama_cpp_first_with_another_library_is_refused(tmp_path):

@@ -241,6 +241,7 @@ def _null_calls(kv):
         "llama_adakv_get_attn_used": lambda: lib.llama_adakv_get_attn_used(ctx, null),
         "llama_adakv_get_block": lambda: lib.llama_adakv_get_block(ctx, null),
         "llama_adakv_get_memory": lambda: lib.llama_adakv_get_memory(ctx, null),
+        "llama_adakv_get_compute_memory": lambda: lib.llama_adakv_get_compute_memory(ctx, null),
         "llama_adakv_get_positions": lambda: lib.llama_adakv_get_positions(ctx, null, 4),
         "llama_adakv_read_scores": lambda: lib.llama_adakv_read_scores(ctx, null, 4),
         "llama_adakv_read_rows": lambda: lib.llama_adakv_read_rows(ctx, 0, 0, 0, 1, null, 0),
@@ -431,3 +432,45 @@ def test_no_compute_buffer_grows_after_the_reserve(tmp_path, route):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if "compute buffer size" in ln and "~llama_context" in ln]
     assert lines and all("matches expectation" in ln for ln in lines), "\n".join(lines)
+    assert "no reserved adakv graph" not in proc.stderr  # every graph had its variant's reserved plan
+
+
+_GROW_LOGITS = """
+import sys
+from adakv_local.llama import Llama
+from adakv_local.testing import write_llama_gguf
+import numpy as np
+
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
+def text(n, seed):
+    return " ".join(np.random.default_rng(seed).choice(WORDS, size=n))
+
+# SmolLM2-135M's attention and vocabulary (9 query heads, 3 KV heads of 64, 49,152 tokens), one layer
+path = write_llama_gguf(sys.argv[1], n_layer=1, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152,
+                        seed=21, dtype="f16")
+llm = Llama(model_path=str(path), n_ctx=8192, n_threads=2, logits_all=True, seed=0, verbose=True, adakv_budget=512)
+prompt = llm.tokenize(text(770, 1).encode())
+assert 4096 < len(prompt) < 8192, len(prompt)
+llm.create_completion(prompt, max_tokens=4, temperature=0.0)  # the prompt, compressed, then decoding
+llm.eval(llm.tokenize((" " + text(100, 2)).encode(), add_bos=False))  # a second prompt after the block
+assert llm.adakv_stats.footprint > 0
+cm = llm.adakv_kvcache.compute_memory()
+assert cm.allocated == cm.reserved > 96 << 20, cm  # the logits of 512 tokens: 96 MiB
+print("COMPUTE", cm.reserved, cm.allocated, file=sys.stderr)
+llm.close()
+"""
+
+
+def test_no_compute_buffer_grows_with_every_token_an_output(tmp_path):
+    """The issue's own case on a one-layer model with SmolLM2-135M's shapes: with logits_all every
+    ubatch ends with a [49,152, n_tokens] F32 output (96 MiB at 512 tokens), and ggml's allocator,
+    planning a graph whose topology differs from the reserved one from that graph's own (smaller)
+    shapes, placed it after a few more MiB than the reserve's plan did: 98.25 MiB reserved, 102.51
+    MiB used. Every adakv variant's graph is planned at its reserved shapes instead."""
+    from test_reliability import _run_isolated
+
+    proc = _run_isolated(_GROW_LOGITS, str(tmp_path / "t.gguf"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "compute buffer size" in ln and "~llama_context" in ln]
+    assert lines and all("matches expectation" in ln for ln in lines), "\n".join(lines)
+    assert "no reserved adakv graph" not in proc.stderr  # every graph had its variant's reserved plan

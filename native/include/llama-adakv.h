@@ -13,7 +13,7 @@
 
 #include <stdint.h>
 
-#define LLAMA_ADAKV_ABI_VERSION 6
+#define LLAMA_ADAKV_ABI_VERSION 7
 
 #ifdef __cplusplus
 extern "C" {
@@ -214,6 +214,17 @@ struct llama_adakv_memory {
     int64_t swa_used;       // cells the sliding-window cache holds now
 };
 LLAMA_API int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out);
+
+// what the compute buffers of a context cost, all its backends together. llama.cpp reserves them
+// for the largest graph the context can build when it is made and again when that graph changes
+// (enabling eviction, arming a larger scoring window: at the next decode); with eviction on, every
+// graph variant of the adakv part is part of that reserve, so allocated stays at reserved
+struct llama_adakv_compute_memory {
+    int64_t reserved;  // bytes the last reserve sized the compute buffers to
+    int64_t allocated; // bytes of the compute buffers now (more than reserved: a graph outgrew it)
+};
+LLAMA_API int32_t
+llama_adakv_get_compute_memory(const struct llama_context * ctx, struct llama_adakv_compute_memory * out);
 // R, the cache cells of the compacted block (0 if nothing is compacted), or an error code
 LLAMA_API int32_t llama_adakv_footprint(const struct llama_context * ctx);
 
