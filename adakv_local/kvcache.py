@@ -93,6 +93,18 @@ class KVBlock:
     view_cells: int
 
 
+def context_memory(llm: Any) -> KVMemory:
+    """What the KV cache of a ``llama_cpp.Llama``'s context costs, eviction enabled or not (the same
+    native figures as :meth:`KVCache.memory`, for a full-cache context too)."""
+    n = native()
+    ptr = llm.ctx.value if isinstance(llm.ctx, ctypes.c_void_p) else llm.ctx
+    if not ptr:
+        raise ValueError("the Llama has no llama_context (closed?)")
+    out = n.ffi.new("struct llama_adakv_memory *")
+    n.check(n.lib.llama_adakv_get_memory(n.ffi.cast("struct llama_context *", int(ptr)), out))
+    return KVMemory(out.cells, out.cell_bytes, out.swa_cells, out.swa_cell_bytes, out.swa_used)
+
+
 class KVCache:
     """Per-head eviction on one llama.cpp context (sequence 0).
 

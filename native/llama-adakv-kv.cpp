@@ -542,6 +542,23 @@ static const char * adakv_unsupported_model(const llama_model & model) {
     return nullptr;
 }
 
+// the KV caches of a context: the one eviction applies to and, for an interleaved-SWA model, its
+// sliding-window cache (nullptr otherwise); kv is nullptr when the context's memory is neither a
+// plain nor an interleaved-SWA KV cache. Returns whether it is the plain one.
+static bool adakv_kv_caches(llama_context * ctx, llama_kv_cache *& kv, llama_kv_cache *& kv_swa) {
+    llama_memory_t mem = ctx->get_memory();
+    kv = kv_swa = nullptr;
+    if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache)) {
+        kv = static_cast<llama_kv_cache *>(mem);
+        return true;
+    }
+    if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache_iswa)) {
+        kv     = static_cast<llama_kv_cache_iswa *>(mem)->get_base();
+        kv_swa = static_cast<llama_kv_cache_iswa *>(mem)->get_swa();
+    }
+    return false;
+}
+
 int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params params) {
     llama_adakv_clear_error();
     if (ctx == nullptr) {
@@ -591,11 +608,10 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                 __func__, cparams.n_seq_max);
     }
 
-    llama_memory_t mem      = ctx->get_memory();
     llama_kv_cache * kv     = nullptr;
     llama_kv_cache * kv_swa = nullptr;
-    if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache)) {
-        kv = static_cast<llama_kv_cache *>(mem);
+    const bool plain        = adakv_kv_caches(ctx, kv, kv_swa);
+    if (kv != nullptr && plain) {
         if (hp.is_swa_any()) {
             return llama_adakv_set_error(
                     LLAMA_ADAKV_ERR_INVALID,
@@ -603,10 +619,7 @@ int32_t llama_adakv_enable(struct llama_context * ctx, struct llama_adakv_params
                     "(swa_full) are not supported; create the context with swa_full = false",
                     __func__);
         }
-    } else if (mem != nullptr && typeid(*mem) == typeid(llama_kv_cache_iswa)) {
-        kv     = static_cast<llama_kv_cache_iswa *>(mem)->get_base();
-        kv_swa = static_cast<llama_kv_cache_iswa *>(mem)->get_swa();
-    } else {
+    } else if (kv == nullptr) {
         return llama_adakv_set_error(
                 LLAMA_ADAKV_ERR_INVALID,
                 "%s: unsupported model architecture '%s': its memory is "
@@ -886,9 +899,23 @@ int32_t llama_adakv_get_compute_memory(const struct llama_context * ctx, struct 
 
 int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_adakv_memory * out) {
     llama_adakv_clear_error();
-    ADAKV_REQUIRE_ENABLED(ctx, ak);
+    if (ctx == nullptr) {
+        return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: ctx is NULL", __func__);
+    }
     if (out == nullptr) {
         return llama_adakv_set_error(LLAMA_ADAKV_ERR_INVALID, "%s: out is NULL; pass the struct to fill", __func__);
+    }
+    // eviction enabled or not: a full-cache context's figures come from the same place
+    const llama_adakv * ak  = llama_adakv_of(ctx);
+    llama_kv_cache * kv     = ak != nullptr ? ak->kv : nullptr;
+    llama_kv_cache * kv_swa = ak != nullptr ? ak->kv_swa : nullptr;
+    if (ak == nullptr) {
+        adakv_kv_caches(const_cast<llama_context *>(ctx), kv, kv_swa);
+        if (kv == nullptr) {
+            return llama_adakv_set_error(
+                    LLAMA_ADAKV_ERR_INVALID, "%s: this context's memory is not a plain or interleaved-SWA KV cache",
+                    __func__);
+        }
     }
     // bytes of K and V of one cell, summed over the layers of a cache
     auto cell_bytes = [](const llama_kv_cache & kv) {
@@ -899,12 +926,12 @@ int32_t llama_adakv_get_memory(const struct llama_context * ctx, struct llama_ad
         return (int64_t) (bytes / kv.get_size());
     };
     *out            = {};
-    out->cells      = ak->kv->get_size();
-    out->cell_bytes = cell_bytes(*ak->kv);
-    if (ak->kv_swa != nullptr) {
-        out->swa_cells      = ak->kv_swa->get_size();
-        out->swa_cell_bytes = cell_bytes(*ak->kv_swa);
-        out->swa_used       = llama_adakv_access::cells(*ak->kv_swa).get_used();
+    out->cells      = kv->get_size();
+    out->cell_bytes = cell_bytes(*kv);
+    if (kv_swa != nullptr) {
+        out->swa_cells      = kv_swa->get_size();
+        out->swa_cell_bytes = cell_bytes(*kv_swa);
+        out->swa_used       = llama_adakv_access::cells(*kv_swa).get_used();
     }
     return LLAMA_ADAKV_OK;
 }

@@ -180,8 +180,8 @@ def test_eval_tasks_json(tiny):
 
 
 def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
-    """Bytes come from the native memory figures (AdaKVStats); the full-cache runs, which cannot ask
-    them, compute the same figure from the cache types."""
+    """Bytes come from the native memory figures: AdaKVStats with eviction, kvcache.context_memory for
+    the full-cache runs."""
     from adakv_local.eval.bench import kv_bytes_without_eviction, run_one
     from adakv_local.inspection import model_n_layer
     from adakv_local.llama import Llama
@@ -201,18 +201,24 @@ def test_bench_memory_counts_sliding_window_layers_in_full(tiny_gemma3):
     assert rec.kv_bytes_after == rec.kv_cells_after * mem.cell_bytes + len(toks) * mem.swa_cell_bytes
 
 
-@pytest.mark.parametrize("cache_type", [1, 8, 2])  # f16, q8_0, q4_0
-def test_bench_full_cache_bytes_follow_the_cache_type(tiny64, cache_type):
+@pytest.mark.parametrize("cache_type, row_bytes", [(1, 2 * 64), (8, 34 * 2), (2, 18 * 2)])  # f16, q8_0, q4_0
+def test_bench_full_cache_bytes_follow_the_cache_type(tiny64, cache_type, row_bytes):
+    """A context without eviction gets its bytes from the same native figures as one with eviction:
+    3 layers x 2 KV heads x (K + V) rows of 64 values (f16: 2 bytes each; q8_0 / q4_0: blocks of 32 in
+    34 / 18 bytes)."""
     from adakv_local.eval.bench import kv_bytes_without_eviction
     from adakv_local.llama import Llama
 
-    llm = Llama(model_path=str(tiny64), n_ctx=256, adakv_budget=48, adakv_window=16, type_k=cache_type,
-                type_v=cache_type, verbose=False)
+    kw = dict(model_path=str(tiny64), n_ctx=256, type_k=cache_type, type_v=cache_type, flash_attn=True, verbose=False)
+    full, evicted = Llama(**kw), Llama(**kw, adakv_budget=48, adakv_window=16)
     try:
-        mem = llm.adakv_kvcache.memory()
-        assert kv_bytes_without_eviction(llm, 100) == 100 * mem.cell_bytes
+        assert full.adakv_kvcache is None
+        mem = evicted.adakv_kvcache.memory()
+        assert mem.cell_bytes == 3 * 2 * 2 * row_bytes
+        assert kv_bytes_without_eviction(full, 100) == kv_bytes_without_eviction(evicted, 100) == 100 * mem.cell_bytes
     finally:
-        llm.close()
+        full.close()
+        evicted.close()
 
 
 def test_bench_direct_overhead_times_the_last_ubatch(tiny_llama):

@@ -66,31 +66,12 @@ def prompt_tokens(llm: Any, n: int) -> list[int]:
     raise ValueError(f"the standard library's documentation gives only {len(toks)} tokens, asked for {n}")
 
 
-# ggml types a KV cache may use: (values per block, bytes per block), as ggml's type traits give them
-_KV_TYPE_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-                   20: (32, 18), 30: (1, 2)}  # f32, f16, q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, bf16
-
-
 def kv_bytes_without_eviction(llm: Any, n_tokens: int) -> int:
-    """K and V bytes of n_tokens cells in every layer, for a context without eviction (the full-cache
-    runs), where the native memory figures cannot be asked (they need eviction enabled): from the
-    cache's types (type_k / type_v: f16, q8_0, ...) and the GGUF's head sizes (key_length /
-    value_length, else n_embd / n_head). Runs with eviction take their bytes from AdaKVStats."""
-    import llama_cpp
-
-    m = llm.model
-    n_layer, n_head_kv = int(llama_cpp.llama_model_n_layer(m)), int(llama_cpp.llama_model_n_head_kv(m))
-    head = int(llama_cpp.llama_model_n_embd(m)) // max(1, int(llama_cpp.llama_model_n_head(m)))
-    arch = llm.metadata.get("general.architecture", "")
-    row = 0
-    for which, dim in (("k", int(llm.metadata.get(f"{arch}.attention.key_length", head))),
-                       ("v", int(llm.metadata.get(f"{arch}.attention.value_length", head)))):
-        t = int(getattr(llm.context_params, f"type_{which}"))
-        if t not in _KV_TYPE_BLOCKS:
-            raise ValueError(f"type_{which} = ggml type {t}: not a KV-cache type this bench knows the size of")
-        per_block, size = _KV_TYPE_BLOCKS[t]
-        row += n_head_kv * dim // per_block * size
-    return n_layer * row * n_tokens
+    """K and V bytes of n_tokens cells in every layer of a context without eviction (the full-cache
+    runs): the native memory figures (:func:`adakv_local.kvcache.context_memory`), as the runs with
+    eviction take theirs from AdaKVStats."""
+    mem = kvcache.context_memory(llm)
+    return n_tokens * (mem.cell_bytes + mem.swa_cell_bytes)
 
 
 def greedy_token(llm: Any) -> int:

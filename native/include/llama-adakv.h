@@ -205,7 +205,8 @@ LLAMA_API int32_t llama_adakv_get_starts(const struct llama_context * ctx, int32
 // decode applied the start cells in each layer (for tests and device checks)
 LLAMA_API int32_t llama_adakv_get_attn_used(const struct llama_context * ctx, int32_t * out);
 
-// what the KV cache of a context costs: cells and the bytes of K and V per cell
+// what the KV cache of a context costs: cells and the bytes of K and V per cell (any context of
+// this library, eviction enabled or not: a full cache's figures come from the same place)
 struct llama_adakv_memory {
     int64_t cells;          // cells of the evicted cache (its size: n_ctx)
     int64_t cell_bytes;     // K and V bytes of one of its cells, all its layers and heads together
