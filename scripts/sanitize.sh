@@ -40,7 +40,8 @@ for lib in "$asan" "$cxx"; do
 done
 
 tests=(tests/test_fattn_op.py tests/test_fattn_pooled.py tests/test_eviction.py tests/test_pooled.py tests/test_reliability.py
-       tests/test_llama.py tests/test_random_api.py tests/test_chunked.py tests/test_native_checks.py)
+       tests/test_llama.py tests/test_random_api.py tests/test_chunked.py tests/test_native_checks.py
+       tests/test_conversations.py)
 echo "[sanitize] running ${tests[*]} on $build/bin under ASan + UBSan" >&2
 # --capture=sys: pytest captures Python's output only, so a report written to the process's
 # stderr by the sanitizer runtime reaches the log even when it ends the process
