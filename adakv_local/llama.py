@@ -608,7 +608,12 @@ class Llama(llama_cpp.Llama):
         ids = np.zeros_like(self.input_ids)
         ids[: min(n, state.input_ids.shape[0])] = state.input_ids[:n]
         n_vocab = self.scores.shape[1]
-        scores = state.scores if state.scores.shape[0] else np.zeros((1, n_vocab), dtype=np.single)
+        if not self._logits_all:  # the table is not read back: none copied, whatever the state holds
+            scores = np.empty((0, n_vocab), dtype=np.single)
+        elif state.scores.shape[0]:
+            scores = state.scores
+        else:
+            scores = np.zeros((1, n_vocab), dtype=np.single)
         full = llama_cpp.LlamaState(input_ids=ids, scores=scores, n_tokens=n, llama_state=state.llama_state,
                                     llama_state_size=state.llama_state_size, seed=state.seed)
         if self._logits_all:

@@ -204,3 +204,22 @@ def test_common_prefix():
     a = np.array([1, 2, 3, 4], dtype=np.int32)
     assert common_prefix(a, np.array([1, 2, 9], dtype=np.int32)) == 2
     assert common_prefix(a, a[:2]) == 2 and common_prefix(a, np.array([], dtype=np.int32)) == 0
+
+
+def test_a_state_saved_without_eviction_is_refused_and_nothing_changes(tiny):
+    """A cache shared with a context without eviction (or a state from one) must not break this one:
+    the native library refuses the state and the context keeps what it held."""
+    plain = metered_class()(model_path=tiny, n_ctx=1024, n_threads=1, seed=0, verbose=False)
+    ask(plain, DOC_B[:300])
+    foreign = plain.save_state()
+    assert foreign.scores.shape[0] > 0  # llama-cpp-python's own state, with its logits table
+    llm = make(tiny)
+    ask(llm, DOC_A)
+    before = (llm.n_tokens, llm.input_ids[: llm.n_tokens].copy(), llm.adakv_kvcache.footprint())
+    with pytest.raises(RuntimeError, match="not saved by a context with adakv-local eviction enabled; the KV cache "
+                                           "was left as it was"):
+        llm.load_state(foreign)
+    assert (llm.n_tokens, llm.adakv_kvcache.footprint()) == (before[0], before[2])
+    np.testing.assert_array_equal(llm.input_ids[: llm.n_tokens], before[1])
+    answer, prefill = ask(llm, DOC_A + " and then?")
+    assert answer and prefill < 20  # the compressed conversation is still there

@@ -33,12 +33,15 @@ def from_exception(exc: BaseException, *, chat: bool, max_tokens: int | None) ->
         return exc
     match = _CONTEXT_EXCEEDED.search(str(exc)) if isinstance(exc, ValueError) else None
     if match is not None:
-        requested, window = int(match.group(1)), int(match.group(2))
-        where = "in the messages" if chat else "in your prompt"
-        return RequestError(400, f"This model's maximum context length is {window} tokens. However, you requested "
-                            f"{requested} tokens ({requested} {where}, {max_tokens or 0} for the completion). Please "
-                            "reduce the length of the messages or completion.", param="messages" if chat else "prompt",
-                            code="context_length_exceeded")
+        prompt, window = int(match.group(1)), int(match.group(2))
+        requested = prompt + (max_tokens or 0)
+        message = (f"This model's maximum context length is {window} tokens. However, you requested {requested} "
+                   f"tokens ({prompt} in the messages, {max_tokens} in the completion). Please reduce the length of "
+                   "the messages or completion." if chat else
+                   f"This model's maximum context length is {window} tokens, however you requested {requested} "
+                   f"tokens ({prompt} in your prompt; {max_tokens} for the completion). Please reduce your prompt; "
+                   "or completion length.")
+        return RequestError(400, message, param="messages" if chat else "prompt", code="context_length_exceeded")
     if isinstance(exc, (ValueError, CacheFullError)):
         return RequestError(400, str(exc))
     return RequestError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
