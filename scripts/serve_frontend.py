@@ -5,7 +5,7 @@ without (today's one-conversation server), in the same run.
 Reproduces docs/RESULTS.md, *Serving several conversations: a front end's requests, SmolLM2-135M*.
 
     python scripts/serve_frontend.py --model smollm2-135m --budget 256 --threads 2 \\
-        --json docs/results/serve-frontend-smollm2.json
+        --json docs/results/serve-frontend-smollm2-run2.json
 
 Two servers with the same eviction settings: `saved` (the default --cache-bytes) and `one cache`
 (--cache-bytes 0: the cache holds the last request's conversation only, as before saved states).
