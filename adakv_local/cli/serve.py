@@ -61,10 +61,11 @@ serve other machines; --api-key then asks clients for a key.
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "serve", help="an OpenAI-compatible HTTP server (llama-cpp-python's) with the KV cache compressed",
-        description="Serve a model over llama-cpp-python's OpenAI-compatible HTTP API (/v1/chat/completions, "
-        "/v1/completions, /v1/models, streaming), with the KV cache compressed by Ada-KV per-head eviction "
-        "after each request's prompt. Chat front ends point their OpenAI base URL at it.",
+        "serve", help="an OpenAI-compatible HTTP server with the KV cache compressed",
+        description="Serve a model over OpenAI's HTTP API as llama-cpp-python's server serves it "
+        "(/v1/chat/completions, /v1/completions, /v1/models, streaming), with the KV cache compressed by Ada-KV "
+        "per-head eviction after each request's prompt and the compressed state of recent conversations kept. "
+        "Chat front ends point their OpenAI base URL at it.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from .common import add_eviction_arguments, add_model_arguments
