@@ -100,8 +100,12 @@ def context_memory(llm: Any) -> KVMemory:
     ptr = llm.ctx.value if isinstance(llm.ctx, ctypes.c_void_p) else llm.ctx
     if not ptr:
         raise ValueError("the Llama has no llama_context (closed?)")
+    return _read_memory(n, n.ffi.cast("struct llama_context *", int(ptr)))
+
+
+def _read_memory(n: Native, ctx: Any) -> KVMemory:
     out = n.ffi.new("struct llama_adakv_memory *")
-    n.check(n.lib.llama_adakv_get_memory(n.ffi.cast("struct llama_context *", int(ptr)), out))
+    n.check(n.lib.llama_adakv_get_memory(ctx, out))
     return KVMemory(out.cells, out.cell_bytes, out.swa_cells, out.swa_cell_bytes, out.swa_used)
 
 
@@ -251,9 +255,7 @@ class KVCache:
 
     def memory(self) -> KVMemory:
         """What the context's KV cache costs, in cells and bytes (sliding-window layers included)."""
-        out = self._n.ffi.new("struct llama_adakv_memory *")
-        self._n.check(self._n.lib.llama_adakv_get_memory(self._ctx, out))
-        return KVMemory(out.cells, out.cell_bytes, out.swa_cells, out.swa_cell_bytes, out.swa_used)
+        return _read_memory(self._n, self._ctx)
 
     def compute_memory(self) -> ComputeMemory:
         """What the context's compute buffers cost, reserved and allocated now (see ComputeMemory)."""

@@ -216,17 +216,23 @@ class Llama(llama_cpp.Llama):
         self._check_open()
         if self._adakv is None:
             return super().save_state()
-        state = super().save_state() if self._logits_all else self._save_state_without_logits()
+        with self._logits_table_unless_logits_all():
+            state = super().save_state()
         state.input_ids = state.input_ids[: self.n_tokens].copy()
         return state
 
-    def _save_state_without_logits(self) -> llama_cpp.LlamaState:
-        scores, n_vocab = self.scores, self.scores.shape[1]
-        self.scores = np.empty((0, n_vocab), dtype=np.single)  # what super() copies: nothing
+    @contextlib.contextmanager
+    def _logits_table_unless_logits_all(self) -> Iterator[None]:
+        """Without ``logits_all``, llama-cpp-python's state calls see an empty logits table (nothing to
+        save, nothing to restore into: llama-cpp-python never reads it back before the next evaluation)."""
+        if self._logits_all:
+            yield
+            return
+        table, self.scores = self.scores, np.empty((0, self.scores.shape[1]), dtype=np.single)
         try:
-            return super().save_state()
+            yield
         finally:
-            self.scores = scores
+            self.scores = table
 
     # -- the hook ----------------------------------------------------------------------------------
 
@@ -616,13 +622,8 @@ class Llama(llama_cpp.Llama):
             scores = np.zeros((1, n_vocab), dtype=np.single)
         full = llama_cpp.LlamaState(input_ids=ids, scores=scores, n_tokens=n, llama_state=state.llama_state,
                                     llama_state_size=state.llama_state_size, seed=state.seed)
-        if self._logits_all:
-            return super().load_state(full)
-        table, self.scores = self.scores, np.empty((0, n_vocab), dtype=np.single)
-        try:
+        with self._logits_table_unless_logits_all():
             super().load_state(full)
-        finally:
-            self.scores = table
 
     def _rewind(self) -> None:
         """Drop the cells after n_tokens, as llama-cpp-python's eval does, but check that it worked:

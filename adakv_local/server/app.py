@@ -179,27 +179,23 @@ def create_app(llm: Any, settings: ServerSettings, stats: Callable[[Any], dict[s
         log(f"{request.method} {request.url.path} rejected with {err.status}: {reason[:400]}")
         return JSONResponse(err.body, status_code=err.status)
 
-    def check_key(request: Request) -> None:
-        if settings.api_key is not None and request.headers.get("authorization") != f"Bearer {settings.api_key}":
-            raise RequestError(401, "Invalid API key: send the server's --api-key as a bearer token",
-                               code="invalid_api_key")
+    if settings.api_key is not None:
+        @app.middleware("http")
+        async def check_key(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
+            if request.url.path.startswith("/v1/") and (
+                    request.headers.get("authorization") != f"Bearer {settings.api_key}"):
+                return refuse(request, RequestError(401, "Invalid API key: send the server's --api-key as a bearer "
+                                                    "token", code="invalid_api_key"))
+            return await call_next(request)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> Any:
-        try:
-            check_key(request)
-        except RequestError as err:
-            return refuse(request, err)
+    async def models() -> Any:
         return {"object": "list", "data": [{"id": settings.alias, "object": "model", "owned_by": "me",
                                             "permissions": []}]}
 
     @app.get("/v1/adakv/states")
-    async def states(request: Request) -> Any:
+    async def states() -> Any:
         """The saved conversations, least recently used first, and the bytes they hold."""
-        try:
-            check_key(request)
-        except RequestError as err:
-            return refuse(request, err)
         cache = llm.cache
         entries = cache.entries() if hasattr(cache, "entries") else []
         return {"capacity_bytes": getattr(cache, "capacity_bytes", 0), "bytes": int(cache.cache_size) if cache else 0,
@@ -207,7 +203,6 @@ def create_app(llm: Any, settings: ServerSettings, stats: Callable[[Any], dict[s
 
     async def complete(request: Request, chat: bool) -> Any:
         try:
-            check_key(request)
             kwargs = await read_request(request, chat, settings.alias, llm)
         except RequestError as err:
             return refuse(request, err)
